@@ -1,0 +1,68 @@
+"""The one place that knows where every artifact lives inside a data directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Catalog:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # dataset (what users and later stages read)
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    def image_path(self, file_name: str) -> Path:
+        return self.images_dir / file_name
+
+    @property
+    def metadata_csv(self) -> Path:
+        return self.root / "metadata.csv"
+
+    @property
+    def duplicates_csv(self) -> Path:
+        return self.root / "duplicates.csv"
+
+    # crawl
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "raw"
+
+    def raw_path(self, md5: str) -> Path:
+        """Downloaded bytes, content-addressed by their md5."""
+        return self.raw_dir / md5[:2] / md5
+
+    @property
+    def ledger_db(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+    @property
+    def listing_json(self) -> Path:
+        return self.state_dir / "listing.json"
+
+    # convert
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def quarantine_csv(self) -> Path:
+        return self.quarantine_dir / "quarantine.csv"
+
+    @property
+    def convert_state(self) -> Path:
+        return self.state_dir / "convert.json"
+
+    # bookkeeping
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def stage_manifest(self, stage: str) -> Path:
+        return self.state_dir / "stages" / f"{stage}.json"

@@ -1,0 +1,45 @@
+"""Stage records: what each stage did last, under which key, so reruns can say "reused"."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from sd_core.catalog import Catalog
+from sd_core.fsio import atomic_write_json, read_json
+
+StageStatus = Literal["ran", "reused"]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    status: StageStatus
+    key: str
+    summary: dict[str, Any]
+    seconds: float
+    finished_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def line(self) -> str:
+        details = ", ".join(f"{k}={v}" for k, v in self.summary.items() if v not in ({}, None))
+        return f"{self.stage}: {self.status} in {self.seconds:.1f}s ({details})"
+
+
+def save_stage(catalog: Catalog, result: StageResult) -> None:
+    atomic_write_json(catalog.stage_manifest(result.stage), asdict(result))
+
+
+def load_stage(catalog: Catalog, stage: str) -> StageResult | None:
+    data = read_json(catalog.stage_manifest(stage))
+    return StageResult(**data) if data else None
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start

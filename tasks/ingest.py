@@ -1,0 +1,67 @@
+"""Crawl and convert as Prefect tasks: thin wrappers that log a summary and record the stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from sd_core.catalog import Catalog
+from sd_core.config import ConvertConfig, CrawlConfig
+from sd_core.convert import config_key, convert_dataset
+from sd_core.crawl import Listing, download_new, list_site
+from sd_core.crawl.browser import BrowserError
+from sd_core.fsio import stable_hash
+from sd_core.stages import StageResult, Timer, save_stage
+
+
+@task(name="list-site", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=lambda task, run, state: isinstance(state.result(raise_on_failure=False), BrowserError))
+def list_site_task(cfg: CrawlConfig, data_dir: Path, progress: bool = True) -> Path:
+    """Walk the listing in headless Chromium; hand on the path of the saved listing."""
+    catalog = Catalog(data_dir)
+    listing = list_site(cfg, progress=progress)
+    listing.save(catalog.listing_json)
+    get_run_logger().info(
+        "listed %d items (%d unique URLs) on %d pages of %s", len(listing.items), len(listing.unique_urls),
+        listing.pages, cfg.listing_url(cfg.start_page),
+    )
+    return catalog.listing_json
+
+
+@task(name="download-images", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def download_task(cfg: CrawlConfig, data_dir: Path, listing_path: Path, progress: bool = True) -> StageResult:
+    """Fetch the listed URLs the ledger has not seen; record the crawl stage."""
+    catalog = Catalog(data_dir)
+    listing = Listing.load(listing_path)
+    with Timer() as t:
+        summary = download_new(cfg, catalog, listing, progress=progress)
+    result = StageResult(
+        stage="crawl",
+        status="ran" if summary.gets else "reused",
+        key=stable_hash({"tag": listing.tag, "urls": sorted(listing.unique_urls)}),
+        summary={"pages": listing.pages, **summary.as_dict()},
+        seconds=t.seconds,
+    )
+    save_stage(catalog, result)
+    get_run_logger().info(result.line())
+    return result
+
+
+@task(name="convert", cache_policy=NO_CACHE)
+def convert_task(cfg: ConvertConfig, data_dir: Path, progress: bool = True) -> StageResult:
+    """Bring the JPEG dataset and metadata.csv up to date with the crawl ledger."""
+    catalog = Catalog(data_dir)
+    with Timer() as t:
+        summary = convert_dataset(cfg, catalog, progress=progress)
+    result = StageResult(
+        stage="convert",
+        status="ran" if summary.converted or summary.reused < summary.images else "reused",
+        key=config_key(cfg),
+        summary=summary.as_dict(),
+        seconds=t.seconds,
+    )
+    save_stage(catalog, result)
+    get_run_logger().info(result.line())
+    return result

@@ -41,7 +41,8 @@ install_python() {
   fi
   log "installing $TORCH_SPEC first (so no other torch build is pulled), then emoji-sd"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+  # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options
+  "$VENV/bin/python" -m pip install -q $TORCH_SPEC
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   printf '%s' "$want" > "$stamp"
 }

@@ -55,6 +55,9 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any]) -> PipelineConfig
 
 
 def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from sd_core.crawl.browser import check_browser
+
+    check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
     from flows.pipeline import pipeline
 
     results = pipeline(cfg, until=args.until, progress=not args.no_progress, wait_for_lock=args.wait_for_lock)

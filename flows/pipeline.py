@@ -10,7 +10,7 @@ from sd_core.stages import StageResult
 from tasks.ingest import convert_task, download_task, list_site_task
 
 
-@flow(name="emoji-sd-pipeline", log_prints=True)
+@flow(name="emoji-sd-pipeline")
 def pipeline(
     config: PipelineConfig, until: Stage = STAGES[-1], progress: bool = True, wait_for_lock: bool = False
 ) -> list[StageResult]:
@@ -22,6 +22,4 @@ def pipeline(
         results.append(download_task(config.crawl, config.data_dir, listing, progress))
         if last >= STAGES.index("convert"):
             results.append(convert_task(config.convert, config.data_dir, progress))
-    for r in results:
-        print(r.line())
     return results

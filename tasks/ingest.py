@@ -42,7 +42,7 @@ def download_task(cfg: CrawlConfig, data_dir: Path, listing_path: Path, progress
         status="ran" if summary.gets else "reused",
         key=stable_hash({"tag": listing.tag, "urls": sorted(listing.unique_urls)}),
         summary={"pages": listing.pages, **summary.as_dict()},
-        seconds=t.seconds,
+        seconds=listing.seconds + t.seconds,
     )
     save_stage(catalog, result)
     get_run_logger().info(result.line())

@@ -27,13 +27,13 @@ def make_items() -> dict[str, SiteItem]:
     """Every case the crawler must handle, newest first as the site lists them."""
     red = encode(emoji(RED), "WEBP", lossless=True)
     items = {
+        "reupload": SiteItem("/emoji/0000006.webp", "Red Blob Copy", red, "image/webp"),
         "red": SiteItem("/emoji/0000001.webp", "Red Blob", red, "image/webp"),
         "blue": SiteItem("/emoji/0000002.png", "Blue Square", encode(emoji(BLUE, shape="square"), "PNG"), "image/png"),
         "gif": SiteItem("/emoji/0000003.gif", "Blob Dance", animated("GIF", [GREEN, YELLOW, GREEN]), "image/gif"),
         "awebp": SiteItem("/_next/image?url=%2Femoji%2F0000004.webp&w=128&q=75", "Blob Spin",
                           animated("WEBP", [PURPLE, RED]), "image/webp"),
         "jpeg": SiteItem("/emoji/0000005.jpg", "Yellow Blob", encode(emoji(YELLOW), "JPEG", quality=90), "image/jpeg"),
-        "reupload": SiteItem("/emoji/0000006.webp", "Red Blob Copy", red, "image/webp"),
         "gone": SiteItem("/emoji/0000007.webp", "Deleted Blob", encode(emoji(GREEN, mark=9), "WEBP"), "image/webp",
                          fault="404"),
         "flaky": SiteItem("/emoji/0000008.webp", "Flaky Blob", encode(emoji(BLUE, mark=3), "WEBP"), "image/webp",
@@ -109,6 +109,8 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
     assert by_md5[md5(cases["gif"].body)]["animated"] == "True"
     assert by_md5[md5(cases["awebp"].body)]["animated"] == "True"
     assert len({r["file_name"] for r in rows}) == len(rows)
+    # Numbered oldest first (the listing is newest first), so a refresh appends.
+    assert [r["image_title"] for r in rows] == [cases[k].title for k in reversed(GOOD)]
 
     # Transparency flattened on white: the corner of the red disc is white, its centre red.
     red = Image.open(cat.image_path(by_md5[md5(cases["red"].body)]["file_name"]))
@@ -151,6 +153,7 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
     rows3 = read_csv(cat.metadata_csv)
     assert {r["md5"] for r in rows3} == {md5(cases[k].body) for k in GOOD} | {md5(n.body) for n in new}
     assert all(p.read_bytes() == b for p, b in before.items())
+    assert [r["image_title"] for r in rows3[6:]] == [n.title for n in reversed(new)]
 
 
 def test_listing_waits_for_javascript_and_stops_past_the_end(site):
@@ -205,3 +208,50 @@ def test_convert_handles_formats_and_refuses_bad_bytes():
         to_rgb_jpeg(encode(Image.new("RGB", (300, 300)), "PNG"), ConvertConfig(max_image_pixels=50_000))
     black = to_rgb_jpeg(encode(emoji(RED), "PNG"), ConvertConfig(background=(0, 0, 0)))
     assert all(c < 15 for c in Image.open(io.BytesIO(black.jpeg)).getpixel((0, 0)))
+
+
+KILL_SCRIPT = """
+import sys
+from sd_core.catalog import Catalog
+from sd_core.config import load_config
+from sd_core.crawl import download_new, list_site
+cfg = load_config(overrides={"data_dir": sys.argv[2], "crawl.base_url": sys.argv[1],
+                             "crawl.max_requests_per_second": 15, "crawl.download_workers": 2,
+                             "crawl.empty_page_settle_s": 1.0})
+download_new(cfg.crawl, Catalog(cfg.data_dir), list_site(cfg.crawl, progress=False), progress=False)
+"""
+
+
+def test_killed_download_resumes_without_refetching(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sd_core.crawl import Ledger, download_new, list_site
+    from sd_core.demo_site import build_demo_items
+
+    items = build_demo_items(60, seed=3)
+    with DemoSite(items, per_page=36) as site:
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, site.base_url, str(tmp_path)])
+        deadline = time.monotonic() + 60
+        while site.total_image_gets() < 20 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert 20 <= site.total_image_gets() < 60, "the run was not killed mid-download"
+        first = dict(site.image_gets)
+        with Ledger(Catalog(tmp_path).ledger_db) as ledger:
+            recorded = ledger.counts()["ok"]
+        assert recorded >= 18
+
+        site.reset_counts()
+        cfg = config(site, tmp_path).crawl
+        summary = download_new(cfg, Catalog(tmp_path), list_site(cfg, progress=False), progress=False)
+        assert summary.already_known == recorded
+        assert site.total_image_gets() == 60 - recorded  # only what the killed run had not recorded
+        assert all(first.get(p, 0) + n <= 2 for p, n in site.image_gets.items())
+        assert not site.browser_image_gets
+    assert not list(tmp_path.rglob("*.tmp"))
+    with Ledger(Catalog(tmp_path).ledger_db) as ledger:
+        assert {r.md5 for r in ledger.images()} == {md5(it.body) for it in items}

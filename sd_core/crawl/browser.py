@@ -66,14 +66,19 @@ class PageListing:
     items: tuple[tuple[str, str], ...]  # (absolute image URL, title)
 
 
-def make_driver(cfg: CrawlConfig) -> webdriver.Chrome:
-    """Start headless Chromium through the configured chromedriver (never downloads a driver)."""
+def check_browser(cfg: CrawlConfig) -> None:
+    """Fail early, naming the field, when the configured browser or driver is missing."""
     for label, p in (("chromium_path", cfg.chromium_path), ("chromedriver_path", cfg.chromedriver_path)):
         if not Path(p).exists():
             raise FileNotFoundError(
                 f"crawl.{label} = {p} does not exist; install Debian's chromium and chromium-driver "
                 "or point the config at your browser and driver"
             )
+
+
+def make_driver(cfg: CrawlConfig) -> webdriver.Chrome:
+    """Start headless Chromium through the configured chromedriver (never downloads a driver)."""
+    check_browser(cfg)
     opts = webdriver.ChromeOptions()
     opts.binary_location = cfg.chromium_path
     for arg in (*BASE_ARGS, *cfg.browser_args):

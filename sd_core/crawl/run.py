@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,26 +25,30 @@ class Listing:
     tag: str
     pages: int
     items: tuple[tuple[str, str, int], ...]
+    seconds: float = 0.0
 
     @property
     def unique_urls(self) -> list[str]:
         return list(dict.fromkeys(u for u, _, _ in self.items))
 
     def save(self, path: Path) -> None:
-        atomic_write_json(path, {"tag": self.tag, "pages": self.pages, "items": [list(i) for i in self.items]})
+        atomic_write_json(path, {"tag": self.tag, "pages": self.pages, "seconds": round(self.seconds, 3),
+                                 "items": [list(i) for i in self.items]})
 
     @classmethod
     def load(cls, path: Path) -> "Listing":
         data = read_json(path)
         if data is None:
             raise FileNotFoundError(f"no listing at {path}: run the crawl stage first")
-        return cls(data["tag"], data["pages"], tuple((u, t, int(p)) for u, t, p in data["items"]))
+        items = tuple((u, t, int(p)) for u, t, p in data["items"])
+        return cls(data["tag"], data["pages"], items, data.get("seconds", 0.0))
 
 
 def list_site(cfg: CrawlConfig, *, progress: bool = True) -> Listing:
     """Walk the tag's listing pages in headless Chromium and collect every item."""
     items: list[tuple[str, str, int]] = []
     pages = 0
+    start = time.perf_counter()
     driver = make_driver(cfg)
     try:
         bar = tqdm(desc=f"listing {cfg.tag}", unit="page", disable=not progress)
@@ -55,7 +60,7 @@ def list_site(cfg: CrawlConfig, *, progress: bool = True) -> Listing:
         bar.close()
     finally:
         driver.quit()
-    return Listing(tag=cfg.tag, pages=pages, items=tuple(items))
+    return Listing(tag=cfg.tag, pages=pages, items=tuple(items), seconds=time.perf_counter() - start)
 
 
 @dataclass
@@ -102,14 +107,14 @@ def download_new(
     with Ledger(catalog.ledger_db) as ledger:
         ledger.note_listed(list(listing.items), listing.tag)
         known = ledger.statuses(urls)
-        todo = [u for u in urls if _needs_fetch(known.get(u), cfg)]
+        # Oldest first (the listing is newest first): sequence numbers, and so file names, then
+        # come out the same whether the site was crawled in one go or refreshed as it grew.
+        todo = [u for u in reversed(urls) if _needs_fetch(known.get(u), cfg)]
         summary.already_known = len(urls) - len(todo)
         fetcher = Fetcher(cfg)
         bar = tqdm(total=len(todo), desc="downloading", unit="img", disable=not progress or not todo)
         with ThreadPoolExecutor(max_workers=cfg.download_workers) as pool:
-            futures = [pool.submit(fetcher.fetch, u) for u in todo]
-            for fut in as_completed(futures):
-                res = fut.result()
+            for res in pool.map(fetcher.fetch, todo):  # concurrent fetches, recorded in order
                 summary.gets += res.attempts
                 md5 = res.md5
                 if res.status == "ok" and md5 is not None:

@@ -78,6 +78,7 @@ def _demo(args: argparse.Namespace) -> int:
             "crawl.tag": site.tag,
             "crawl.max_requests_per_second": 0,
             "crawl.empty_page_settle_s": 1.0,
+            "caption.captioner": "offline",
         })
         print(f"demo site serving at {site.listing_url(1)}", flush=True)
         return _run_pipeline(cfg, args)

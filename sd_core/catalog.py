@@ -59,6 +59,10 @@ class Catalog:
     def convert_state(self) -> Path:
         return self.state_dir / "convert.json"
 
+    # caption
+    def caption_log(self, digest: str) -> Path:
+        return self.root / "captions" / f"{digest}.jsonl"
+
     # bookkeeping
     @property
     def state_dir(self) -> Path:

@@ -11,18 +11,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-STAGES: tuple[str, ...] = ("crawl", "convert")
-Stage = Literal["crawl", "convert"]
+from sd_core.caption import CaptionConfig
+from sd_core.strict import StrictModel
+
+STAGES: tuple[str, ...] = ("crawl", "convert", "caption")
+Stage = Literal["crawl", "convert", "caption"]
 
 
 class ConfigError(ValueError):
     """A configuration file or override was refused; the message names the field."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class CrawlConfig(StrictModel):
@@ -94,6 +93,7 @@ class PipelineConfig(StrictModel):
     data_dir: Path = Path("data")
     crawl: CrawlConfig = CrawlConfig()
     convert: ConvertConfig = ConvertConfig()
+    caption: CaptionConfig = CaptionConfig()
 
 
 def _format_errors(err: ValidationError) -> str:

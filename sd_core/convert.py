@@ -222,6 +222,20 @@ def write_metadata(catalog: Catalog, rows: list[dict[str, object]]) -> None:
     atomic_write_text(catalog.metadata_csv, buf.getvalue())
 
 
+def update_metadata(catalog: Catalog, columns: dict[str, dict[str, object]]) -> None:
+    """Set per-row columns (by md5) in metadata.csv, atomically; rows not named keep their values."""
+    rows = read_metadata(catalog)
+    names = list(rows[0].keys()) if rows else list(METADATA_COLUMNS)
+    for values in columns.values():
+        names.extend(k for k in values if k not in names)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n", restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, **columns.get(row["md5"], {})})
+    atomic_write_text(catalog.metadata_csv, buf.getvalue())
+
+
 def _write_csv(path, header: tuple[str, ...], rows: list[tuple]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

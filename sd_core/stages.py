@@ -31,6 +31,15 @@ def save_stage(catalog: Catalog, result: StageResult) -> None:
     atomic_write_json(catalog.stage_manifest(result.stage), asdict(result))
 
 
+def record_stage(
+    catalog: Catalog, stage: str, *, key: str, summary: dict[str, Any], seconds: float, ran: bool
+) -> StageResult:
+    """Save what a stage did (``ran`` when it computed anything, else ``reused``) and return it."""
+    result = StageResult(stage=stage, status="ran" if ran else "reused", key=key, summary=summary, seconds=seconds)
+    save_stage(catalog, result)
+    return result
+
+
 def load_stage(catalog: Catalog, stage: str) -> StageResult | None:
     data = read_json(catalog.stage_manifest(stage))
     return StageResult(**data) if data else None

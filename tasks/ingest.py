@@ -13,20 +13,25 @@ from sd_core.convert import config_key, convert_dataset
 from sd_core.crawl import Listing, download_new, list_site
 from sd_core.crawl.browser import BrowserError
 from sd_core.fsio import stable_hash
-from sd_core.stages import StageResult, Timer, save_stage
+from sd_core.stages import StageResult, Timer, record_stage
 
 
-@task(name="list-site", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=lambda task, run, state: isinstance(state.result(raise_on_failure=False), BrowserError))
+def _browser_failed(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
+    return isinstance(state.result(raise_on_failure=False), BrowserError)
+
+
+@task(name="list-site", retries=2, retry_delay_seconds=5, retry_condition_fn=_browser_failed,
+      cache_policy=NO_CACHE)
 def list_site_task(cfg: CrawlConfig, data_dir: Path, progress: bool = True) -> Path:
     """Walk the listing in headless Chromium; hand on the path of the saved listing."""
     catalog = Catalog(data_dir)
     listing = list_site(cfg, progress=progress)
     listing.save(catalog.listing_json)
-    get_run_logger().info(
-        "listed %d items (%d unique URLs) on %d pages of %s", len(listing.items), len(listing.unique_urls),
-        listing.pages, cfg.listing_url(cfg.start_page),
-    )
+    log = get_run_logger()
+    log.info("listed %d items (%d unique URLs) on %d pages of %s", len(listing.items),
+             len(listing.unique_urls), listing.pages, cfg.listing_url(cfg.start_page))
+    if not listing.items:
+        log.warning("page %d showed no items: check crawl.item_selector and crawl.image_selector", cfg.start_page)
     return catalog.listing_json
 
 
@@ -37,14 +42,13 @@ def download_task(cfg: CrawlConfig, data_dir: Path, listing_path: Path, progress
     listing = Listing.load(listing_path)
     with Timer() as t:
         summary = download_new(cfg, catalog, listing, progress=progress)
-    result = StageResult(
-        stage="crawl",
-        status="ran" if summary.gets else "reused",
+    result = record_stage(
+        catalog, "crawl",
         key=stable_hash({"tag": listing.tag, "urls": sorted(listing.unique_urls)}),
         summary={"pages": listing.pages, **summary.as_dict()},
         seconds=listing.seconds + t.seconds,
+        ran=summary.gets > 0,
     )
-    save_stage(catalog, result)
     get_run_logger().info(result.line())
     return result
 
@@ -55,13 +59,9 @@ def convert_task(cfg: ConvertConfig, data_dir: Path, progress: bool = True) -> S
     catalog = Catalog(data_dir)
     with Timer() as t:
         summary = convert_dataset(cfg, catalog, progress=progress)
-    result = StageResult(
-        stage="convert",
-        status="ran" if summary.converted or summary.reused < summary.images else "reused",
-        key=config_key(cfg),
-        summary=summary.as_dict(),
-        seconds=t.seconds,
+    result = record_stage(
+        catalog, "convert", key=config_key(cfg), summary=summary.as_dict(), seconds=t.seconds,
+        ran=summary.reused < summary.images,
     )
-    save_stage(catalog, result)
     get_run_logger().info(result.line())
     return result

@@ -1,0 +1,134 @@
+"""The caption stage over a dataset: per-item cache, prompt versions, refreshes, interruptions."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from imagegen import emoji
+from sd_core.caption import CaptionConfig, OfflineCaptioner, build_captioner, validate_caption
+from sd_core.caption_stage import CaptionLog, caption_dataset
+from sd_core.catalog import Catalog
+from sd_core.convert import write_metadata
+
+COLOURS = [(220, 30, 30), (30, 60, 220), (30, 180, 60), (240, 200, 20), (140, 40, 200)]
+TITLES = ["Blob Wave", "Happy Blob", "Sad Cat", "blob_thinking", "Angry Frog", "Blob Dance", "Cool Blob",
+          "Sleepy Panda", "Crying Blob", "Heart Blob", "Blob Clap", "Party Parrot", "Hello Blob"]
+
+
+def make_dataset(root: Path, n: int, start: int = 0) -> Catalog:
+    """A converted dataset of ``n`` more images: JPEGs on white and metadata.csv rows."""
+    cat = Catalog(root)
+    cat.images_dir.mkdir(parents=True, exist_ok=True)
+    rows = [dict(r) for r in _rows(cat)]
+    for i in range(start, start + n):
+        name = f"Blobs_{i + 1:07d}.jpg"
+        img = emoji(COLOURS[i % 5], size=96, shape="circle" if i % 2 else "square", mark=i)
+        flat = img.convert("RGBA")
+        from PIL import Image
+
+        canvas = Image.new("RGB", flat.size, "white")
+        canvas.paste(flat, mask=flat)
+        canvas.save(cat.image_path(name), quality=95)
+        rows.append({"file_name": name, "image_url": f"http://x/{i}.webp", "image_title": TITLES[i % len(TITLES)],
+                     "tag": "Blobs", "md5": f"{i:032x}", "width": 96, "height": 96, "source_format": "WEBP",
+                     "animated": False})
+    write_metadata(cat, rows)
+    return cat
+
+
+def _rows(cat: Catalog) -> list[dict[str, str]]:
+    try:
+        with open(cat.metadata_csv, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+class Counting:
+    """A captioner factory that counts how often a model had to be built."""
+
+    def __init__(self) -> None:
+        self.built = 0
+        self.captioners: list[object] = []
+
+    def __call__(self, cfg: CaptionConfig):
+        self.built += 1
+        c = build_captioner(cfg)
+        self.captioners.append(c)
+        return c
+
+
+def test_offline_captions_fill_the_prompt_column_once(tmp_path):
+    cat = make_dataset(tmp_path, 8)
+    cfg = CaptionConfig(captioner="offline", batch_size=3)
+    factory = Counting()
+    s = caption_dataset(cfg, cat, progress=False, captioner_factory=factory)
+    assert (s.items, s.captioned, s.reused, s.flagged) == (8, 8, 0, 0)
+    rows = _rows(cat)
+    assert all(validate_caption(r["prompt"], r["image_title"]) is None for r in rows)
+    assert all(r["captioner"] == "offline" and r["caption_flagged"] == "False" for r in rows)
+    wave = next(r for r in rows if r["image_title"] == "Blob Wave")
+    assert wave["prompt"].startswith("Blob Wave emoji with a") and "waving" in wave["prompt"]
+    assert "red skin color" in wave["prompt"] and "white background" in wave["prompt"]
+
+    again = caption_dataset(cfg, cat, progress=False, captioner_factory=factory)
+    assert (again.captioned, again.reused, factory.built) == (0, 8, 1)
+    assert _rows(cat) == rows
+
+    make_dataset(tmp_path, 3, start=8)  # a refresh brought three new images
+    grown = caption_dataset(cfg, cat, progress=False, captioner_factory=factory)
+    assert (grown.captioned, grown.reused) == (3, 8)
+    assert [r["prompt"] for r in _rows(cat)][:8] == [r["prompt"] for r in rows]
+
+
+def test_qwen_path_caches_by_setting_and_falls_back(tmp_path, tiny_qwen_dir):
+    cat = make_dataset(tmp_path, 5)
+    cfg = CaptionConfig(model_id=str(tiny_qwen_dir), max_new_tokens=8, dtype="float32", batch_size=2)
+    factory = Counting()
+    s = caption_dataset(cfg, cat, progress=False, captioner_factory=factory)
+    qwen = factory.captioners[0]
+    # three batches, each retried once: a random tiny model writes nonsense
+    assert (s.captioned, s.model_calls, qwen.items) == (5, 6, 10)
+    rows = _rows(cat)
+    assert all(r["caption_flagged"] == "True" and r["captioner"] == "offline" for r in rows)
+    assert all(validate_caption(r["prompt"], r["image_title"]) is None for r in rows)
+
+    again = caption_dataset(cfg, cat, progress=False, captioner_factory=factory)
+    assert (again.captioned, again.model_calls, factory.built) == (0, 0, 1)
+
+    v2 = cfg.model_copy(update={"prompt_version": "v2"})
+    redo = caption_dataset(v2, cat, progress=False, captioner_factory=factory)
+    assert (redo.captioned, redo.reused, factory.built) == (5, 0, 2)
+
+
+class Interrupting:
+    """Offline captioner that is 'killed' on its third batch."""
+
+    source = "offline"
+
+    def __init__(self) -> None:
+        self.inner = OfflineCaptioner()
+        self.calls = 0
+
+    def caption(self, images, titles, *, strict=False):
+        self.calls += 1
+        if self.calls == 3:
+            raise KeyboardInterrupt
+        return self.inner.caption(images, titles)
+
+
+def test_interrupted_run_loses_at_most_the_batch_in_flight(tmp_path):
+    cat = make_dataset(tmp_path, 10)
+    cfg = CaptionConfig(captioner="offline", batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        caption_dataset(cfg, cat, progress=False, captioner_factory=lambda c: Interrupting())
+    log = CaptionLog(cat.caption_log(cfg.cache_digest()))
+    assert len(log.read()) == 8
+    with open(log.path, "a") as f:  # a line cut short by the kill
+        f.write('{"md5": "0000000000000000000000000000000a", "te')
+    s = caption_dataset(cfg, cat, progress=False)
+    assert (s.captioned, s.reused) == (2, 8)
+    assert len(log.read()) == 10 and log.path.read_text().count("\n") == 10

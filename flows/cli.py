@@ -1,4 +1,4 @@
-"""`emoji-sd`: run the pipeline, the embedded demo, or show the effective configuration."""
+"""`emoji-sd`: run the pipeline or the embedded demo, serve it on a schedule, show its state."""
 
 from __future__ import annotations
 
@@ -13,14 +13,23 @@ from sd_core.fsio import DataDirBusy
 DEMO_DATA_DIR = Path("data/demo")
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, *, site: bool = True) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (see `emoji-sd config`)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set crawl.max_pages=3 (repeatable)")
+    if site:
+        p.add_argument("--data-dir", type=Path)
+        p.add_argument("--base-url", help="site root, e.g. https://discords.com")
+        p.add_argument("--tag", help="listing tag, e.g. Blobs")
+        p.add_argument("--max-pages", type=int)
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--until", choices=STAGES, help="last stage to run (default: all)")
+    p.add_argument("--from", dest="start", choices=STAGES, help="first stage to run; earlier ones are skipped")
+    p.add_argument("--only", choices=STAGES, help="run this stage alone")
+    p.add_argument("--force", choices=STAGES, action="append", default=[],
+                   help="rerun this stage ignoring its caches (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--wait-for-lock", action="store_true",
                    help="wait for another run on the same data dir instead of stopping")
@@ -32,35 +41,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline on a site")
     _config_args(run)
-    run.add_argument("--data-dir", type=Path)
-    run.add_argument("--base-url", help="site root, e.g. https://discords.com")
-    run.add_argument("--tag", help="listing tag, e.g. Blobs")
-    run.add_argument("--max-pages", type=int)
-    _run_args(run)
+    _stage_args(run)
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded demo site (offline)")
     _config_args(demo)
-    demo.add_argument("--data-dir", type=Path, default=DEMO_DATA_DIR)
     demo.add_argument("--items", type=int, default=240, help="emoji listed on the demo site")
-    demo.add_argument("--seed", type=int, default=0)
-    _run_args(demo)
+    demo.add_argument("--seed", type=int, default=0, help="which demo emoji")
+    _stage_args(demo)
+
+    serve = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
+    _config_args(serve)
+    serve.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *"')
+    serve.add_argument("--name", default="scheduled", help="deployment name")
+    serve.add_argument("--until", choices=STAGES, default=STAGES[-1])
+
+    status = sub.add_parser("status", help="show per stage what is cached, stale or missing")
+    _config_args(status)
 
     show = sub.add_parser("config", help="print the effective configuration as TOML")
-    _config_args(show)
+    _config_args(show, site=False)
     return parser
 
 
 def _load(args: argparse.Namespace, overrides: dict[str, Any]) -> PipelineConfig:
-    return load_config(args.config, overrides=overrides, sets=args.sets)
+    site = {}
+    if hasattr(args, "base_url"):
+        site = {
+            "data_dir": str(args.data_dir) if args.data_dir else None,
+            "crawl.base_url": args.base_url,
+            "crawl.tag": args.tag,
+            "crawl.max_pages": args.max_pages,
+        }
+    return load_config(args.config, overrides={**overrides, **site}, sets=args.sets)
 
 
 def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from sd_core.crawl.browser import check_browser
 
-    check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
+    if args.only in (None, "crawl") and args.start in (None, "crawl"):
+        check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
     from flows.pipeline import pipeline
 
-    results = pipeline(cfg, until=args.until, progress=not args.no_progress, wait_for_lock=args.wait_for_lock)
+    results = pipeline(
+        cfg, until=args.until, start=args.start, only=args.only, force=args.force,
+        progress=not args.no_progress, wait_for_lock=args.wait_for_lock,
+    )
     print("\n".join(r.line() for r in results))
     print(f"dataset: {cfg.data_dir.resolve() / 'metadata.csv'}")
     return 0
@@ -72,16 +97,25 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"building the demo site ({args.items} emoji)...", flush=True)
     items = build_demo_items(args.items, seed=args.seed)
     with DemoSite(items) as site:
-        cfg = _load(args, {
-            "data_dir": str(args.data_dir),
+        cfg = load_config(args.config, overrides={
+            "data_dir": str(args.data_dir or DEMO_DATA_DIR),
             "crawl.base_url": site.base_url,
-            "crawl.tag": site.tag,
+            "crawl.tag": args.tag or site.tag,
+            "crawl.max_pages": args.max_pages,
             "crawl.max_requests_per_second": 0,
             "crawl.empty_page_settle_s": 1.0,
             "caption.captioner": "offline",
-        })
+        }, sets=args.sets)
         print(f"demo site serving at {site.listing_url(1)}", flush=True)
         return _run_pipeline(cfg, args)
+
+
+def _status(cfg: PipelineConfig) -> int:
+    from sd_core.status import stage_status
+
+    for row in stage_status(cfg):
+        print(f"{row.stage:8s} {row.state:8s} {row.detail}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,14 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return _demo(args)
-        cfg = _load(args, {
-            "data_dir": str(args.data_dir) if args.data_dir else None,
-            "crawl.base_url": args.base_url,
-            "crawl.tag": args.tag,
-            "crawl.max_pages": args.max_pages,
-        })
+        cfg = _load(args, {})
+        if args.command == "status":
+            return _status(cfg)
+        if args.command == "serve":
+            from flows.serve import serve_pipeline
+
+            serve_pipeline(cfg, cron=args.cron, name=args.name, until=args.until)
+            return 0
         return _run_pipeline(cfg, args)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         print(f"emoji-sd: {e}", file=sys.stderr)
         return 2
     except DataDirBusy as e:

@@ -6,30 +6,49 @@ from typing import Callable
 
 from prefect import flow
 
+from sd_core.catalog import Catalog
 from sd_core.config import STAGES, PipelineConfig, Stage
 from sd_core.fsio import data_dir_lock
-from sd_core.stages import StageResult
+from sd_core.stages import StageResult, select_stages, skipped_stage
 from tasks.caption import caption_task
 from tasks.ingest import convert_task, download_task, list_site_task
 
+Runner = Callable[[PipelineConfig, bool, bool], StageResult]
 
-def _crawl(cfg: PipelineConfig, progress: bool) -> StageResult:
+
+def _crawl(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
     listing = list_site_task(cfg.crawl, cfg.data_dir, progress)
-    return download_task(cfg.crawl, cfg.data_dir, listing, progress)
+    return download_task(cfg.crawl, cfg.data_dir, listing, progress, force)
 
 
-RUNNERS: dict[str, Callable[[PipelineConfig, bool], StageResult]] = {
+RUNNERS: dict[str, Runner] = {
     "crawl": _crawl,
-    "convert": lambda cfg, progress: convert_task(cfg.convert, cfg.data_dir, progress),
-    "caption": lambda cfg, progress: caption_task(cfg.caption, cfg.data_dir, progress),
+    "convert": lambda cfg, progress, force: convert_task(cfg.convert, cfg.data_dir, progress, force),
+    "caption": lambda cfg, progress, force: caption_task(cfg.caption, cfg.data_dir, progress, force),
 }
-assert tuple(RUNNERS) == STAGES
+if tuple(RUNNERS) != STAGES:
+    raise RuntimeError(f"pipeline wiring {tuple(RUNNERS)} does not match the stages {STAGES}")
 
 
 @flow(name="emoji-sd-pipeline")
 def pipeline(
-    config: PipelineConfig, until: Stage = STAGES[-1], progress: bool = True, wait_for_lock: bool = False
+    config: PipelineConfig,
+    until: Stage | None = None,
+    start: Stage | None = None,
+    only: Stage | None = None,
+    force: list[Stage] | None = None,
+    progress: bool = True,
+    wait_for_lock: bool = False,
 ) -> list[StageResult]:
-    """Run the stages from crawl up to and including ``until``."""
+    """Run the selected stages in order: all, ``start``..``until``, or ``only`` one.
+
+    Stages in ``force`` ignore their caches. Stages before the selection are reported as skipped.
+    """
+    selected = select_stages(STAGES, until=until, start=start, only=only)
+    first = STAGES.index(selected[0])
+    catalog = Catalog(config.data_dir)
     with data_dir_lock(config.data_dir, wait=wait_for_lock):
-        return [RUNNERS[stage](config, progress) for stage in STAGES[: STAGES.index(until) + 1]]
+        results = [skipped_stage(catalog, s, "not selected") for s in STAGES[:first]]
+        for stage in selected:
+            results.append(RUNNERS[stage](config, progress, stage in (force or [])))
+    return results

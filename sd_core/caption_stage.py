@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from sd_core.caption import CaptionConfig, CaptionResult, OfflineCaptioner, build_captioner, caption_batch
 from sd_core.catalog import Catalog
 from sd_core.convert import read_metadata, update_metadata
-from sd_core.fsio import atomic_write_json
+from sd_core.fsio import atomic_write_json, stable_hash
 
 
 class CaptionLog:
@@ -75,11 +75,17 @@ class CaptionSummary:
         return dict(self.__dict__)
 
 
+def stage_key(cfg: CaptionConfig, catalog: Catalog) -> str:
+    """Key of the caption stage: the captioner settings and the dataset rows it captions."""
+    return stable_hash({"captioner": cfg.cache_digest(), "md5": [r["md5"] for r in read_metadata(catalog)]})
+
+
 def caption_dataset(
     cfg: CaptionConfig,
     catalog: Catalog,
     *,
     progress: bool = True,
+    force: bool = False,
     captioner_factory: Callable[[CaptionConfig], object] = build_captioner,
 ) -> CaptionSummary:
     """Caption every row of metadata.csv that has no caption under this setting yet, then write
@@ -88,7 +94,7 @@ def caption_dataset(
     digest = cfg.cache_digest()
     log = CaptionLog(catalog.caption_log(digest))
     atomic_write_json(catalog.caption_log(digest).with_suffix(".key.json"), cfg.cache_key())
-    done = log.read()
+    done = {} if force else log.read()
     todo = [r for r in rows if r["md5"] not in done]
     summary = CaptionSummary(items=len(rows), reused=len(rows) - len(todo))
     if todo:

@@ -119,7 +119,16 @@ def config_key(cfg: ConvertConfig) -> str:
     return stable_hash({"config": cfg.model_dump(mode="json"), "code_version": CODE_VERSION})
 
 
-def convert_dataset(cfg: ConvertConfig, catalog: Catalog, *, progress: bool = True) -> ConvertSummary:
+def stage_key(cfg: ConvertConfig, catalog: Catalog) -> str:
+    """Key of the convert stage: its settings, its code version and the crawled images it reads."""
+    with Ledger(catalog.ledger_db) as ledger:
+        images = [(r.seq, r.md5, r.tag) for r in ledger.images()]
+    return stable_hash({"config": config_key(cfg), "images": images})
+
+
+def convert_dataset(
+    cfg: ConvertConfig, catalog: Catalog, *, progress: bool = True, force: bool = False
+) -> ConvertSummary:
     """Bring ``images/``, ``metadata.csv`` and the quarantine up to date with the crawl ledger.
 
     Items converted earlier with the same settings are reused; progress is saved every
@@ -131,7 +140,7 @@ def convert_dataset(cfg: ConvertConfig, catalog: Catalog, *, progress: bool = Tr
         duplicates = ledger.duplicates()
     key = config_key(cfg)
     state = read_json(catalog.convert_state) or {}
-    items: dict[str, dict] = state.get("items", {}) if state.get("config_key") == key else {}
+    items: dict[str, dict] = state.get("items", {}) if state.get("config_key") == key and not force else {}
     summary = ConvertSummary(images=len(records))
     reasons: Counter[str] = Counter()
     todo = [r for r in records if not _done(items.get(r.md5), catalog)]

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from sd_core.catalog import Catalog
 from sd_core.config import ConvertConfig, CrawlConfig
-from sd_core.convert import config_key, convert_dataset
+from sd_core.convert import convert_dataset, stage_key
 from sd_core.crawl import Listing, download_new, list_site
 from sd_core.crawl.browser import BrowserError
 from sd_core.fsio import stable_hash
@@ -36,12 +36,14 @@ def list_site_task(cfg: CrawlConfig, data_dir: Path, progress: bool = True) -> P
 
 
 @task(name="download-images", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def download_task(cfg: CrawlConfig, data_dir: Path, listing_path: Path, progress: bool = True) -> StageResult:
+def download_task(
+    cfg: CrawlConfig, data_dir: Path, listing_path: Path, progress: bool = True, force: bool = False
+) -> StageResult:
     """Fetch the listed URLs the ledger has not seen; record the crawl stage."""
     catalog = Catalog(data_dir)
     listing = Listing.load(listing_path)
     with Timer() as t:
-        summary = download_new(cfg, catalog, listing, progress=progress)
+        summary = download_new(cfg, catalog, listing, progress=progress, force=force)
     result = record_stage(
         catalog, "crawl",
         key=stable_hash({"tag": listing.tag, "urls": sorted(listing.unique_urls)}),
@@ -54,13 +56,13 @@ def download_task(cfg: CrawlConfig, data_dir: Path, listing_path: Path, progress
 
 
 @task(name="convert", cache_policy=NO_CACHE)
-def convert_task(cfg: ConvertConfig, data_dir: Path, progress: bool = True) -> StageResult:
+def convert_task(cfg: ConvertConfig, data_dir: Path, progress: bool = True, force: bool = False) -> StageResult:
     """Bring the JPEG dataset and metadata.csv up to date with the crawl ledger."""
     catalog = Catalog(data_dir)
     with Timer() as t:
-        summary = convert_dataset(cfg, catalog, progress=progress)
+        summary = convert_dataset(cfg, catalog, progress=progress, force=force)
     result = record_stage(
-        catalog, "convert", key=config_key(cfg), summary=summary.as_dict(), seconds=t.seconds,
+        catalog, "convert", key=stage_key(cfg, catalog), summary=summary.as_dict(), seconds=t.seconds,
         ran=summary.reused < summary.images,
     )
     get_run_logger().info(result.line())

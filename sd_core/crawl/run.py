@@ -78,8 +78,8 @@ class DownloadSummary:
         return dict(self.__dict__)
 
 
-def _needs_fetch(status: str | None, cfg: CrawlConfig) -> bool:
-    if status is None or status == "failed":
+def _needs_fetch(status: str | None, cfg: CrawlConfig, force: bool) -> bool:
+    if force or status is None or status == "failed":
         return True
     return status == "gone" and cfg.retry_gone
 
@@ -91,12 +91,12 @@ def _reason(res: FetchResult) -> str:
 
 
 def download_new(
-    cfg: CrawlConfig, catalog: Catalog, listing: Listing, *, progress: bool = True
+    cfg: CrawlConfig, catalog: Catalog, listing: Listing, *, progress: bool = True, force: bool = False
 ) -> DownloadSummary:
     """Download every listed URL the ledger has not fetched yet; store new content by md5.
 
-    A URL fetched (or found gone) in an earlier run is not requested again; a URL that
-    failed transiently is retried. Bytes equal to an image already stored under another
+    A URL fetched (or found gone) in an earlier run is not requested again (unless ``force``);
+    a URL that failed transiently is retried. Bytes equal to an image already stored under another
     URL are recorded as a duplicate and not stored twice.
     """
     summary = DownloadSummary(listed=len(listing.items))
@@ -109,7 +109,7 @@ def download_new(
         known = ledger.statuses(urls)
         # Oldest first (the listing is newest first): sequence numbers, and so file names, then
         # come out the same whether the site was crawled in one go or refreshed as it grew.
-        todo = [u for u in reversed(urls) if _needs_fetch(known.get(u), cfg)]
+        todo = [u for u in reversed(urls) if _needs_fetch(known.get(u), cfg, force)]
         summary.already_known = len(urls) - len(todo)
         fetcher = Fetcher(cfg)
         bar = tqdm(total=len(todo), desc="downloading", unit="img", disable=not progress or not todo)

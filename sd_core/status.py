@@ -1,0 +1,49 @@
+"""What each stage has on disk: cached (its record matches the inputs and settings now),
+stale (something upstream or in its settings changed), or missing (never ran)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from sd_core import caption_stage, convert
+from sd_core.catalog import Catalog
+from sd_core.config import STAGES, PipelineConfig
+from sd_core.crawl.ledger import Ledger
+from sd_core.stages import load_stage
+
+State = Literal["cached", "stale", "missing"]
+
+# Key of each stage as it would be computed now; crawl has none (its input is the live site).
+KEY_NOW: dict[str, Callable[[PipelineConfig, Catalog], str]] = {
+    "convert": lambda cfg, cat: convert.stage_key(cfg.convert, cat),
+    "caption": lambda cfg, cat: caption_stage.stage_key(cfg.caption, cat),
+}
+
+
+@dataclass(frozen=True)
+class StageState:
+    stage: str
+    state: State
+    detail: str
+
+
+def stage_status(cfg: PipelineConfig) -> list[StageState]:
+    catalog = Catalog(cfg.data_dir)
+    rows = []
+    for stage in STAGES:
+        record = load_stage(catalog, stage)
+        if record is None:
+            rows.append(StageState(stage, "missing", "never ran in this data dir"))
+            continue
+        when = f"last {record.status} {record.finished_at}"
+        if stage == "crawl":
+            with Ledger(catalog.ledger_db) as ledger:
+                c = ledger.counts()
+            detail = f"{c['images']} unique images from {c['ok']} URLs ({c['gone']} gone, {c['failed']} failed); {when}"
+            rows.append(StageState(stage, "cached", detail + "; the site itself is checked on the next run"))
+            continue
+        fresh = KEY_NOW[stage](cfg, catalog) == record.key
+        detail = ", ".join(f"{k}={v}" for k, v in record.summary.items() if v not in ({}, None))
+        rows.append(StageState(stage, "cached" if fresh else "stale", f"{detail}; {when}"))
+    return rows

@@ -1,7 +1,5 @@
 """The emoji-sd pipeline flow: stages wired in order, each handing the next paths on disk."""
 
-from __future__ import annotations
-
 from typing import Callable
 
 from prefect import flow

@@ -1,0 +1,122 @@
+"""Scheduled runs: a real Prefect server on 127.0.0.1 and `emoji-sd serve` as a deployment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from sd_core.demo_site import DemoSite, build_demo_items
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{api}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(healthy, 180, "the Prefect server")
+        yield api, env
+    finally:
+        stop(proc)
+        log.close()
+
+
+def test_serve_creates_scheduled_runs_and_a_triggered_run_completes(prefect_server, tmp_path):
+    api, env = prefect_server
+    data_dir = tmp_path / "data"
+    with DemoSite(build_demo_items(20, seed=5), per_page=8) as site:
+        serve_env = {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+        log = open(tmp_path / "serve.log", "w")
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--cron", "*/5 * * * *", "--name", "nightly",
+             "--until", "convert", "--data-dir", str(data_dir), "--base-url", site.base_url,
+             "--set", "crawl.max_requests_per_second=0", "--set", "crawl.empty_page_settle_s=1.0"],
+            env=serve_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            def deployment():
+                r = requests.post(f"{api}/deployments/filter", json={}, timeout=5).json()
+                return next((d for d in r if d["name"] == "nightly"), None)
+
+            dep = wait_for(deployment, 120, "the deployment")
+            assert dep["schedules"][0]["schedule"]["cron"] == "*/5 * * * *"
+            assert dep["concurrency_limit"] == 1 or (dep.get("global_concurrency_limit") or {}).get("limit") == 1
+
+            def scheduled():
+                runs = requests.post(f"{api}/flow_runs/filter", json={
+                    "deployments": {"id": {"any_": [dep["id"]]}},
+                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                }, timeout=5).json()
+                return runs
+
+            assert len(wait_for(scheduled, 90, "scheduled runs")) >= 1
+
+            run = requests.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=5).json()
+
+            def finished():
+                state = requests.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
+                return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+            state = wait_for(finished, 240, "the triggered run", interval=1)
+            assert state["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+            assert (data_dir / "metadata.csv").exists()
+            assert site.total_image_gets() == 20
+        finally:
+            stop(serve)
+            log.close()
+
+
+def test_serve_without_a_server_explains_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--cron", "0 3 * * *"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "prefect server start" in r.stderr and "PREFECT_API_URL" in r.stderr

@@ -30,6 +30,10 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", choices=STAGES, help="run this stage alone")
     p.add_argument("--force", choices=STAGES, action="append", default=[],
                    help="rerun this stage ignoring its caches (repeatable)")
+    p.add_argument("--task-runner", choices=("sequential", "dask"), default="sequential",
+                   help="where caption and encode batches run: one at a time here, or fanned out on Dask")
+    p.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (default: a local one)")
+    p.add_argument("--dask-workers", type=int, default=2, help="workers of the local Dask cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--wait-for-lock", action="store_true",
                    help="wait for another run on the same data dir instead of stopping")
@@ -67,7 +71,7 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any]) -> PipelineConfig
     site = {}
     if hasattr(args, "base_url"):
         site = {
-            "data_dir": str(args.data_dir) if args.data_dir else None,
+            "data_dir": str(args.data_dir.resolve()) if args.data_dir else None,
             "crawl.base_url": args.base_url,
             "crawl.tag": args.tag,
             "crawl.max_pages": args.max_pages,
@@ -82,6 +86,12 @@ def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
     from flows.pipeline import pipeline
 
+    if args.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        runner = (DaskTaskRunner(address=args.dask_address) if args.dask_address else
+                  DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1}))
+        pipeline = pipeline.with_options(task_runner=runner)
     results = pipeline(
         cfg, until=args.until, start=args.start, only=args.only, force=args.force,
         progress=not args.no_progress, wait_for_lock=args.wait_for_lock,
@@ -98,7 +108,7 @@ def _demo(args: argparse.Namespace) -> int:
     items = build_demo_items(args.items, seed=args.seed)
     with DemoSite(items) as site:
         cfg = load_config(args.config, overrides={
-            "data_dir": str(args.data_dir or DEMO_DATA_DIR),
+            "data_dir": str((args.data_dir or DEMO_DATA_DIR).resolve()),
             "crawl.base_url": site.base_url,
             "crawl.tag": args.tag or site.tag,
             "crawl.max_pages": args.max_pages,

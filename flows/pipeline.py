@@ -3,12 +3,15 @@
 from typing import Callable
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import unmapped
 
 from sd_core.catalog import Catalog
 from sd_core.config import STAGES, PipelineConfig, Stage
 from sd_core.fsio import data_dir_lock
 from sd_core.stages import StageResult, select_stages, skipped_stage
-from tasks.caption import caption_task
+from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
+from tasks.fanout import gather
 from tasks.ingest import convert_task, download_task, list_site_task
 
 Runner = Callable[[PipelineConfig, bool, bool], StageResult]
@@ -19,16 +22,24 @@ def _crawl(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
     return download_task(cfg.crawl, cfg.data_dir, listing, progress, force)
 
 
+def _caption(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
+    plan = caption_plan_task(cfg.caption, cfg.data_dir, force)
+    futures = caption_batch_task.map(plan.batches, unmapped(cfg.caption), unmapped(cfg.data_dir))
+    calls = gather(futures, desc="caption", progress=progress)
+    return caption_finish_task(cfg.caption, cfg.data_dir, plan, calls)
+
+
 RUNNERS: dict[str, Runner] = {
     "crawl": _crawl,
     "convert": lambda cfg, progress, force: convert_task(cfg.convert, cfg.data_dir, progress, force),
-    "caption": lambda cfg, progress, force: caption_task(cfg.caption, cfg.data_dir, progress, force),
+    "caption": _caption,
 }
 if tuple(RUNNERS) != STAGES:
     raise RuntimeError(f"pipeline wiring {tuple(RUNNERS)} does not match the stages {STAGES}")
 
 
-@flow(name="emoji-sd-pipeline")
+# One batch at a time by default; `emoji-sd run --task-runner dask` fans batches out to Dask workers.
+@flow(name="emoji-sd-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(
     config: PipelineConfig,
     until: Stage | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,13 +46,16 @@ class CaptionLog:
             return
 
     def append(self, items: list[tuple[str, CaptionResult]]) -> None:
+        """Append a batch in one write (atomic among concurrent appenders on a local disk)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_partial_tail()
-        with open(self.path, "a", encoding="utf-8") as f:
-            for md5, res in items:
-                f.write(json.dumps({"md5": md5, **asdict(res)}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(json.dumps({"md5": m, **asdict(r)}, ensure_ascii=False) + "\n" for m, r in items)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _drop_partial_tail(self) -> None:
         try:
@@ -80,6 +84,64 @@ def stage_key(cfg: CaptionConfig, catalog: Catalog) -> str:
     return stable_hash({"captioner": cfg.cache_digest(), "md5": [r["md5"] for r in read_metadata(catalog)]})
 
 
+@dataclass(frozen=True)
+class CaptionJob:
+    md5: str
+    file_name: str
+    title: str
+
+
+def plan_captions(cfg: CaptionConfig, catalog: Catalog, *, force: bool = False) -> list[list[CaptionJob]]:
+    """Batches of the dataset rows that have no caption under this setting (all of them with ``force``)."""
+    digest = cfg.cache_digest()
+    atomic_write_json(catalog.caption_log(digest).with_suffix(".key.json"), cfg.cache_key())
+    done = set() if force else set(CaptionLog(catalog.caption_log(digest)).read())
+    todo = [CaptionJob(r["md5"], r["file_name"], r["image_title"]) for r in read_metadata(catalog)
+            if r["md5"] not in done]
+    return [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+
+
+_CAPTIONERS: dict[str, object] = {}
+_CAPTIONERS_LOCK = threading.Lock()
+
+
+def shared_captioner(cfg: CaptionConfig) -> object:
+    """One captioner per setting per process, so a worker loads a model once for all its batches."""
+    with _CAPTIONERS_LOCK:
+        digest = cfg.cache_digest()
+        if digest not in _CAPTIONERS:
+            _CAPTIONERS[digest] = build_captioner(cfg)
+        return _CAPTIONERS[digest]
+
+
+def caption_jobs(cfg: CaptionConfig, catalog: Catalog, jobs: list[CaptionJob], captioner: object) -> int:
+    """Caption one batch and append it to the log; returns the model calls it took."""
+    calls_before = int(getattr(captioner, "calls", 0))
+    images = [Image.open(catalog.image_path(j.file_name)).convert("RGB") for j in jobs]
+    results = caption_batch(captioner, OfflineCaptioner(), images, [j.title for j in jobs])
+    CaptionLog(catalog.caption_log(cfg.cache_digest())).append([(j.md5, r) for j, r in zip(jobs, results)])
+    return int(getattr(captioner, "calls", 0)) - calls_before
+
+
+def finish_captions(cfg: CaptionConfig, catalog: Catalog, summary: CaptionSummary) -> CaptionSummary:
+    """Write the ``prompt`` column (the final caption), ``captioner`` and ``caption_flagged``."""
+    rows = read_metadata(catalog)
+    done = CaptionLog(catalog.caption_log(cfg.cache_digest())).read()
+    missing = [r["md5"] for r in rows if r["md5"] not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} dataset rows have no caption (first: {missing[0]})")
+    columns = {
+        r["md5"]: {"prompt": done[r["md5"]].text, "captioner": done[r["md5"]].source,
+                   "caption_flagged": done[r["md5"]].flagged}
+        for r in rows
+    }
+    update_metadata(catalog, columns)
+    summary.items = len(rows)
+    summary.reused = len(rows) - summary.captioned
+    summary.flagged = sum(1 for c in columns.values() if c["caption_flagged"])
+    return summary
+
+
 def caption_dataset(
     cfg: CaptionConfig,
     catalog: Catalog,
@@ -88,37 +150,16 @@ def caption_dataset(
     force: bool = False,
     captioner_factory: Callable[[CaptionConfig], object] = build_captioner,
 ) -> CaptionSummary:
-    """Caption every row of metadata.csv that has no caption under this setting yet, then write
-    the ``prompt`` column (the final caption), ``captioner`` and ``caption_flagged``."""
-    rows = read_metadata(catalog)
-    digest = cfg.cache_digest()
-    log = CaptionLog(catalog.caption_log(digest))
-    atomic_write_json(catalog.caption_log(digest).with_suffix(".key.json"), cfg.cache_key())
-    done = {} if force else log.read()
-    todo = [r for r in rows if r["md5"] not in done]
-    summary = CaptionSummary(items=len(rows), reused=len(rows) - len(todo))
-    if todo:
+    """Caption every row of metadata.csv that has no caption under this setting yet (one process),
+    saving each batch as it is done, then fill the caption columns of metadata.csv."""
+    batches = plan_captions(cfg, catalog, force=force)
+    summary = CaptionSummary()
+    if batches:
         captioner = captioner_factory(cfg)
-        fallback = OfflineCaptioner()
-        bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress)
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
-            images = [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in batch]
-            results = caption_batch(captioner, fallback, images, [r["image_title"] for r in batch])
-            log.append([(r["md5"], res) for r, res in zip(batch, results)])
-            done.update((r["md5"], res) for r, res in zip(batch, results))
-            summary.captioned += len(batch)
-            bar.update(len(batch))
+        bar = tqdm(total=sum(map(len, batches)), desc="captioning", unit="img", disable=not progress)
+        for jobs in batches:
+            summary.model_calls += caption_jobs(cfg, catalog, jobs, captioner)
+            summary.captioned += len(jobs)
+            bar.update(len(jobs))
         bar.close()
-        summary.model_calls = int(getattr(captioner, "calls", 0))
-    columns = {
-        r["md5"]: {
-            "prompt": done[r["md5"]].text,
-            "captioner": done[r["md5"]].source,
-            "caption_flagged": done[r["md5"]].flagged,
-        }
-        for r in rows
-    }
-    update_metadata(catalog, columns)
-    summary.flagged = sum(1 for c in columns.values() if c["caption_flagged"])
-    return summary
+    return finish_captions(cfg, catalog, summary)

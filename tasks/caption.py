@@ -1,27 +1,43 @@
-"""The caption stage as a Prefect task."""
+"""The caption stage as Prefect tasks: plan the batches, caption each (fanned out on the flow's
+task runner), then write the caption columns."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sd_core.caption import CaptionConfig
-from sd_core.caption_stage import caption_dataset, stage_key
+from sd_core.caption_stage import (
+    CaptionJob, CaptionSummary, caption_jobs, finish_captions, plan_captions, shared_captioner, stage_key,
+)
 from sd_core.catalog import Catalog
-from sd_core.stages import StageResult, Timer, record_stage
+from sd_core.stages import StageResult, record_stage
+from tasks.fanout import Plan
 
 
-@task(name="caption", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def caption_task(cfg: CaptionConfig, data_dir: Path, progress: bool = True, force: bool = False) -> StageResult:
-    """Caption new images (a per-item cache keyed by md5 and captioner settings)."""
+@task(name="caption-plan", cache_policy=NO_CACHE)
+def caption_plan_task(cfg: CaptionConfig, data_dir: Path, force: bool = False) -> Plan:
+    """Batches of images without a caption under this setting."""
+    plan = Plan(plan_captions(cfg, Catalog(data_dir), force=force))
+    get_run_logger().info("%d images to caption in %d batches", plan.items, len(plan.batches))
+    return plan
+
+
+@task(name="caption-batch", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def caption_batch_task(jobs: list[CaptionJob], cfg: CaptionConfig, data_dir: Path) -> int:
+    """Caption one batch with this worker's captioner (loaded once per process); returns model calls."""
+    return caption_jobs(cfg, Catalog(data_dir), jobs, shared_captioner(cfg))
+
+
+@task(name="caption-finish", cache_policy=NO_CACHE)
+def caption_finish_task(cfg: CaptionConfig, data_dir: Path, plan: Plan, calls: list[int]) -> StageResult:
+    """Fill metadata.csv's caption columns from the log and record the stage."""
     catalog = Catalog(data_dir)
-    with Timer() as t:
-        summary = caption_dataset(cfg, catalog, progress=progress, force=force)
-    result = record_stage(
-        catalog, "caption", key=stage_key(cfg, catalog), summary=summary.as_dict(), seconds=t.seconds,
-        ran=summary.captioned > 0,
-    )
+    summary = finish_captions(cfg, catalog, CaptionSummary(captioned=plan.items, model_calls=sum(calls)))
+    result = record_stage(catalog, "caption", key=stage_key(cfg, catalog), summary=summary.as_dict(),
+                          seconds=time.time() - plan.started, ran=summary.captioned > 0)
     get_run_logger().info(result.line())
     return result

@@ -30,7 +30,7 @@ from sd_core.strict import StrictModel
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-VL-3B-Instruct"
-OFFLINE_VERSION = "offline-v1"
+OFFLINE_VERSION = "offline-v2"
 
 PROMPT_TEMPLATE_V1 = (
     "This picture is an emoji titled '{title}'. Describe it in one sentence that covers, in this order: "
@@ -371,10 +371,14 @@ class OfflineCaptioner:
         words = title_words(title)
         eyes, mouth, expression = _face_words(words)
         return (
-            f"{display_title(title)} emoji with a {facts.head_shape}, {eyes} eyes, {mouth} mouth, "
-            f"{expression} expression, {facts.skin_color} skin color, {_action(words)}, "
-            f"with a {facts.background_color} background."
+            f"{display_title(title)} emoji with {_article(facts.head_shape)} {facts.head_shape}, {eyes} eyes, "
+            f"{mouth} mouth, {expression} expression, {facts.skin_color} skin color, {_action(words)}, "
+            f"with {_article(facts.background_color)} {facts.background_color} background."
         )
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 # --- Qwen2.5-VL captioner ----------------------------------------------------------------------

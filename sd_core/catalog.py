@@ -63,6 +63,32 @@ class Catalog:
     def caption_log(self, digest: str) -> Path:
         return self.root / "captions" / f"{digest}.jsonl"
 
+    # vae (the offline default trains one on the data) and encode
+    @property
+    def vae_dir(self) -> Path:
+        return self.root / "models" / "vae"
+
+    @property
+    def latent_store(self) -> Path:
+        return self.root / "cache" / "latents"
+
+    @property
+    def text_store(self) -> Path:
+        return self.root / "cache" / "text"
+
+    # train and sample
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "models" / "unet"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
     # bookkeeping
     @property
     def state_dir(self) -> Path:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from sd_core.config import STAGES, ConfigError, PipelineConfig, config_to_toml, load_config
+from sd_core.config import STAGES, ConfigError, PipelineConfig, config_to_toml, load_config, preset
 from sd_core.fsio import DataDirBusy
 
 DEMO_DATA_DIR = Path("data/demo")
@@ -107,15 +107,12 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"building the demo site ({args.items} emoji)...", flush=True)
     items = build_demo_items(args.items, seed=args.seed)
     with DemoSite(items) as site:
-        cfg = load_config(args.config, overrides={
+        cfg = load_config(args.config, base=preset("demo"), sets=args.sets, overrides={
             "data_dir": str((args.data_dir or DEMO_DATA_DIR).resolve()),
             "crawl.base_url": site.base_url,
             "crawl.tag": args.tag or site.tag,
             "crawl.max_pages": args.max_pages,
-            "crawl.max_requests_per_second": 0,
-            "crawl.empty_page_settle_s": 1.0,
-            "caption.captioner": "offline",
-        }, sets=args.sets)
+        })
         print(f"demo site serving at {site.listing_url(1)}", flush=True)
         return _run_pipeline(cfg, args)
 

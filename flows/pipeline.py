@@ -10,9 +10,12 @@ from sd_core.catalog import Catalog
 from sd_core.config import STAGES, PipelineConfig, Stage
 from sd_core.fsio import data_dir_lock
 from sd_core.stages import StageResult, select_stages, skipped_stage
+from sd_core.encode_stage import uses_trained_vae
 from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
+from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task, vae_task
 from tasks.fanout import gather
 from tasks.ingest import convert_task, download_task, list_site_task
+from tasks.train import sample_task, train_task
 
 Runner = Callable[[PipelineConfig, bool, bool], StageResult]
 
@@ -29,10 +32,27 @@ def _caption(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
     return caption_finish_task(cfg.caption, cfg.data_dir, plan, calls)
 
 
+def _vae(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
+    if not uses_trained_vae(cfg.encode):
+        return skipped_stage(Catalog(cfg.data_dir), "vae", f"pretrained VAE {cfg.encode.vae.model_id}")
+    return vae_task(cfg.vae, cfg.data_dir, progress, force)
+
+
+def _encode(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
+    plan = encode_plan_task(cfg.encode, cfg.data_dir, force)
+    futures = encode_batch_task.map(plan.batches, unmapped(cfg.encode), unmapped(cfg.data_dir))
+    results = gather(futures, desc="encode", progress=progress)
+    return encode_finish_task(cfg.encode, cfg.data_dir, plan, results)
+
+
 RUNNERS: dict[str, Runner] = {
     "crawl": _crawl,
     "convert": lambda cfg, progress, force: convert_task(cfg.convert, cfg.data_dir, progress, force),
     "caption": _caption,
+    "vae": _vae,
+    "encode": _encode,
+    "train": lambda cfg, progress, force: train_task(cfg.train, cfg.encode, cfg.data_dir, progress, force),
+    "sample": lambda cfg, progress, force: sample_task(cfg.sample, cfg.data_dir, force),
 }
 if tuple(RUNNERS) != STAGES:
     raise RuntimeError(f"pipeline wiring {tuple(RUNNERS)} does not match the stages {STAGES}")

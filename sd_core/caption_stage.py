@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sd_core.caption import CaptionConfig, CaptionResult, OfflineCaptioner, build_captioner, caption_batch
 from sd_core.catalog import Catalog
-from sd_core.convert import read_metadata, update_metadata
+from sd_core.dataset import read_metadata, update_metadata
 from sd_core.fsio import atomic_write_json, stable_hash
 
 

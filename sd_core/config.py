@@ -8,85 +8,27 @@ from __future__ import annotations
 
 import json
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from sd_core.caption import CaptionConfig
+from sd_core.convert import ConvertConfig
+from sd_core.crawl.settings import CrawlConfig
+from sd_core.encode_stage import EncodeStageConfig
+from sd_core.model_stages import TrainStageConfig
+from sd_core.sampling import SampleConfig
 from sd_core.strict import StrictModel
+from sd_core.vae_train import VAETrainConfig
 
-STAGES: tuple[str, ...] = ("crawl", "convert", "caption")
-Stage = Literal["crawl", "convert", "caption"]
+STAGES: tuple[str, ...] = ("crawl", "convert", "caption", "vae", "encode", "train", "sample")
+Stage = Literal["crawl", "convert", "caption", "vae", "encode", "train", "sample"]
 
 
 class ConfigError(ValueError):
     """A configuration file or override was refused; the message names the field."""
-
-
-class CrawlConfig(StrictModel):
-    """Where to crawl and how politely. Selectors default to the discords.com layout."""
-
-    base_url: str = "https://discords.com"
-    tag: str = "Blobs"
-    listing_path: str = "/emoji-list/tag/{tag}?page={page}"
-    container_selector: str = "div.FS5UE28h.container"
-    item_selector: str = "div.LQY5mtmC div.aLnnpRah.text-center"
-    image_selector: str = "div.Mw1EAtrx img, img"
-    url_attribute: str = "src"
-    title_attribute: str = "title"
-    start_page: int = Field(1, ge=1)
-    max_pages: int | None = Field(None, ge=1)
-    page_timeout_s: float = Field(20.0, gt=0, description="longest wait for a page's items to render")
-    empty_page_settle_s: float = Field(
-        3.0, gt=0, description="a loaded page still without items after this long is the end of the listing"
-    )
-    page_delay_s: float = Field(0.0, ge=0, description="pause between listing pages (politeness)")
-    chromium_path: str = "/usr/bin/chromium"
-    chromedriver_path: str = "/usr/bin/chromedriver"
-    browser_args: tuple[str, ...] = ()
-    user_agent: str | None = None
-    download_workers: int = Field(8, ge=1, le=64)
-    max_requests_per_second: float = Field(10.0, ge=0, description="per host; 0 disables the limit")
-    retries: int = Field(3, ge=0, le=10, description="retries of 5xx, 429 and timeouts; 404 is never retried")
-    backoff_s: float = Field(0.5, ge=0)
-    timeout_s: float = Field(20.0, gt=0)
-    max_image_bytes: int = Field(20_000_000, gt=0)
-    retry_gone: bool = Field(False, description="fetch again URLs that answered 404/410 in an earlier run")
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
-
-    @field_validator("listing_path")
-    @classmethod
-    def _listing_path(cls, v: str) -> str:
-        if "{page}" not in v:
-            raise ValueError("must contain {page}")
-        return v
-
-    def listing_url(self, page: int) -> str:
-        return self.base_url + self.listing_path.format(tag=self.tag, page=page)
-
-
-class ConvertConfig(StrictModel):
-    """Decoding of downloaded bytes into the RGB JPEG dataset."""
-
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    background: tuple[int, int, int] = (255, 255, 255)
-    max_image_pixels: int = Field(
-        16_000_000, gt=0, description="decompression-bomb limit: larger images are quarantined"
-    )
-
-    @field_validator("background")
-    @classmethod
-    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(not 0 <= c <= 255 for c in v):
-            raise ValueError("each channel must be in 0..255")
-        return v
 
 
 class PipelineConfig(StrictModel):
@@ -94,6 +36,10 @@ class PipelineConfig(StrictModel):
     crawl: CrawlConfig = CrawlConfig()
     convert: ConvertConfig = ConvertConfig()
     caption: CaptionConfig = CaptionConfig()
+    vae: VAETrainConfig = Field(VAETrainConfig(), description="used only when encode.vae.model_id = 'trained'")
+    encode: EncodeStageConfig = EncodeStageConfig()
+    train: TrainStageConfig = TrainStageConfig()
+    sample: SampleConfig = SampleConfig()
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -126,20 +72,39 @@ def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A config preset shipped with the package (``demo``: the embedded offline default)."""
+    return tomllib.loads(resources.files("sd_core.presets").joinpath(f"{name}.toml").read_text("utf-8"))
+
+
 def load_config(
     path: Path | None = None,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
+    *,
+    base: dict[str, Any] | None = None,
 ) -> PipelineConfig:
-    """Build the config from an optional TOML file, then dotted overrides, then ``KEY=VALUE`` strings."""
-    tree: dict[str, Any] = {}
+    """Build the config from ``base`` (a preset), an optional TOML file over it, then dotted
+    overrides, then ``KEY=VALUE`` strings."""
+    tree: dict[str, Any] = dict(base or {})
     if path is not None:
-        try:
-            tree = tomllib.loads(Path(path).read_text("utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        tree = _merge(tree, _read_toml(path))
     for key, value in (overrides or {}).items():
         if value is not None:
             apply_override(tree, key, value)
@@ -155,12 +120,17 @@ def load_config(
 
 
 def config_to_toml(cfg: BaseModel) -> str:
-    """Render a config as TOML (enough for these flat-ish models) so a run records what it used."""
-    data = json.loads(cfg.model_dump_json(exclude_none=True))
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    out = [f"{k} = {json.dumps(v)}" for k, v in scalars.items()]
-    for name, table in tables.items():
-        out.append(f"\n[{name}]")
-        out.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
-    return "\n".join(out) + "\n"
+    """Render a config as TOML (tables for nested models) so a run can record what it used."""
+    lines: list[str] = []
+    _emit_table(json.loads(cfg.model_dump_json(exclude_none=True)), [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _emit_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    if path and scalars:
+        lines.append(f"\n[{'.'.join(path)}]")
+    lines.extend(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in scalars.items())
+    for k, v in table.items():
+        if isinstance(v, dict):
+            _emit_table(v, [*path, k], lines)

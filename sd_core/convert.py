@@ -14,20 +14,36 @@ from dataclasses import dataclass, field
 from collections import Counter
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from sd_core.catalog import Catalog
-from sd_core.config import ConvertConfig
+from sd_core.strict import StrictModel
 from sd_core.crawl.ledger import ImageRecord, Ledger
+from sd_core.dataset import write_metadata
 from sd_core.fsio import (
     atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, stable_hash, sweep_temp_files,
 )
 
 CODE_VERSION = 1
-METADATA_COLUMNS = (
-    "file_name", "image_url", "image_title", "tag", "md5", "width", "height", "source_format", "animated",
-)
 _SAVE_EVERY = 50
+
+
+class ConvertConfig(StrictModel):
+    """Decoding of downloaded bytes into the RGB JPEG dataset."""
+
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_image_pixels: int = Field(
+        16_000_000, gt=0, description="decompression-bomb limit: larger images are quarantined"
+    )
+
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in v):
+            raise ValueError("each channel must be in 0..255")
+        return v
 
 
 class QuarantineError(ValueError):
@@ -207,42 +223,6 @@ def _done(item: dict | None, catalog: Catalog) -> bool:
     if "quarantined" in item:
         return True
     return catalog.image_path(item["file_name"]).exists()
-
-
-def read_metadata(catalog: Catalog) -> list[dict[str, str]]:
-    try:
-        with open(catalog.metadata_csv, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
-
-
-def write_metadata(catalog: Catalog, rows: list[dict[str, object]]) -> None:
-    """Write metadata.csv atomically, keeping columns later stages added (e.g. ``prompt``) by md5."""
-    previous = {r["md5"]: r for r in read_metadata(catalog) if r.get("md5")}
-    extra = [c for c in (next(iter(previous.values())).keys() if previous else []) if c not in METADATA_COLUMNS]
-    columns = [*METADATA_COLUMNS, *extra]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        old = previous.get(str(row["md5"]), {})
-        writer.writerow({**{c: old.get(c, "") for c in extra}, **row})
-    atomic_write_text(catalog.metadata_csv, buf.getvalue())
-
-
-def update_metadata(catalog: Catalog, columns: dict[str, dict[str, object]]) -> None:
-    """Set per-row columns (by md5) in metadata.csv, atomically; rows not named keep their values."""
-    rows = read_metadata(catalog)
-    names = list(rows[0].keys()) if rows else list(METADATA_COLUMNS)
-    for values in columns.values():
-        names.extend(k for k in values if k not in names)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n", restval="")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**row, **columns.get(row["md5"], {})})
-    atomic_write_text(catalog.metadata_csv, buf.getvalue())
 
 
 def _write_csv(path, header: tuple[str, ...], rows: list[tuple]) -> None:

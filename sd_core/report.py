@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sd_core.catalog import Catalog
-from sd_core.convert import read_metadata
+from sd_core.dataset import read_metadata
 from sd_core.fsio import atomic_write_text
 from sd_core.stages import StageResult
 

@@ -8,7 +8,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sd_core.catalog import Catalog
-from sd_core.config import ConvertConfig, CrawlConfig
+from sd_core.convert import ConvertConfig
+from sd_core.crawl.settings import CrawlConfig
 from sd_core.convert import convert_dataset, stage_key
 from sd_core.crawl import Listing, download_new, list_site
 from sd_core.crawl.browser import BrowserError

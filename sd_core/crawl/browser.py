@@ -16,7 +16,7 @@ from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
-from sd_core.config import CrawlConfig
+from sd_core.crawl.settings import CrawlConfig
 
 BASE_ARGS = (
     "--headless=new",

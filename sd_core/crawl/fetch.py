@@ -14,7 +14,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from sd_core.config import CrawlConfig
+from sd_core.crawl.settings import CrawlConfig
 from sd_core.fsio import md5_bytes
 
 USER_AGENT = "emoji-sd/0.1 (+https://github.com/emoji-sd/emoji-sd)"

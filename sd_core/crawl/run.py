@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sd_core.catalog import Catalog
-from sd_core.config import CrawlConfig
+from sd_core.crawl.settings import CrawlConfig
 from sd_core.crawl.browser import make_driver, walk_listing
 from sd_core.crawl.fetch import Fetcher, FetchResult
 from sd_core.crawl.ledger import Ledger

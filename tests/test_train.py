@@ -1,0 +1,181 @@
+"""The trainer on a tiny synthetic data set: learning, held-out loss, caption dropout, EMA, loss options."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from sd_core.pairs import InMemoryPairs, split_ids, synthetic_pairs
+from sd_core.train import EMA, CosineLR, TrainConfig, Trainer, read_metrics
+from tiny_diffusion import one_torch_thread, tiny_train_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pairs() -> InMemoryPairs:
+    return synthetic_pairs(40)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, pairs: InMemoryPairs) -> tuple[Trainer, object]:
+    out = tmp_path_factory.mktemp("train")
+    cfg = tiny_train_config(steps=60, caption_dropout=0.1, val_every=20, save_every=30)
+    trainer = Trainer(cfg, pairs, out, progress=False)
+    return trainer, trainer.train()
+
+
+def test_loss_decreases_and_held_out_loss_is_logged(trained: tuple[Trainer, object]) -> None:
+    trainer, result = trained
+    rows = read_metrics(trainer.metrics_csv)
+    assert [int(r["step"]) for r in rows] == list(range(1, 61))
+    train = [float(r["train_loss"]) for r in rows]
+    first, last = sum(train[:10]) / 10, sum(train[-10:]) / 10
+    print(f"train loss: first 10 steps {first:.3f}, last 10 steps {last:.3f}")
+    assert last < 0.7 * first
+
+    val = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
+    ema_val = {int(r["step"]): float(r["ema_val_loss"]) for r in rows if r["ema_val_loss"]}
+    assert sorted(val) == sorted(ema_val) == [20, 40, 60]
+    assert all(math.isfinite(v) for v in [*val.values(), *ema_val.values()])
+    assert val[60] < val[20]
+    assert result.val_loss == pytest.approx(val[60])
+    assert float(rows[0]["lr"]) == pytest.approx(1e-3) and float(rows[-1]["lr"]) < 1.1e-4
+    assert float(rows[-1]["seconds"]) > 0
+
+
+def test_run_writes_metrics_curve_checkpoints_and_export(trained: tuple[Trainer, object]) -> None:
+    trainer, result = trained
+    out = trainer.out_dir
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "step,train_loss,val_loss,ema_val_loss,lr,seconds"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-0000030", "checkpoint-0000060", "latest"]
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert result.export_dir == out / "model"
+
+
+def test_held_out_loss_is_fixed_noise_and_timesteps(trained: tuple[Trainer, object]) -> None:
+    trainer, _ = trained
+    before = trainer.generator.get_state()
+    assert trainer.evaluate() == trainer.evaluate()
+    assert torch.equal(trainer.generator.get_state(), before)
+    assert trainer._val.t.unique().numel() == trainer.config.val_repeats
+
+
+def _count_empty_captions(trainer: Trainer) -> list[tuple[int, int]]:
+    """(rows, rows with the empty caption) of each training forward."""
+    seen: list[tuple[int, int]] = []
+    empty = trainer.empty_text
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if module.training:
+            ctx = args[2]
+            is_empty = (ctx.cpu() == empty).flatten(1).all(dim=1)
+            seen.append((ctx.shape[0], int(is_empty.sum())))
+
+    trainer.net.register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_caption_dropout_uses_empty_embedding_at_rate(tmp_path, pairs: InMemoryPairs, p: float) -> None:
+    steps = 40 if p == 0.5 else 3
+    trainer = Trainer(tiny_train_config(steps=steps, caption_dropout=p), pairs, tmp_path, progress=False)
+    seen = _count_empty_captions(trainer)
+    trainer.train()
+    rows, dropped = sum(r for r, _ in seen), sum(d for _, d in seen)
+    assert rows == steps * 8
+    print(f"caption dropout {p}: {dropped}/{rows} empty")
+    if p == 0.5:
+        assert 0.4 < dropped / rows < 0.6  # 320 draws: ±0.1 is > 3.5 standard deviations
+    else:
+        assert dropped == round(p * rows)
+
+
+def test_ema_differs_from_raw_weights_and_tracks_them(tmp_path, pairs: InMemoryPairs) -> None:
+    trainer = Trainer(tiny_train_config(steps=30, ema_decay=0.9), pairs, tmp_path, progress=False)
+    init = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}
+    trainer.train()
+    raw = {n: p.detach() for n, p in trainer.net.named_parameters()}
+    ema = trainer.ema.state_dict()
+    dist = lambda a, b: sum(float((a[n] - b[n]).pow(2).sum()) for n in raw) ** 0.5  # noqa: E731
+    assert trainer.ema.num_updates == 30
+    assert dist(ema, raw) > 0
+    assert dist(ema, raw) < 0.5 * dist(init, raw)
+
+
+def test_ema_update_rule() -> None:
+    lin = torch.nn.Linear(2, 1)
+    ema = EMA(lin, decay=0.9, warmup=False)
+    start = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update()
+    torch.testing.assert_close(ema.shadow["weight"], 0.9 * start + 0.1 * lin.weight.detach())
+    warm = EMA(lin, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)
+
+
+def test_min_snr_weights_lower_the_loss_and_noise_offset_runs(tmp_path, pairs: InMemoryPairs) -> None:
+    def first_loss(**kw: object) -> list[float]:
+        out = tmp_path / "_".join(f"{k}{v}" for k, v in kw.items())
+        t = Trainer(tiny_train_config(steps=3, **kw), pairs, out, progress=False)
+        t.train()
+        return [float(r["train_loss"]) for r in read_metrics(t.metrics_csv)]
+
+    plain, snr = first_loss(), first_loss(min_snr_gamma=5.0)
+    offset = first_loss(noise_offset=0.1, min_snr_gamma=1.0)
+    assert all(math.isfinite(v) for v in plain + snr + offset)
+    assert snr[0] < plain[0]  # same model and draws, weights min(snr, γ)/snr ≤ 1
+
+
+def test_cosine_lr() -> None:
+    lr = CosineLR(1e-4, 1e-5, total=100, warmup=10)
+    assert lr(0) == pytest.approx(1e-5)
+    assert lr(9) == pytest.approx(1e-4)
+    assert lr(10) == pytest.approx(1e-4)
+    assert lr(55) == pytest.approx(5.5e-5)
+    assert lr(100) == pytest.approx(1e-5)
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValidationError, match="exactly one of steps and epochs"):
+        TrainConfig(steps=10, epochs=2)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        TrainConfig(stepz=10)
+    with pytest.raises(ValidationError):
+        TrainConfig(mixed_precision="fp16")
+    assert TrainConfig(epochs=3).steps is None
+
+
+def test_epochs_set_the_length(tmp_path, pairs: InMemoryPairs) -> None:
+    cfg = tiny_train_config(steps=None, epochs=2)
+    trainer = Trainer(cfg, pairs, tmp_path, progress=False)
+    assert trainer.total_steps == 2 * (len(trainer.train_items) // 8)
+    first = trainer.epoch_order(0)
+    assert sorted(first) == sorted(trainer.train_items) and first != trainer.epoch_order(1)
+
+
+def test_batch_larger_than_the_train_split_is_refused(tmp_path, pairs: InMemoryPairs) -> None:
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        Trainer(tiny_train_config(batch_size=64), pairs, tmp_path, progress=False)
+
+
+def test_split_is_stable_disjoint_and_survives_growth() -> None:
+    ids = [f"{i:032x}" for i in range(1000)]
+    train, val = split_ids(ids, 0.1, seed=42)
+    assert not set(train) & set(val) and len(train) + len(val) == 1000
+    assert 70 < len(val) < 130
+    grown_train, grown_val = split_ids(ids + [f"new{i}" for i in range(200)], 0.1, seed=42)
+    assert {ids[i] for i in val} <= {(ids + [f"new{i}" for i in range(200)])[i] for i in grown_val}
+    assert split_ids(ids, 0.1, seed=42) == (train, val)
+    assert split_ids(ids, 0.1, seed=7) != (train, val)
+    assert len(split_ids(ids[:5], 0.1)[1]) == 1

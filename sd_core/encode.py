@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,7 +41,10 @@ TEXT_FORMAT = 1
 LATENT_STORE_DTYPE = torch.float32
 TEXT_STORE_DTYPE = torch.float16
 EMPTY_PROMPT = ""
-_WEIGHT_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".bin")
+_MODEL_FILES = re.compile(
+    r"^(config\.json|.*\.safetensors(\.index\.json)?|tokenizer.*\.json|vocab\.(json|txt)|merges\.txt"
+    r"|special_tokens_map\.json|added_tokens\.json|.*\.model)$"
+)
 
 DType = Literal["auto", "float32", "bfloat16"]
 
@@ -127,7 +131,7 @@ def _local_folder(model_id: str, subfolder: str | None) -> Path | None:
 
 
 def weights_fingerprint(model_id: str, *subfolders: str | None) -> str | None:
-    """Hash of the config, tokenizer and weight files of a local model folder; None for a hub id.
+    """Hash of the config, weight and tokenizer files of a local model folder; None for a hub id.
 
     A hub id is identified by its name and revision; a local folder can be overwritten in place
     (a retrained default VAE), so its content is part of every key. Hashes are cached by file
@@ -139,7 +143,7 @@ def weights_fingerprint(model_id: str, *subfolders: str | None) -> str | None:
         if folder is None:
             continue
         for p in sorted(folder.iterdir()):
-            if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES):
+            if p.is_file() and _MODEL_FILES.match(p.name):
                 st = p.stat()
                 signature.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
     if not signature:

@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="scheduled", help="deployment name")
     serve.add_argument("--until", choices=STAGES, default=STAGES[-1])
 
+    sample = sub.add_parser("sample", help="draw emoji from a trained model")
+    _config_args(sample, site=False)
+    sample.add_argument("--data-dir", type=Path, default=None, help="use this data dir's latest trained model")
+    sample.add_argument("--model", type=Path, help="a model folder (scratch export or diffusers SD folder)")
+    sample.add_argument("--prompt", action="append", required=True, help="text to draw (repeatable)")
+    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    sample.add_argument("--steps", type=int, default=50)
+    sample.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddim")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--n", type=int, default=4, help="images per prompt")
+    sample.add_argument("--sweep", type=float, nargs="*", default=[], help="also a grid over these guidance scales")
+    sample.add_argument("--out", type=Path, default=Path("grid.png"), help="grid PNG (images go beside it)")
+
     status = sub.add_parser("status", help="show per stage what is cached, stale or missing")
     _config_args(status)
 
@@ -97,7 +110,8 @@ def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         progress=not args.no_progress, wait_for_lock=args.wait_for_lock,
     )
     print("\n".join(r.line() for r in results))
-    print(f"dataset: {cfg.data_dir.resolve() / 'metadata.csv'}")
+    print(f"dataset: {cfg.data_dir / 'metadata.csv'}")
+    print(f"report:  {cfg.data_dir / 'report.html'}")
     return 0
 
 
@@ -125,6 +139,31 @@ def _status(cfg: PipelineConfig) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    import shutil
+
+    from sd_core.catalog import Catalog
+    from sd_core.model_stages import latest_run
+    from sd_core.sampling import SampleConfig, sample_to_folder
+
+    model = args.model
+    if model is None:
+        data_dir = args.data_dir or _load(args, {}).data_dir
+        run = latest_run(Catalog(data_dir))
+        if run is None:
+            raise FileNotFoundError(f"no trained model in {data_dir}: pass --model or run the train stage")
+        model = run / "model"
+    cfg = SampleConfig(prompts=tuple(args.prompt), guidance_scale=args.guidance, steps=args.steps,
+                       scheduler=args.scheduler, seed=args.seed, images_per_prompt=args.n,
+                       guidance_sweep=tuple(args.sweep))
+    out_dir = args.out.with_suffix("")
+    result = sample_to_folder(model, cfg, out_dir)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.grid, args.out)
+    print(f"grid: {args.out}\nimages: {out_dir / 'images'}" + (f"\nsweep: {result.guidance_sweep}" if result.guidance_sweep else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -133,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return _demo(args)
+        if args.command == "sample":
+            return _sample(args)
         cfg = _load(args, {})
         if args.command == "status":
             return _status(cfg)

@@ -15,7 +15,7 @@ from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_
 from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task, vae_task
 from tasks.fanout import gather
 from tasks.ingest import convert_task, download_task, list_site_task
-from tasks.train import sample_task, train_task
+from tasks.train import report_task, sample_task, train_task
 
 Runner = Callable[[PipelineConfig, bool, bool], StageResult]
 
@@ -80,4 +80,6 @@ def pipeline(
         results = [skipped_stage(catalog, s, "not selected") for s in STAGES[:first]]
         for stage in selected:
             results.append(RUNNERS[stage](config, progress, stage in (force or [])))
+        results += [skipped_stage(catalog, s, "not selected") for s in STAGES[STAGES.index(selected[-1]) + 1:]]
+        report_task(config.data_dir, results)
     return results

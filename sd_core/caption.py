@@ -100,7 +100,7 @@ class CaptionConfig(StrictModel):
     def cache_key(self) -> dict[str, Any]:
         """The fields that determine a caption, for keying a per-item cache."""
         if self.captioner == "offline":
-            return {"captioner": "offline", "version": OFFLINE_VERSION}
+            return {"captioner": "offline", "version": OFFLINE_VERSION, "prompt_version": self.prompt_version}
         prompt = hashlib.sha256((self.prompt_template + RETRY_SUFFIX).encode()).hexdigest()[:16]
         return {
             "captioner": self.captioner,

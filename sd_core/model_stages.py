@@ -146,3 +146,15 @@ def run_sampling(cfg: SampleConfig, catalog: Catalog, *, force: bool = False) ->
     atomic_write_json(catalog.samples_dir / "samples_key.json", {"key": key, "run": run.name})
     return {"status": "ran", "prompts": len(cfg.prompts), "images": sum(len(r) for r in result.images),
             "grid": str(result.grid)}
+
+
+def report_figures(catalog: Catalog) -> list[tuple[Path, str]]:
+    """The pictures worth a look after a run, with captions, where they exist."""
+    figs = [(catalog.vae_dir / "reconstructions.png", "the dataset's VAE: originals (top) and reconstructions")]
+    run = latest_run(catalog)
+    if run is not None:
+        figs.append((run / "loss_curve.png", "training loss and held-out loss (fixed timesteps and noise)"))
+        figs.extend((p, f"validation samples at {p.stem}") for p in sorted((run / "samples").glob("step-*.png")))
+    figs.append((catalog.samples_dir / "grid.png", "samples per prompt (columns: seeds)"))
+    figs.append((catalog.samples_dir / "guidance_sweep.png", "classifier-free guidance sweep"))
+    return figs

@@ -1,23 +1,27 @@
 """What each stage has on disk: cached (its record matches the inputs and settings now),
-stale (something upstream or in its settings changed), or missing (never ran)."""
+stale (its settings or something upstream changed), missing (never ran) or unused."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from sd_core import caption_stage, convert
+from sd_core import caption_stage, convert, encode_stage, model_stages
 from sd_core.catalog import Catalog
 from sd_core.config import STAGES, PipelineConfig
 from sd_core.crawl.ledger import Ledger
 from sd_core.stages import load_stage
 
-State = Literal["cached", "stale", "missing"]
+State = Literal["cached", "stale", "missing", "unused"]
 
 # Key of each stage as it would be computed now; crawl has none (its input is the live site).
 KEY_NOW: dict[str, Callable[[PipelineConfig, Catalog], str]] = {
     "convert": lambda cfg, cat: convert.stage_key(cfg.convert, cat),
     "caption": lambda cfg, cat: caption_stage.stage_key(cfg.caption, cat),
+    "vae": lambda cfg, cat: model_stages.vae_key(cfg.vae),
+    "encode": lambda cfg, cat: encode_stage.stage_key(encode_stage.resolve(cfg.encode, cat), cat),
+    "train": lambda cfg, cat: model_stages.train_key(cfg.train, encode_stage.resolve(cfg.encode, cat), cat),
+    "sample": lambda cfg, cat: model_stages.sample_key(cfg.sample, cat),
 }
 
 
@@ -30,11 +34,16 @@ class StageState:
 
 def stage_status(cfg: PipelineConfig) -> list[StageState]:
     catalog = Catalog(cfg.data_dir)
-    rows = []
+    rows: list[StageState] = []
+    upstream_changed = False
     for stage in STAGES:
+        if stage == "vae" and not encode_stage.uses_trained_vae(cfg.encode):
+            rows.append(StageState(stage, "unused", f"pretrained VAE {cfg.encode.vae.model_id}"))
+            continue
         record = load_stage(catalog, stage)
         if record is None:
             rows.append(StageState(stage, "missing", "never ran in this data dir"))
+            upstream_changed = True
             continue
         when = f"last {record.status} {record.finished_at}"
         if stage == "crawl":
@@ -43,7 +52,11 @@ def stage_status(cfg: PipelineConfig) -> list[StageState]:
             detail = f"{c['images']} unique images from {c['ok']} URLs ({c['gone']} gone, {c['failed']} failed); {when}"
             rows.append(StageState(stage, "cached", detail + "; the site itself is checked on the next run"))
             continue
-        fresh = KEY_NOW[stage](cfg, catalog) == record.key
+        try:
+            fresh = not upstream_changed and KEY_NOW[stage](cfg, catalog) == record.key
+        except (FileNotFoundError, RuntimeError):  # its inputs are not there (yet)
+            fresh = False
+        upstream_changed = upstream_changed or not fresh
         detail = ", ".join(f"{k}={v}" for k, v in record.summary.items() if v not in ({}, None))
         rows.append(StageState(stage, "cached" if fresh else "stale", f"{detail}; {when}"))
     return rows

@@ -40,3 +40,15 @@ def sample_task(cfg: SampleConfig, data_dir: Path, force: bool = False) -> Stage
                           ran=status == "ran")
     get_run_logger().info(result.line())
     return result
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(data_dir: Path, results: list[StageResult]) -> Path:
+    """Write report.html: stages, dataset with captions, VAE reconstructions, loss curve, samples."""
+    from sd_core.model_stages import report_figures
+    from sd_core.report import write_report
+
+    catalog = Catalog(data_dir)
+    path = write_report(catalog, results, figures=report_figures(catalog))
+    get_run_logger().info("report: %s", path)
+    return path

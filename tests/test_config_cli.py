@@ -60,6 +60,6 @@ def test_config_command_prints_loadable_toml(tmp_path, capsys):
 
 
 def test_every_command_has_help():
-    for cmd in ([], ["run"], ["demo"], ["config"]):
+    for cmd in ([], ["run"], ["demo"], ["config"], ["sample"], ["status"], ["serve"]):
         r = subprocess.run([sys.executable, "-m", "flows.cli", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: emoji-sd" in r.stdout

@@ -79,7 +79,7 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
     from flows.pipeline import pipeline
 
     cfg = config(site, tmp_path)
-    crawl, convert = pipeline(cfg, until="convert", progress=False)
+    crawl, convert = pipeline(cfg, until="convert", progress=False)[:2]
     cat = Catalog(tmp_path)
     cases = site.cases
 
@@ -133,7 +133,7 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
     # A second run with nothing new fetches nothing and redoes nothing.
     before = {p: p.read_bytes() for p in cat.images_dir.iterdir()}
     site.reset_counts()
-    crawl2, convert2 = pipeline(cfg, until="convert", progress=False)
+    crawl2, convert2 = pipeline(cfg, until="convert", progress=False)[:2]
     assert site.total_image_gets() == 0 and not site.browser_image_gets
     assert (crawl2.status, convert2.status) == ("reused", "reused")
     assert {p: p.read_bytes() for p in cat.images_dir.iterdir()} == before
@@ -146,7 +146,7 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
         for i, c in enumerate([GREEN, YELLOW, RED, BLUE, PURPLE])
     ]
     site.prepend(new)
-    crawl3, convert3 = pipeline(cfg, until="convert", progress=False)
+    crawl3, convert3 = pipeline(cfg, until="convert", progress=False)[:2]
     assert dict(site.image_gets) == {it.path: 1 for it in new}
     assert crawl3.summary["pages"] == 4 and crawl3.summary["new_images"] == 5 and crawl3.summary["duplicates"] == 0
     assert convert3.summary["converted"] == 5

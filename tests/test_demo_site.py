@@ -196,3 +196,16 @@ def test_growth_items_are_new(items60: list[SiteItem]) -> None:
         s.prepend(growth)
         assert s.n_pages == 2
         assert _api(s, 1)["items"][0]["src"] == growth[0].path
+
+
+def test_fixed_port_is_kept_and_a_taken_port_falls_back() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with DemoSite([], port=port) as first:
+        assert first.base_url == f"http://127.0.0.1:{port}"
+        with DemoSite([], port=port) as second:
+            assert second.base_url != first.base_url
+            assert requests.get(second.listing_url(1), timeout=5).ok

@@ -164,12 +164,16 @@ class DemoSite:
         tag: str = "Blobs",
         per_page: int = 36,
         render_delay_ms: int = 200,
+        port: int = 0,
     ) -> None:
+        """``port`` 0 picks a free one; a fixed port keeps image URLs stable between runs (when it is
+        taken, a free port is used instead)."""
         if per_page < 1:
             raise ValueError("per_page must be >= 1")
         self.tag = tag
         self.per_page = per_page
         self.render_delay_ms = render_delay_ms
+        self.port = port
         self._lock = threading.Lock()
         self._items: list[SiteItem] = []
         self._by_path: dict[str, SiteItem] = {}
@@ -185,10 +189,13 @@ class DemoSite:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> DemoSite:
-        """Bind a free port and start serving; returns self."""
+        """Bind the port (or a free one) and start serving; returns self."""
         if self._server is not None:
             raise RuntimeError("DemoSite already started")
-        server = _Server(("127.0.0.1", 0), _Handler)
+        try:
+            server = _Server(("127.0.0.1", self.port), _Handler)
+        except OSError:
+            server = _Server(("127.0.0.1", 0), _Handler)
         server.site = self
         self._server = server
         self._thread = threading.Thread(

@@ -32,6 +32,22 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def api(method: str, url: str, **kw):
+    """One call to the Prefect API: a 5xx or a dropped connection (the server's SQLite is busy while its
+    scheduler writes) is retried a few times; any other failure stops the test with the server's answer."""
+    for attempt in range(5):
+        try:
+            r = requests.request(method, url, timeout=10, **kw)
+        except requests.ConnectionError:
+            if attempt == 4:
+                raise
+        else:
+            if r.status_code < 500 or attempt == 4:
+                assert r.ok, f"{method} {url} -> {r.status_code}: {r.text[:1000]}"
+                return r.json()
+        time.sleep(1 + attempt)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -52,27 +68,27 @@ def prefect_server(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
+    base = f"http://127.0.0.1:{port}/api"
 
     def healthy() -> bool:
         try:
-            return requests.get(f"{api}/health", timeout=2).ok
+            return requests.get(f"{base}/health", timeout=2).ok
         except requests.RequestException:
             return False
 
     try:
         wait_for(healthy, 180, "the Prefect server")
-        yield api, env
+        yield base, env
     finally:
         stop(proc)
         log.close()
 
 
 def test_serve_creates_scheduled_runs_and_a_triggered_run_completes(prefect_server, tmp_path):
-    api, env = prefect_server
+    url, env = prefect_server
     data_dir = tmp_path / "data"
     with DemoSite(build_demo_items(20, seed=5), per_page=8) as site:
-        serve_env = {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+        serve_env = {**env, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
         log = open(tmp_path / "serve.log", "w")
         serve = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--cron", "*/5 * * * *", "--name", "nightly",
@@ -82,7 +98,7 @@ def test_serve_creates_scheduled_runs_and_a_triggered_run_completes(prefect_serv
         )
         try:
             def deployment():
-                r = requests.post(f"{api}/deployments/filter", json={}, timeout=5).json()
+                r = api("POST", f"{url}/deployments/filter", json={})
                 return next((d for d in r if d["name"] == "nightly"), None)
 
             dep = wait_for(deployment, 120, "the deployment")
@@ -90,18 +106,17 @@ def test_serve_creates_scheduled_runs_and_a_triggered_run_completes(prefect_serv
             assert dep["concurrency_limit"] == 1 or (dep.get("global_concurrency_limit") or {}).get("limit") == 1
 
             def scheduled():
-                runs = requests.post(f"{api}/flow_runs/filter", json={
+                return api("POST", f"{url}/flow_runs/filter", json={
                     "deployments": {"id": {"any_": [dep["id"]]}},
                     "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
-                }, timeout=5).json()
-                return runs
+                })
 
             assert len(wait_for(scheduled, 90, "scheduled runs")) >= 1
 
-            run = requests.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=5).json()
+            run = api("POST", f"{url}/deployments/{dep['id']}/create_flow_run", json={})
 
             def finished():
-                state = requests.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
+                state = api("GET", f"{url}/flow_runs/{run['id']}")["state"]
                 return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
             state = wait_for(finished, 240, "the triggered run", interval=1)

@@ -1,0 +1,86 @@
+"""Two runs on one data directory: the second stops with a clear message, or waits; a killed run
+leaves the directory free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from sd_core.fsio import DataDirBusy, data_dir_lock
+
+HOLDER = """
+import sys
+from sd_core.fsio import data_dir_lock
+with data_dir_lock(sys.argv[1]):
+    print("holding", flush=True)
+    sys.stdin.readline()  # hold until the test writes a line (or kills us)
+"""
+
+
+@pytest.fixture()
+def holder(tmp_path: Path):
+    """Another process holding the lock of ``tmp_path / "data"``."""
+    data_dir = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(data_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    yield data_dir, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def release(proc: subprocess.Popen) -> None:
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.wait(10)
+
+
+def test_second_run_stops_naming_the_holder(holder) -> None:
+    data_dir, proc = holder
+    with pytest.raises(DataDirBusy) as err:
+        with data_dir_lock(data_dir):
+            pytest.fail("entered a data dir another process holds")
+    assert f"pid {proc.pid}" in str(err.value) and "--wait-for-lock" in str(err.value)
+    release(proc)
+    with data_dir_lock(data_dir):  # free once the other run is done
+        pass
+
+
+def test_waiting_run_enters_when_the_first_finishes(holder) -> None:
+    data_dir, proc = holder
+    entered = threading.Event()
+
+    def second_run() -> None:
+        with data_dir_lock(data_dir, wait=True):
+            entered.set()
+
+    t = threading.Thread(target=second_run, daemon=True)
+    t.start()
+    assert not entered.wait(1.0)  # still held by the other process
+    release(proc)
+    assert entered.wait(10)
+    t.join(10)
+
+
+def test_killed_run_leaves_the_data_dir_free(holder) -> None:
+    data_dir, proc = holder
+    proc.kill()
+    proc.wait(10)
+    with data_dir_lock(data_dir):
+        assert (data_dir / ".emoji-sd.lock").read_text().strip().startswith("pid ")
+
+
+def test_cli_run_on_a_busy_data_dir_exits_3_with_the_reason(holder, prefect_harness, capsys) -> None:
+    from flows.cli import main
+
+    data_dir, proc = holder
+    code = main(["run", "--data-dir", str(data_dir), "--only", "convert", "--no-progress"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "in use by another emoji-sd run" in err and f"pid {proc.pid}" in err
+    assert not (data_dir / "metadata.csv").exists()  # nothing was touched

@@ -31,10 +31,25 @@ def _rel(path: Path, root: Path) -> str:
 def _stage_rows(results: Sequence[StageResult]) -> str:
     rows = []
     for r in results:
-        details = ", ".join(f"{k}={v}" for k, v in r.summary.items() if v not in ({}, None, ""))
+        details = _details(r)
         rows.append(f"<tr><td>{r.stage}</td><td class='{r.status}'>{r.status}</td>"
                     f"<td>{r.seconds:.1f}s</td><td>{html.escape(details)}</td></tr>")
     return "<table><tr><th>stage</th><th>status</th><th>time</th><th>what it did</th></tr>" + "".join(rows) + "</table>"
+
+
+def _details(r: StageResult) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r.summary.items() if v not in ({}, None, ""))
+
+
+def stages_markdown(catalog: Catalog, results: Sequence[StageResult]) -> str:
+    """What each stage did as a Markdown table, with where the dataset and report are (shown in the
+    Prefect UI as the flow run's artifact)."""
+    lines = ["| stage | status | time | what it did |", "| --- | --- | --- | --- |"]
+    for r in results:
+        details = _details(r).replace("|", "\\|")
+        lines.append(f"| {r.stage} | **{r.status}** | {r.seconds:.1f} s | {details} |")
+    lines += ["", f"dataset: `{catalog.metadata_csv}`", "", f"report: `{catalog.report_html}`"]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from sd_core.catalog import Catalog
@@ -46,9 +47,11 @@ def sample_task(cfg: SampleConfig, data_dir: Path, force: bool = False) -> Stage
 def report_task(data_dir: Path, results: list[StageResult]) -> Path:
     """Write report.html: stages, dataset with captions, VAE reconstructions, loss curve, samples."""
     from sd_core.model_stages import report_figures
-    from sd_core.report import write_report
+    from sd_core.report import stages_markdown, write_report
 
     catalog = Catalog(data_dir)
     path = write_report(catalog, results, figures=report_figures(catalog))
+    create_markdown_artifact(stages_markdown(catalog, results), key="emoji-sd-stages",
+                             description=f"what each stage of the pipeline did in {catalog.root}")
     get_run_logger().info("report: %s", path)
     return path

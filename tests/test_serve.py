@@ -1,4 +1,5 @@
-"""Scheduled runs: a real Prefect server on 127.0.0.1 and `emoji-sd serve` as a deployment."""
+"""Scheduled runs: a real Prefect server on 127.0.0.1 and `emoji-sd serve` as a deployment; what each
+stage did is readable from the server (the UI's artifacts)."""
 
 from __future__ import annotations
 
@@ -123,6 +124,14 @@ def test_serve_creates_scheduled_runs_and_a_triggered_run_completes(prefect_serv
             assert state["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
             assert (data_dir / "metadata.csv").exists()
             assert site.total_image_gets() == 20
+
+            # what each stage did is in the UI, as the run's artifact
+            arts = api("POST", f"{url}/artifacts/filter",
+                       json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["emoji-sd-stages"]}}})
+            assert len(arts) == 1 and arts[0]["type"] == "markdown"
+            table = arts[0]["data"]
+            assert "| crawl | **ran** |" in table and "| convert | **ran** |" in table
+            assert "| caption | **skipped** |" in table and str(data_dir / "report.html") in table
         finally:
             stop(serve)
             log.close()

@@ -58,7 +58,8 @@ class VAEConfig(StrictModel):
     resolution: int = Field(64, ge=8, multiple_of=8)
     dtype: DType = "auto"
     batch_size: int = Field(32, ge=1)
-    flip: bool = Field(False, description="also store latents of the horizontally flipped image")
+    flip: bool = Field(False, description="also store latents of the horizontally mirrored image; training then "
+                       "mirrors each item with probability 1/2")
 
 
 class TextEncoderConfig(StrictModel):

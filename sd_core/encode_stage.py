@@ -159,9 +159,13 @@ class StorePairs:
         txt = [self.texts.get(self._tkeys[i]) for i in indices]
         if any(x is None for x in lat) or any(x is None for x in txt):
             raise RuntimeError("a cached entry disappeared or went stale during training")
-        return {
+        out = {
             "mean": torch.stack([x["mean"] for x in lat]).float(),
             "std": torch.stack([x["std"] for x in lat]).float(),
             "text": torch.stack([x["last_hidden_state"] for x in txt]).float(),
             "mask": torch.stack([x["attention_mask"] for x in txt]),
         }
+        if all("mean_flip" in x for x in lat):  # encode.vae.flip: the mirrored image's distribution too
+            out["mean_flip"] = torch.stack([x["mean_flip"] for x in lat]).float()
+            out["std_flip"] = torch.stack([x["std_flip"] for x in lat]).float()
+        return out

@@ -21,6 +21,8 @@ class PairSource(Protocol):
 
     * ``mean``, ``std``: (B, 4, h, w) unscaled latent distribution; a latent is ``(mean + std·ε) · scaling_factor``
     * ``text``: (B, T, D) text-encoder ``last_hidden_state``; ``mask``: (B, T), 1 = real token
+    * optionally ``mean_flip``, ``std_flip``: (B, 4, h, w) of the horizontally mirrored image; the trainer
+      then draws each training item mirrored with probability 1/2 (held-out items are never mirrored)
     """
 
     scaling_factor: float

@@ -358,6 +358,10 @@ class Trainer:
         drop = torch.rand(b, generator=g) < cfg.caption_dropout  # (B,)
         text = torch.where(drop[:, None, None], self.empty_text, batch["text"].float())  # (B, T, D)
         mask = torch.where(drop[:, None], self.empty_mask, batch["mask"])  # (B, T)
+        if "mean_flip" in batch:  # mirrored latents are cached: each item mirrored with probability 1/2
+            flip = (torch.rand(b, generator=g) < 0.5)[:, None, None, None]  # (B, 1, 1, 1)
+            batch = {**batch, "mean": torch.where(flip, batch["mean_flip"], batch["mean"]),
+                     "std": torch.where(flip, batch["std_flip"], batch["std"])}
 
         x_t, noise = self._noisy_inputs(batch, z, noise, t)
         with self.accelerator.autocast():

@@ -117,10 +117,10 @@ def test_dask_task_runner_matches_sequential(tmp_path, prefect_harness):
     from sd_core.encode_stage import StorePairs, resolve
 
     with DemoSite(build_demo_items(24, seed=11), per_page=12) as site:
-        seq = config(site, tmp_path / "seq")
+        seq = config(site, tmp_path / "seq", "encode.vae.flip=true")
         pipeline(seq, until="encode", progress=False)
-        dsk = config(site, tmp_path / "dask", "caption.batch_size=4", "encode.vae.batch_size=4",
-                     "encode.text.batch_size=8")
+        dsk = config(site, tmp_path / "dask", "encode.vae.flip=true", "caption.batch_size=4",
+                     "encode.vae.batch_size=4", "encode.text.batch_size=8")
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
         pipeline.with_options(task_runner=runner)(dsk, until="encode", progress=False)
 
@@ -133,6 +133,6 @@ def test_dask_task_runner_matches_sequential(tmp_path, prefect_harness):
     ia, ib = pa.ids(), pb.ids()
     for m in ra:
         xa, xb = pa.batch([ia.index(m)]), pb.batch([ib.index(m)])
-        for k in ("mean", "std", "text"):
+        for k in ("mean", "std", "mean_flip", "std_flip", "text"):
             assert xa[k].shape == xb[k].shape
             assert (xa[k] - xb[k]).abs().max() < 1e-4, (m, k)

@@ -100,6 +100,44 @@ def test_caption_dropout_uses_empty_embedding_at_rate(tmp_path, pairs: InMemoryP
         assert dropped == round(p * rows)
 
 
+class MirroredPairs:
+    """``pairs`` with cached mirrored latents, as the encode stage stores them with ``encode.vae.flip``:
+    every original mean is > 0 and every mirrored one < 0, so a batch's sign says which was used."""
+
+    def __init__(self, pairs: InMemoryPairs) -> None:
+        self.inner, self.scaling_factor = pairs, pairs.scaling_factor
+        self.empty_text, self.empty_mask = pairs.empty_text, pairs.empty_mask
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def ids(self) -> list[str]:
+        return self.inner.ids()
+
+    def batch(self, indices):
+        b = self.inner.batch(indices)
+        b["mean"] = b["mean"].abs() + 1.0
+        return {**b, "mean_flip": -b["mean"], "std_flip": b["std"]}
+
+
+def test_mirrored_latents_are_drawn_for_half_the_training_items(tmp_path, pairs: InMemoryPairs) -> None:
+    seen: list[tuple[bool, torch.Tensor]] = []
+
+    class Recording(Trainer):
+        def _noisy_inputs(self, batch, z, noise, t):  # type: ignore[no-untyped-def]
+            seen.append((self.net.training, (batch["mean"] < 0).flatten(1).all(1)))  # (B,) mirrored
+            assert ((batch["mean"] > 0).flatten(1).all(1) | seen[-1][1]).all()  # whole items, never mixed
+            return super()._noisy_inputs(batch, z, noise, t)
+
+    trainer = Recording(tiny_train_config(steps=40, val_every=20), MirroredPairs(pairs), tmp_path, progress=False)
+    trainer.train()
+    train = torch.cat([m for training, m in seen if training])
+    held_out = torch.cat([m for training, m in seen if not training])
+    assert len(train) == 40 * 8 and len(held_out) > 0
+    assert 0.4 < train.float().mean() < 0.6  # 320 draws: ±0.1 is > 3.5 standard deviations
+    assert not held_out.any()  # the held-out loss is measured on the images as they are
+
+
 def test_ema_differs_from_raw_weights_and_tracks_them(tmp_path, pairs: InMemoryPairs) -> None:
     trainer = Trainer(tiny_train_config(steps=30, ema_decay=0.9), pairs, tmp_path, progress=False)
     init = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}

@@ -55,11 +55,12 @@ def main() -> None:
         full = timed(cfg, "full", site)
         rerun = timed(cfg, "rerun", site)
         cat = Catalog(cfg.data_dir)
-        before = [digests(d) for d in (cat.raw_dir, cat.images_dir, cat.latent_store)]
+        upstream = {"raw": cat.raw_dir, "images": cat.images_dir, "latents": cat.latent_store}
+        before = {name: digests(d) for name, d in upstream.items()}
         prompt = cfg.model_copy(update={"caption": cfg.caption.model_copy(update={"prompt_version": "bench-v2"})})
         timed(prompt, "prompt", site, start="caption")
-        same = [digests(d) == b for d, b in zip((cat.raw_dir, cat.images_dir, cat.latent_store), before)]
-        print(f"prompt   byte_identical raw={same[0]} images={same[1]} latents={same[2]}", flush=True)
+        print("prompt   byte_identical " + " ".join(f"{name}={digests(d) == before[name]}"
+                                                    for name, d in upstream.items()), flush=True)
         site.prepend(build_growth_items(max(1, round(args.items * args.grow)), after=args.items))
         refresh = timed(prompt, "refresh", site)
     print(f"rerun_fraction {rerun / full:.3f} refresh_fraction {refresh / full:.3f}")

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builders
 
 def demo_images(n: int) -> tuple[list[Image.Image], list[str]]:
     """``n`` demo-site emoji flattened on white, with their titles."""
-    from sd_core.convert import ConvertConfig, to_rgb_jpeg
-    from sd_core.demo_site import build_demo_items
+    from sd_core.demo.emoji_art import build_demo_items
+    from sd_core.ingest.convert import ConvertConfig, to_rgb_jpeg
 
     items = build_demo_items(n)
     cfg = ConvertConfig()

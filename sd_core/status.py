@@ -6,11 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from sd_core import caption_stage, convert, encode_stage, model_stages
-from sd_core.catalog import Catalog
+from sd_core.caption import stage as caption_stage
 from sd_core.config import STAGES, PipelineConfig
-from sd_core.crawl.ledger import Ledger
-from sd_core.stages import load_stage
+from sd_core.encode import stage as encode_stage
+from sd_core.ingest import convert
+from sd_core.ingest.ledger import Ledger
+from sd_core.sample import stage as sample_stage
+from sd_core.store.catalog import Catalog
+from sd_core.store.records import load_stage
+from sd_core.training import stage as train_stage
+from sd_core.vae import stage as vae_stage
 
 State = Literal["cached", "stale", "missing", "unused"]
 
@@ -18,10 +23,10 @@ State = Literal["cached", "stale", "missing", "unused"]
 KEY_NOW: dict[str, Callable[[PipelineConfig, Catalog], str]] = {
     "convert": lambda cfg, cat: convert.stage_key(cfg.convert, cat),
     "caption": lambda cfg, cat: caption_stage.stage_key(cfg.caption, cat),
-    "vae": lambda cfg, cat: model_stages.vae_key(cfg.vae),
+    "vae": lambda cfg, cat: vae_stage.stage_key(cfg.vae),
     "encode": lambda cfg, cat: encode_stage.stage_key(encode_stage.resolve(cfg.encode, cat), cat),
-    "train": lambda cfg, cat: model_stages.train_key(cfg.train, encode_stage.resolve(cfg.encode, cat), cat),
-    "sample": lambda cfg, cat: model_stages.sample_key(cfg.sample, cat),
+    "train": lambda cfg, cat: train_stage.stage_key(cfg.train, encode_stage.resolve(cfg.encode, cat), cat),
+    "sample": lambda cfg, cat: sample_stage.stage_key(cfg.sample, cat),
 }
 
 

@@ -9,12 +9,18 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sd_core.caption import CaptionConfig
-from sd_core.caption_stage import (
-    CaptionJob, CaptionSummary, caption_jobs, finish_captions, plan_captions, shared_captioner, stage_key,
+from sd_core.caption.config import CaptionConfig
+from sd_core.caption.stage import (
+    CaptionJob,
+    CaptionSummary,
+    caption_jobs,
+    finish_captions,
+    plan_captions,
+    shared_captioner,
+    stage_key,
 )
-from sd_core.catalog import Catalog
-from sd_core.stages import StageResult, record_stage
+from sd_core.store.catalog import Catalog
+from sd_core.store.records import StageResult, record_stage
 from tasks.fanout import Plan
 
 

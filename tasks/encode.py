@@ -1,4 +1,5 @@
-"""The vae and encode stages as Prefect tasks."""
+"""The encode stage as Prefect tasks: plan the batches, encode each (fanned out on the flow's task runner),
+then record the stage."""
 
 from __future__ import annotations
 
@@ -8,27 +9,19 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sd_core.catalog import Catalog
-from sd_core.encode import EncodeSummary
-from sd_core.encode_stage import (
-    EncodeJob, EncodeStageConfig, merge_summaries, plan_encode, resolve, run_encode_job, stage_key,
+from sd_core.encode.encoders import EncodeSummary
+from sd_core.encode.stage import (
+    EncodeJob,
+    EncodeStageConfig,
+    merge_summaries,
+    plan_encode,
+    resolve,
+    run_encode_job,
+    stage_key,
 )
-from sd_core.model_stages import ensure_vae, vae_key
-from sd_core.stages import StageResult, Timer, record_stage
-from sd_core.vae_train import VAETrainConfig
+from sd_core.store.catalog import Catalog
+from sd_core.store.records import StageResult, record_stage
 from tasks.fanout import Plan
-
-
-@task(name="vae", cache_policy=NO_CACHE)
-def vae_task(cfg: VAETrainConfig, data_dir: Path, progress: bool = True, force: bool = False) -> StageResult:
-    """Train the dataset's own VAE once (the offline default); later runs reuse it."""
-    catalog = Catalog(data_dir)
-    with Timer() as t:
-        trained, metrics = ensure_vae(cfg, catalog, force=force, progress=progress)
-    summary = {k: metrics[k] for k in ("steps", "train_images", "heldout_psnr_db", "seconds") if k in metrics}
-    result = record_stage(catalog, "vae", key=vae_key(cfg), summary=summary, seconds=t.seconds, ran=trained)
-    get_run_logger().info(result.line())
-    return result
 
 
 @task(name="encode-plan", cache_policy=NO_CACHE)

@@ -7,14 +7,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sd_core.catalog import Catalog
-from sd_core.convert import ConvertConfig
-from sd_core.crawl.settings import CrawlConfig
-from sd_core.convert import convert_dataset, stage_key
-from sd_core.crawl import Listing, download_new, list_site
-from sd_core.crawl.browser import BrowserError
-from sd_core.fsio import stable_hash
-from sd_core.stages import StageResult, Timer, record_stage
+from sd_core.ingest.browser import BrowserError
+from sd_core.ingest.convert import ConvertConfig, convert_dataset, stage_key
+from sd_core.ingest.crawl import Listing, download_new, list_site
+from sd_core.ingest.settings import CrawlConfig
+from sd_core.store.catalog import Catalog
+from sd_core.store.files import stable_hash
+from sd_core.store.records import StageResult, Timer, record_stage
 
 
 def _browser_failed(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]

@@ -9,18 +9,11 @@ import torch
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
-from sd_core.caption import (
-    CaptionConfig,
-    CaptionResult,
-    OfflineCaptioner,
-    QwenCaptioner,
-    caption_batch,
-    clean_caption,
-    color_name,
-    render_prompt,
-    validate_caption,
-    vision_inputs,
-)
+from sd_core.caption.captioners import CaptionResult, caption_batch
+from sd_core.caption.config import CaptionConfig
+from sd_core.caption.offline import OfflineCaptioner, color_name
+from sd_core.caption.qwen import QwenCaptioner, vision_inputs
+from sd_core.caption.template import clean_caption, render_prompt, validate_caption
 
 PEPE = (
     "Pepe the frog emoji with a round head, big eyes, smiling mouth, happy expression, "

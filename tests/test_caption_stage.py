@@ -6,12 +6,15 @@ import csv
 from pathlib import Path
 
 import pytest
-
 from imagegen import emoji
-from sd_core.caption import CaptionConfig, OfflineCaptioner, build_captioner, validate_caption
-from sd_core.caption_stage import CaptionLog, caption_dataset
-from sd_core.catalog import Catalog
-from sd_core.convert import write_metadata
+
+from sd_core.caption.captioners import build_captioner
+from sd_core.caption.config import CaptionConfig
+from sd_core.caption.offline import OfflineCaptioner
+from sd_core.caption.stage import CaptionLog, caption_dataset
+from sd_core.caption.template import validate_caption
+from sd_core.store.catalog import Catalog
+from sd_core.store.metadata import write_metadata
 
 COLOURS = [(220, 30, 30), (30, 60, 220), (30, 180, 60), (240, 200, 20), (140, 40, 200)]
 TITLES = ["Blob Wave", "Happy Blob", "Sad Cat", "blob_thinking", "Angry Frog", "Blob Dance", "Cool Blob",

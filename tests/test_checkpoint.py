@@ -8,11 +8,11 @@ from typing import Iterator
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_diffusion import one_torch_thread, synthetic_pairs, tiny_train_config
 
-from sd_core import checkpoint as ckpt
-from sd_core.pairs import synthetic_pairs
-from sd_core.train import Trainer, read_metrics
-from tiny_diffusion import one_torch_thread, tiny_train_config
+from sd_core.training import checkpoint as ckpt
+from sd_core.training.metrics import Progress, read_metrics
+from sd_core.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,8 +26,8 @@ class Crash(RuntimeError):
 
 
 def crash_after(step: int):
-    def callback(trainer: Trainer, loss: float) -> None:
-        if trainer.step == step:
+    def callback(progress: Progress) -> None:
+        if progress.step == step:
             raise Crash(f"killed after step {step}")
 
     return callback
@@ -115,21 +115,27 @@ def test_checkpoint_holds_only_safetensors_and_json(runs: dict) -> None:
 
 
 def test_checkpoint_loads_from_its_folder_alone(runs: dict) -> None:
+    """The folder says what model it holds: the config rebuilds the UNet, the weights fill it."""
+    from sd_core.diffusion.models import ModelConfig, build_unet, load_trainable_state
+
     b = runs["b"]
     folder = runs["b_dir"] / "checkpoints" / "checkpoint-0000020"
-    model, config = ckpt.load_denoiser(folder)
-    assert config["steps"] == 20 and config["model"]["kind"] == "scratch"
+    loaded = ckpt.load_checkpoint(folder)
+    assert loaded.config["steps"] == 20 and loaded.config["model"]["kind"] == "scratch"
+    side = loaded.trainer_state["latent_shape"][-1]
+    model = build_unet(ModelConfig.model_validate(loaded.config["model"]), sample_size=side)
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 16, generator=g)
     t = torch.tensor([10, 500])
-    with torch.no_grad(), b.ema.swapped_in():
-        expected = b.net.eval()(x, t, ctx)
-        torch.testing.assert_close(model(x, t, ctx), expected)
-    raw, _ = ckpt.load_denoiser(folder, ema=False)
     with torch.no_grad():
-        torch.testing.assert_close(raw(x, t, ctx), b.net(x, t, ctx))
+        load_trainable_state(model, loaded.ema)
+        with b.ema.swapped_in():
+            expected = b.net.eval()(x, t, encoder_hidden_states=ctx).sample
+        torch.testing.assert_close(model.eval()(x, t, encoder_hidden_states=ctx).sample, expected)
+        load_trainable_state(model, loaded.model)
+        torch.testing.assert_close(model(x, t, encoder_hidden_states=ctx).sample,
+                                   b.net(x, t, encoder_hidden_states=ctx).sample)
 
-    loaded = ckpt.load_checkpoint(folder)
     assert loaded.step == 20 and loaded.trainer_state["epoch"] * 4 + loaded.trainer_state["position"] // 8 == 20
     assert loaded.scheduler["total"] == 20
 
@@ -179,8 +185,9 @@ def test_resume_with_a_different_data_set_is_refused(runs: dict, tmp_path: Path)
 
 
 def test_resume_into_another_model_shape_is_refused(runs: dict, tmp_path: Path) -> None:
-    from sd_core.models import ModelConfig
     from tiny_diffusion import tiny_unet_config
+
+    from sd_core.diffusion.models import ModelConfig
 
     other = run_config().model_copy(update={"model": ModelConfig(unet=tiny_unet_config(h_dim=16))})
     t = Trainer(other, runs["pairs"], tmp_path, progress=False)

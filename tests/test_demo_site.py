@@ -11,7 +11,8 @@ import pytest
 import requests
 from PIL import Image
 
-from sd_core.demo_site import DemoSite, SiteItem, build_demo_items, build_growth_items
+from sd_core.demo.emoji_art import SiteItem, build_demo_items, build_growth_items
+from sd_core.demo.site import DemoSite
 
 TAG = "Blobs"
 

@@ -9,12 +9,13 @@ import re
 from pathlib import Path
 
 import pytest
+from imagegen import animated, emoji, encode
 from PIL import Image
 
-from imagegen import animated, emoji, encode
-from sd_core.catalog import Catalog
 from sd_core.config import load_config
-from sd_core.demo_site import DemoSite, SiteItem
+from sd_core.demo.emoji_art import SiteItem
+from sd_core.demo.site import DemoSite
+from sd_core.store.catalog import Catalog
 
 RED, BLUE, GREEN, YELLOW, PURPLE = (220, 30, 30), (30, 60, 220), (30, 180, 60), (240, 200, 20), (140, 40, 200)
 
@@ -157,7 +158,7 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
 
 
 def test_listing_waits_for_javascript_and_stops_past_the_end(site):
-    from sd_core.crawl import list_site
+    from sd_core.ingest.crawl import list_site
 
     cfg = config(site, Path("unused")).crawl
     listing = list_site(cfg, progress=False)
@@ -175,8 +176,7 @@ def test_listing_waits_for_javascript_and_stops_past_the_end(site):
 
 
 def test_convert_handles_formats_and_refuses_bad_bytes():
-    from sd_core.config import ConvertConfig
-    from sd_core.convert import QuarantineError, to_rgb_jpeg
+    from sd_core.ingest.convert import ConvertConfig, QuarantineError, to_rgb_jpeg
 
     cfg = ConvertConfig()
     palette = emoji(RED).convert("RGB").quantize(16)
@@ -212,9 +212,9 @@ def test_convert_handles_formats_and_refuses_bad_bytes():
 
 KILL_SCRIPT = """
 import sys
-from sd_core.catalog import Catalog
 from sd_core.config import load_config
-from sd_core.crawl import download_new, list_site
+from sd_core.ingest.crawl import download_new, list_site
+from sd_core.store.catalog import Catalog
 cfg = load_config(overrides={"data_dir": sys.argv[2], "crawl.base_url": sys.argv[1],
                              "crawl.max_requests_per_second": 15, "crawl.download_workers": 2,
                              "crawl.empty_page_settle_s": 1.0})
@@ -228,8 +228,9 @@ def test_killed_download_resumes_without_refetching(tmp_path):
     import sys
     import time
 
-    from sd_core.crawl import Ledger, download_new, list_site
-    from sd_core.demo_site import build_demo_items
+    from sd_core.demo.emoji_art import build_demo_items
+    from sd_core.ingest.crawl import download_new, list_site
+    from sd_core.ingest.ledger import Ledger
 
     items = build_demo_items(60, seed=3)
     with DemoSite(items, per_page=36) as site:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from sd_core.fsio import DataDirBusy, data_dir_lock
+from sd_core.store.lock import DataDirBusy, data_dir_lock
 
 HOLDER = """
 import sys
-from sd_core.fsio import data_dir_lock
+from sd_core.store.lock import data_dir_lock
 with data_dir_lock(sys.argv[1]):
     print("holding", flush=True)
     sys.stdin.readline()  # hold until the test writes a line (or kills us)

@@ -7,11 +7,12 @@ import csv
 from pathlib import Path
 
 import pytest
-
-from sd_core.catalog import Catalog
-from sd_core.config import STAGES, load_config, preset
-from sd_core.demo_site import DemoSite, build_demo_items, build_growth_items
 from tiny_diffusion import one_torch_thread
+
+from sd_core.config import STAGES, load_config, preset
+from sd_core.demo.emoji_art import build_demo_items, build_growth_items
+from sd_core.demo.site import DemoSite
+from sd_core.store.catalog import Catalog
 
 FAST = [
     "vae.steps=25", "vae.batch_size=8", "vae.block_out_channels=[8, 16, 16, 16]", "vae.norm_num_groups=8",
@@ -59,6 +60,16 @@ def test_run_rerun_stage_rerun_and_refresh(tmp_path, prefect_harness):
         assert (cat.samples_dir / "grid.png").exists() and cat.report_html.exists()
         report = cat.report_html.read_text()
         assert "loss_curve.png" in report and "grid.png" in report and "reconstructions.png" in report
+
+        # the from-scratch model is a folder diffusers itself loads and runs: its UNet, the data dir's own
+        # VAE, the MiniLM text encoder with its tokenizer, and the scheduler
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(cat.trained_model())
+        assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.tokenizer.model_max_length == 32
+        drawn = pipe("Frog emoji with a round head", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        assert drawn.images[0].size == (64, 64)
 
         # the CLI draws from the trained model, and status sees every stage cached
         from flows.cli import main
@@ -114,7 +125,7 @@ def test_dask_task_runner_matches_sequential(tmp_path, prefect_harness):
     from prefect_dask import DaskTaskRunner
 
     from flows.pipeline import pipeline
-    from sd_core.encode_stage import StorePairs, resolve
+    from sd_core.encode.stage import cached_pairs, resolve
 
     with DemoSite(build_demo_items(24, seed=11), per_page=12) as site:
         seq = config(site, tmp_path / "seq", "encode.vae.flip=true")
@@ -128,11 +139,10 @@ def test_dask_task_runner_matches_sequential(tmp_path, prefect_harness):
     ra, rb = {r["md5"]: r for r in rows(a)}, {r["md5"]: r for r in rows(b)}
     assert ra.keys() == rb.keys() and len(ra) >= 20
     assert all(ra[m]["prompt"] == rb[m]["prompt"] for m in ra)
-    pa, pb = StorePairs(resolve(seq.encode, a), a), StorePairs(resolve(dsk.encode, b), b)
+    pa, pb = cached_pairs(resolve(seq.encode, a), a), cached_pairs(resolve(dsk.encode, b), b)
     # the VAE is trained in each data dir with the same seed, so latents agree to float tolerance
-    ia, ib = pa.ids(), pb.ids()
     for m in ra:
-        xa, xb = pa.batch([ia.index(m)]), pb.batch([ib.index(m)])
+        xa, xb = pa.load([pa.ids.index(m)]).tensors(), pb.load([pb.ids.index(m)]).tensors()
         for k in ("mean", "std", "mean_flip", "std_flip", "text"):
             assert xa[k].shape == xb[k].shape
             assert (xa[k] - xb[k]).abs().max() < 1e-4, (m, k)

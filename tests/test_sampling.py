@@ -1,4 +1,7 @@
-"""Sampling from a scratch export with a tiny VAE and a tiny CLIP text encoder loaded from folders."""
+"""Sampling from a from-scratch export: a StableDiffusionPipeline folder bundling a tiny CLIP and a tiny VAE.
+
+`emoji-sd sample` and `StableDiffusionPipeline.from_pretrained(export)` draw the same image; a damaged or
+foreign folder is refused with its name."""
 
 from __future__ import annotations
 
@@ -8,15 +11,18 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
-
-from sd_core.encode import TextEncoderConfig, VAEConfig
-from sd_core.sampling import SampleConfig, TextToImage, load_text_to_image, make_grid, sample_to_folder
-from sd_core.train import EncoderRefs, TrainConfig, export_scratch
-from sd_core.models import ModelConfig
-from sd_core.unet import EmojiUNet
 from tiny_diffusion import one_torch_thread, tiny_unet_config
 from tiny_models import CLIP_HIDDEN, build_tiny_clip, build_tiny_vae
+
+from sd_core.common.images import make_grid
+from sd_core.diffusion.export import MANIFEST, ModelFolderError, load_pipeline, verify_export, write_scratch_export
+from sd_core.diffusion.models import ModelConfig, build_unet
+from sd_core.diffusion.schedulers import ScheduleConfig
+from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
+from sd_core.sample.config import SampleConfig
+from sd_core.sample.stage import sample_to_folder
 
 PROMPTS = ("grinning face emoji with a round head", "frog emoji with a wide head, sad expression")
 
@@ -28,28 +34,19 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A scratch export whose config.json names a tiny CLIP and a tiny VAE (64 px images, 8×8 latents)."""
-    root = tmp_path_factory.mktemp("models")
-    clip, vae = build_tiny_clip(root / "clip"), build_tiny_vae(root / "vae", sample_size=64)
-    unet_cfg = tiny_unet_config(context_dim=CLIP_HIDDEN, zero_init_out=False)  # random, prompt-dependent output
-    torch.manual_seed(0)
-    weights = EmojiUNet(unet_cfg).state_dict()
-    export_scratch(
-        root / "model",
-        weights=weights,
-        config=TrainConfig(model=ModelConfig(unet=unet_cfg)),
-        encoders=EncoderRefs(text_encoder=TextEncoderConfig(model_id=str(clip)), vae=VAEConfig(model_id=str(vae))),
-        scaling_factor=0.18215,
-        latent_shape=(4, 8, 8),
-        step=0,
-    )
-    return root / "model"
+def encoders(tmp_path_factory: pytest.TempPathFactory) -> tuple[TextEncoderConfig, VAEConfig]:
+    root = tmp_path_factory.mktemp("encoders")
+    return (TextEncoderConfig(model_id=str(build_tiny_clip(root / "clip"))),
+            VAEConfig(model_id=str(build_tiny_vae(root / "vae", sample_size=64))))
 
 
 @pytest.fixture(scope="module")
-def t2i(export: Path) -> TextToImage:
-    return load_text_to_image(export)
+def export(tmp_path_factory: pytest.TempPathFactory, encoders) -> Path:
+    """A from-scratch export with random, prompt-dependent weights (64 px images, 8×8 latents)."""
+    unet = build_unet(ModelConfig(unet=tiny_unet_config(context_dim=CLIP_HIDDEN, zero_init_out=False)), sample_size=8)
+    text, vae = encoders
+    return write_scratch_export(tmp_path_factory.mktemp("models") / "model", unet=unet, vae_cfg=vae, text_cfg=text,
+                                schedule=ScheduleConfig(), manifest={"step": 0})
 
 
 def config(**kw: object) -> SampleConfig:
@@ -61,9 +58,38 @@ def as_array(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img.convert("RGB")))  # (H, W, 3)
 
 
+def test_export_is_a_complete_pipeline_folder(export: Path) -> None:
+    names = sorted(p.name for p in export.iterdir())
+    assert names == [MANIFEST, "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    assert not list(export.rglob("*.bin")) and not list(export.rglob("*.pkl"))
+    manifest = verify_export(export)
+    assert manifest["kind"] == "scratch" and "unet/diffusion_pytorch_model.safetensors" in manifest["files"]
+    pipe = StableDiffusionPipeline.from_pretrained(export)
+    assert pipe.safety_checker is None and pipe.tokenizer.model_max_length == 77
+    image = pipe(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_sample_command_draws_what_the_diffusers_pipeline_draws(export: Path, tmp_path: Path) -> None:
+    from flows.cli import main
+
+    for sampler in ("ddim", "dpm++"):
+        out = tmp_path / f"grid-{sampler}.png"
+        assert main(["sample", "--model", str(export), "--prompt", PROMPTS[1], "--n", "1", "--seed", "5",
+                     "--steps", "6", "--guidance", "4", "--scheduler", sampler, "--out", str(out)]) == 0
+        ours = Image.open(out.with_suffix("") / "images" / "p00_seed5.png")
+        pipe = StableDiffusionPipeline.from_pretrained(export)
+        if sampler == "dpm++":
+            from diffusers import DPMSolverMultistepScheduler
+
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+        theirs = pipe(PROMPTS[1], num_inference_steps=6, guidance_scale=4.0,
+                      generator=torch.Generator().manual_seed(5)).images[0]
+        assert as_array(ours).equal(as_array(theirs)), sampler
+
+
 def test_sample_writes_images_grid_and_sweep(export: Path, tmp_path: Path) -> None:
-    cfg = config()
-    result = sample_to_folder(export, cfg, tmp_path)  # encoders loaded from the names in config.json
+    result = sample_to_folder(export, config(), tmp_path)
     assert len(result.images) == 2 and all(len(row) == 3 for row in result.images)
     assert all(img.size == (64, 64) and img.mode == "RGB" for row in result.images for img in row)
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
@@ -78,79 +104,78 @@ def test_sample_writes_images_grid_and_sweep(export: Path, tmp_path: Path) -> No
     assert (tmp_path / "samples.json").exists()
 
 
-def test_same_seed_same_image_and_prompts_differ(t2i: TextToImage, tmp_path: Path) -> None:
+def test_same_seed_same_image_whatever_the_batch(export: Path, tmp_path: Path) -> None:
+    pipe = load_pipeline(export)
     cfg = config(guidance_sweep=(), images_per_prompt=2)
-    first = sample_to_folder(t2i, cfg, tmp_path / "a").images
-    again = sample_to_folder(t2i, cfg.model_copy(update={"batch_size": 3}), tmp_path / "b").images
+    first = sample_to_folder(pipe, cfg, tmp_path / "a").images
+    again = sample_to_folder(pipe, cfg.model_copy(update={"batch_size": 3}), tmp_path / "b").images
     for r in range(2):
         for c in range(2):
             # Another batch size changes the order of float sums, not the picture: a level or two in a few
-            # channel values (seen here: ±1 in 1 of 12,288), never a different image.
+            # channel values at most, never a different image.
             diff = (as_array(first[r][c]).int() - as_array(again[r][c]).int()).abs()
             assert diff.max() <= 2 and (diff > 0).float().mean() < 0.01
     assert not as_array(first[0][0]).equal(as_array(first[1][0]))  # same seed, other prompt
     assert not as_array(first[0][0]).equal(as_array(first[0][1]))  # same prompt, other seed
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
-def test_both_schedulers_run(t2i: TextToImage, tmp_path: Path, scheduler: str) -> None:
-    result = sample_to_folder(t2i, config(scheduler=scheduler, images_per_prompt=1, guidance_sweep=()), tmp_path)
-    assert result.images[0][0].size == (64, 64)
-    assert result.guidance_sweep is None
-
-
-def test_guidance_changes_the_image(t2i: TextToImage, tmp_path: Path) -> None:
-    result = sample_to_folder(t2i, config(images_per_prompt=1, guidance_sweep=(0.0, 1.0, 7.5)), tmp_path)
+def test_guidance_zero_ignores_the_text(export: Path, tmp_path: Path) -> None:
+    pipe = load_pipeline(export)
+    result = sample_to_folder(pipe, config(images_per_prompt=1, guidance_sweep=(0.0, 1.0, 7.5)), tmp_path)
     with Image.open(result.guidance_sweep) as sweep:
-        cells = [as_array(sweep.crop((100 + 64 * c, 18, 164 + 64 * c, 82))) for c in range(3)]
-    assert not cells[0].equal(cells[1]) and not cells[1].equal(cells[2])
-    assert cells[2].equal(as_array(result.images[0][0]))  # w = 7.5 is the grid's own guidance scale
-
-
-def test_encoders_can_be_passed_as_objects(export: Path, tmp_path: Path) -> None:
-    calls: list[list[str]] = []
-
-    def text_encoder(prompts):  # (B, 5, 32), all tokens real
-        calls.append(list(prompts))
-        g = torch.Generator().manual_seed(len(prompts))
-        return torch.randn(len(prompts), 5, CLIP_HIDDEN, generator=g), torch.ones(len(prompts), 5, dtype=torch.long)
-
-    def decoder(latents):
-        return [Image.new("RGB", (16, 16), (int(latents[i].abs().mean() * 50) % 256, 0, 0)) for i in range(len(latents))]
-
-    result = sample_to_folder(export, config(guidance_sweep=()), tmp_path, text_encoder=text_encoder, decoder=decoder)
-    assert calls == [[*PROMPTS, ""]]
-    assert result.images[0][0].size == (16, 16)
+        cells = [[as_array(sweep.crop((100 + 64 * c, 18 + 64 * r, 164 + 64 * c, 82 + 64 * r))) for c in range(3)]
+                 for r in range(2)]
+    assert cells[0][0].equal(cells[1][0])  # w = 0: both prompts draw the same (text-free) image
+    assert not cells[0][1].equal(cells[1][1]) and not cells[0][1].equal(cells[0][2])
+    assert cells[0][2].equal(as_array(result.images[0][0]))  # w = 7.5 is the grid's own guidance scale
+    with pytest.raises(ValueError, match="guidance"):
+        SampleConfig(guidance_scale=0.5)
 
 
 def test_grid_layout_and_bad_input() -> None:
     imgs = [[Image.new("RGB", (10, 10), (r * 100, c * 100, 0)) for c in range(4)] for r in range(2)]
-    grid = make_grid(imgs, ["a long prompt " * 10, "b"], ["1", "2", "3", "4"], cell_size=20, label_width=50, header_height=10)
+    grid = make_grid(imgs, ["a long prompt " * 10, "b"], ["1", "2", "3", "4"], cell_size=20, label_width=50,
+                     header_height=10)
     assert grid.size == (50 + 4 * 20, 10 + 2 * 20)
     assert grid.getpixel((50 + 2 * 20 + 5, 10 + 20 + 5)) == (100, 200, 0)
     with pytest.raises(ValueError, match="labels"):
         make_grid(imgs, ["only one"], ["1", "2", "3", "4"])
 
 
-def test_unknown_folder_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="neither"):
-        load_text_to_image(tmp_path)
+def test_foreign_old_and_damaged_folders_are_named(export: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelFolderError, match="neither"):
+        load_pipeline(tmp_path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text('{"format": "emoji-sd-scratch/1"}')
+    (old / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelFolderError, match="emoji-sd-scratch/1.*--force train"):
+        load_pipeline(old)
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(export, damaged)
+    weights = damaged / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelFolderError, match="diffusion_pytorch_model.safetensors is damaged"):
+        load_pipeline(damaged)
 
 
-def test_trainer_draws_validation_grids_without_touching_its_randomness(export: Path, tmp_path: Path) -> None:
-    from sd_core.pairs import synthetic_pairs
-    from sd_core.sampling import validation_sampler
-    from sd_core.train import Trainer, read_metrics
-    from tiny_diffusion import tiny_train_config
+def test_trainer_draws_validation_grids_without_touching_its_randomness(encoders, tmp_path: Path) -> None:
+    from tiny_diffusion import synthetic_pairs, tiny_train_config
 
-    t2i = load_text_to_image(export)
+    from sd_core.encode.stage import EncodeStageConfig
+    from sd_core.training.metrics import read_metrics
+    from sd_core.training.stage import validation_sampler
+    from sd_core.training.trainer import EncoderRefs, Trainer
+
+    text, vae = encoders
     pairs = synthetic_pairs(40, tokens=77, dim=CLIP_HIDDEN)
-    cfg = tiny_train_config(
-        steps=4, sample_every=2, sample_prompts=PROMPTS, sample_seeds=(0, 1, 2),
-        model=ModelConfig(unet=tiny_unet_config(context_dim=CLIP_HIDDEN)),
-    )
-    sampler = validation_sampler(t2i.text_encoder, t2i.decoder, cfg.schedule, (4, 8, 8), steps=2)
-    with_grids = Trainer(cfg, pairs, tmp_path / "a", sampler=sampler, progress=False)
+    cfg = tiny_train_config(steps=4, sample_every=2, sample_prompts=PROMPTS, sample_seeds=(0, 1, 2),
+                            model=ModelConfig(unet=tiny_unet_config(context_dim=CLIP_HIDDEN)))
+    sampler = validation_sampler(EncodeStageConfig(vae=vae, text=text), ScheduleConfig().scheduler_config(), steps=2)
+    refs = EncoderRefs(text_encoder=text, vae=vae)
+    with_grids = Trainer(cfg, pairs, tmp_path / "a", sampler=sampler, encoders=refs, progress=False)
     with_grids.train()
     plain = Trainer(cfg, pairs, tmp_path / "b", progress=False)
     plain.train()
@@ -161,3 +186,5 @@ def test_trainer_draws_validation_grids_without_touching_its_randomness(export: 
         assert grid.size == (220 + 3 * 64, 18 + 2 * 64)
     losses = lambda d: [r["train_loss"] for r in read_metrics(d / "metrics.csv")]  # noqa: E731
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    # with its encoders, the trainer exports a pipeline the sample stage draws from
+    assert verify_export(tmp_path / "a" / "model")["step"] == 4

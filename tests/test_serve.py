@@ -9,12 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from sd_core.demo_site import DemoSite, build_demo_items
+from sd_core.demo.emoji_art import build_demo_items
+from sd_core.demo.site import DemoSite
 
 
 def free_port() -> int:

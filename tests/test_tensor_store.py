@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from sd_core.tensor_store import TensorStore, canonical_key, entry_id
+from sd_core.store.tensors import TensorStore, canonical_key, entry_id
 
 
 def key(i: int, resolution: int = 64) -> dict:
@@ -130,35 +129,6 @@ def test_damaged_shard_is_a_miss(tmp_path):
     reopened = TensorStore(tmp_path, shard_size=2)
     assert reopened.get(key(0)) is None
     assert reopened.get(key(3)) is not None
-
-
-def test_iter_streams_by_shard(tmp_path, monkeypatch):
-    store = TensorStore(tmp_path, shard_size=3)
-    store.put([(key(i), tensors(i)) for i in range(9)])
-    import sd_core.tensor_store as ts
-
-    opened: list[str] = []
-    real_open = ts.safe_open
-
-    def spy(path, *a, **kw):
-        opened.append(os.path.basename(path))
-        return real_open(path, *a, **kw)
-
-    monkeypatch.setattr(ts, "safe_open", spy)
-    wanted = [key(i) for i in (8, 0, 4, 1, 7, 3)]
-    got = list(store.iter(wanted))
-    assert sorted(pos for pos, _ in got) == list(range(len(wanted)))
-    assert opened == sorted(set(opened)) and len(opened) == 3, "each shard opened once, in order"
-    shard_of = [json.loads(store.index_path.read_text())["entries"][entry_id(wanted[p])] for p, _ in got]
-    assert shard_of == sorted(shard_of), "entries come grouped by shard"
-    for pos, entry in got:
-        i = int(wanted[pos]["md5"], 16)
-        torch.testing.assert_close(entry["mean"], tensors(i)["mean"])
-
-    with pytest.raises(KeyError):
-        list(store.iter([key(1), key(99)]))
-    assert [p for p, _ in store.iter([key(99), key(1)], strict=False)] == [1]
-    assert store.missing([key(99), key(1)]) == [0]
 
 
 def test_put_rejects_bad_names_and_values(tmp_path):

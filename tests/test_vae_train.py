@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from imagegen import emoji
 from PIL import Image
 
-from imagegen import emoji
-from sd_core.encode import VAEConfig, encode_images, latent_key, load_vae, vae_info
-from sd_core.tensor_store import TensorStore
-from sd_core.vae_train import LOSS_PNG, METRICS_JSON, RECONSTRUCTIONS_PNG, VAETrainConfig, train_vae
+from sd_core.encode.encoders import VAEConfig, encode_images, latent_key, load_vae, vae_info
+from sd_core.store.tensors import TensorStore
+from sd_core.vae.train import LOSS_PNG, METRICS_JSON, RECONSTRUCTIONS_PNG, VAETrainConfig, train_vae
 
 TINY = VAETrainConfig(
     steps=30, batch_size=8, lr=3e-3, warmup_steps=3, block_out_channels=(8, 8, 16, 16), norm_num_groups=4,
@@ -68,7 +68,7 @@ def test_tiny_run_saves_a_loadable_vae(trained, image_paths, tmp_path):
 
 
 def test_scaled_latents_have_unit_std(trained, image_paths):
-    from sd_core.vae_train import _load_uint8, _to_float
+    from sd_core.vae.train import _load_uint8, _to_float
 
     out, metrics = trained
     vae = load_vae(VAEConfig(model_id=str(out), resolution=32))
@@ -95,7 +95,7 @@ def test_deterministic_for_a_seed(trained, image_paths, tmp_path):
 def test_config_checks():
     with pytest.raises(ValueError):
         VAETrainConfig(stepz=3)
-    from sd_core.vae_train import build_vae
+    from sd_core.vae.train import build_vae
 
     with pytest.raises(ValueError):
         build_vae(VAETrainConfig(block_out_channels=(8, 12), norm_num_groups=8))

@@ -1,22 +1,25 @@
-"""Tiny from-scratch denoiser and training configs shared by the training, checkpoint and sampling tests."""
+"""Tiny from-scratch UNet configs, a learnable synthetic set of cached pairs, and training configs shared
+by the training, checkpoint and sampling tests."""
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 
-from sd_core.models import ModelConfig
-from sd_core.train import TrainConfig
-from sd_core.unet import UNetConfig
+from sd_core.diffusion.models import ModelConfig
+from sd_core.diffusion.unet import UNetConfig
+from sd_core.encode.pairs import Pairs
+from sd_core.training.config import TrainConfig
 
 
 def tiny_unet_config(context_dim: int = 16, **overrides: Any) -> UNetConfig:
-    """h_dim 32, 8 groups, one layer per block: ~0.75 M parameters."""
+    """h_dim 32, 8 groups, one layer per block, a 64-wide time MLP: about 0.4 M parameters."""
     return UNetConfig(**{
-        "h_dim": 32, "n_heads": 4, "groups": 8, "context_dim": context_dim, "time_embed_dim": 32,
-        "time_mlp_dim": 64, "layers_per_block": 1, **overrides,
+        "h_dim": 32, "n_heads": 4, "groups": 8, "context_dim": context_dim, "time_mlp_dim": 64,
+        "layers_per_block": 1, **overrides,
     })
 
 
@@ -27,6 +30,35 @@ def tiny_train_config(**overrides: Any) -> TrainConfig:
         "model": ModelConfig(unet=tiny_unet_config()),
     }
     return TrainConfig(**{**base, **overrides})
+
+
+def synthetic_pairs(n: int = 40, *, latent_size: int = 8, tokens: int = 8, dim: int = 16, classes: int = 4,
+                    seed: int = 0, flip: bool = False) -> Pairs:
+    """A learnable toy data set: ``classes`` latent patterns, each with its own caption embedding.
+
+    Item ``i`` belongs to class ``i % classes``; its latent mean is the class pattern plus a little noise,
+    and its text is the class embedding over a per-item number of real tokens. With ``flip`` the mirrored
+    latents are the patterns flipped left to right.
+    """
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(classes, 4, latent_size, latent_size, generator=g) * 4.0  # (K, 4, h, w)
+    words = torch.randn(classes, tokens, dim, generator=g)  # (K, T, D)
+    cls = torch.arange(n) % classes
+    mean = patterns[cls] + 0.1 * torch.randn(n, 4, latent_size, latent_size, generator=g)
+    std = torch.full_like(mean, 0.05)
+    lengths = torch.randint(2, tokens + 1, (n,), generator=g)
+    mask = (torch.arange(tokens)[None, :] < lengths[:, None]).long()  # (N, T)
+    text = (words[cls] * mask[:, :, None]).half()
+    empty_mask = torch.zeros(tokens, dtype=torch.long)
+    empty_mask[0] = 1
+    empty_text = torch.zeros(tokens, dim)
+    empty_text[0] = torch.randn(dim, generator=g)
+    return Pairs(
+        ids=[hashlib.md5(f"{seed}-{i}".encode()).hexdigest() for i in range(n)],
+        mean=mean, std=std, text=text, mask=mask, empty_text=empty_text, empty_mask=empty_mask,
+        mean_flip=mean.flip(3) if flip else None, std_flip=std.flip(3) if flip else None,
+        captions=[f"class {int(c)} emoji" for c in cls],
+    )
 
 
 @contextmanager

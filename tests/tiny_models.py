@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -135,12 +135,13 @@ def build_tiny_sd(path: Path, *, seed: int = 0, sample_size: int = 8) -> Path:
         attention_head_dim=4,
         cross_attention_dim=CLIP_HIDDEN,
     )
-    scheduler = DDPMScheduler(
+    scheduler = PNDMScheduler(  # as CompVis/stable-diffusion-v1-4 ships it
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        clip_sample=False,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
         steps_offset=1,
     )
     pipe = StableDiffusionPipeline(

@@ -1,0 +1,68 @@
+"""Caption settings: which captioner, and everything that shapes a caption (its cache key)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from sd_core.caption.offline import OFFLINE_VERSION
+from sd_core.caption.template import PROMPT_TEMPLATE_V1, RETRY_SUFFIX
+from sd_core.common.strict import StrictModel
+
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+# Emoji are 128x128 or smaller. qwen-vl-utils and the image processor resize to multiples of 28
+# (14-pixel patches merged 2x2, one LLM token per 28x28 cell) and upscale anything under min_pixels.
+# 112*112 is a 4x4 grid of tokens (8x8 ViT patches): tiny 32-72 px emoji are upscaled to it, so the
+# eyes and mouth still span a patch or more each. 224*224 caps a frame at 64 tokens: a 128 px emoji
+# becomes 140x140 (25 tokens), and an oversized upload is shrunk rather than costing hundreds.
+DEFAULT_MIN_PIXELS = 112 * 112
+DEFAULT_MAX_PIXELS = 224 * 224
+
+
+class CaptionConfig(StrictModel):
+    """Settings that choose the captioner and everything that shapes a caption."""
+
+    captioner: Literal["qwen", "offline"] = "qwen"
+    model_id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="Hub id or local folder.")
+    revision: str | None = None
+    prompt_version: str = "v1"
+    prompt_template: str = Field(PROMPT_TEMPLATE_V1, description="`{title}` is replaced by the emoji title.")
+    min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=28 * 28)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=28 * 28)
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    device_map: str | None = Field(None, description="None: 'auto' on CUDA, plain CPU otherwise.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CaptionConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        if "{title}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{title}'")
+        return self
+
+    def cache_key(self) -> dict[str, Any]:
+        """The fields that determine a caption, for keying a per-item cache."""
+        if self.captioner == "offline":
+            return {"captioner": "offline", "version": OFFLINE_VERSION, "prompt_version": self.prompt_version}
+        prompt = hashlib.sha256((self.prompt_template + RETRY_SUFFIX).encode()).hexdigest()[:16]
+        return {
+            "captioner": self.captioner,
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "prompt_version": self.prompt_version,
+            "prompt_sha": prompt,
+            "max_new_tokens": self.max_new_tokens,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "dtype": self.dtype,
+        }
+
+    def cache_digest(self) -> str:
+        """A short stable hash of `cache_key()`."""
+        return hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:16]

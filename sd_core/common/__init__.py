@@ -1,0 +1,1 @@
+"""Lowest layer: the config base class, image helpers, devices and dtypes, plots."""

@@ -1,0 +1,252 @@
+"""Model exports, and loading any of them back as a ``StableDiffusionPipeline``.
+
+Every export folder holds ``emoji_sd_model.json``: its format, kind, training step, and the size and
+SHA-256 of every file in it (checked when the folder is read, so a truncated or damaged export is named
+instead of crashing deep inside safetensors).
+
+* ``scratch``: a complete ``StableDiffusionPipeline`` folder (unet, vae, text_encoder, tokenizer,
+  scheduler, no safety checker) that ``StableDiffusionPipeline.from_pretrained(folder)`` runs as it is.
+* ``pretrained_attn2``: only what changed, ``attn2.safetensors`` (the cross-attention weights), plus the
+  base model's id and revision; the pipeline is rebuilt from the base.
+* ``pretrained_attn2_lora``: ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format, which
+  ``pipe.load_lora_weights(folder)`` reads, plus the base model's id and revision.
+* opt-in (``train.export_merged``): ``merged/``, a complete pipeline with the fine-tuned weights in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd_core.common.devices import diffusers_dtype_arg
+from sd_core.diffusion.schedulers import ScheduleConfig
+from sd_core.store.files import atomic_write_json, read_json
+
+FORMAT = "emoji-sd-model/2"
+MANIFEST = "emoji_sd_model.json"
+ATTN2_WEIGHTS = "attn2.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+MERGED = "merged"
+_PIPELINE_ARGS = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+class ModelFolderError(ValueError):
+    """A model folder is not one emoji-sd can load (wrong format, missing or damaged files)."""
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _inventory(folder: Path) -> dict[str, dict[str, Any]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files}
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Swap the finished ``tmp`` into ``folder`` (an older export is kept until the new one is complete)."""
+    if folder.exists():
+        trash = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(folder, trash)
+        os.replace(tmp, folder)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+
+
+class ExportWriter:
+    """Write an export into a temporary sibling folder, then seal (manifest with checksums) and publish it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.parent.glob(f".tmp-{self.folder.name}-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        self.tmp = self.folder.with_name(f".tmp-{self.folder.name}-{uuid.uuid4().hex[:8]}")
+        self.tmp.mkdir()
+
+    def seal(self, manifest: dict[str, Any]) -> Path:
+        atomic_write_json(self.tmp / MANIFEST, {"format": FORMAT, **manifest, "files": _inventory(self.tmp)})
+        _publish(self.tmp, self.folder)
+        return self.folder
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def assemble_pipeline(unet: Any, vae: Any, tokenizer: Any, text_encoder: Any, scheduler_config: Any) -> Any:
+    """A ``StableDiffusionPipeline`` from loaded parts (DDIM by default; see ``generate.use_sampler``)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler.from_config(getattr(scheduler_config, "config", scheduler_config))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, **_PIPELINE_ARGS)
+
+
+def write_scratch_export(folder: Path, *, unet: Any, vae_cfg: Any, text_cfg: Any, schedule: ScheduleConfig,
+                         manifest: dict[str, Any]) -> Path:
+    """A complete pipeline folder around a trained from-scratch ``unet`` (saved as fp32 safetensors)."""
+    from sd_core.encode.encoders import load_text_encoder, load_vae
+
+    writer = ExportWriter(folder)
+    try:
+        vae = load_vae(vae_cfg, on="cpu", dtype=torch.float32)
+        tokenizer, text_encoder = load_text_encoder(text_cfg, on="cpu", dtype=torch.float32)
+        pipe = assemble_pipeline(unet, vae, tokenizer, text_encoder, schedule.scheduler_config())
+        pipe.save_pretrained(writer.tmp, safe_serialization=True)
+        return writer.seal({"kind": "scratch", **manifest})
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_attn2_export(folder: Path, *, weights: dict[str, torch.Tensor], base_model: str, revision: str | None,
+                       manifest: dict[str, Any], merged: bool = False) -> Path:
+    """``attn2.safetensors`` (the fine-tuned cross-attention tensors) and the base model's id and revision."""
+    from safetensors.torch import save_file
+
+    writer = ExportWriter(folder)
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()},
+                  str(writer.tmp / ATTN2_WEIGHTS))
+        meta = {"kind": "pretrained_attn2", "base_model": base_model, "revision": revision, **manifest}
+        if merged:
+            _merged_pipeline(meta, writer.tmp).save_pretrained(writer.tmp / MERGED, safe_serialization=True)
+        return writer.seal(meta)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_lora_export(folder: Path, *, unet: Any, weights: dict[str, torch.Tensor], base_model: str,
+                      revision: str | None, manifest: dict[str, Any], merged: bool = False) -> Path:
+    """diffusers LoRA safetensors of ``weights`` (the adapters of ``unet``, e.g. their EMA), readable by
+    ``pipe.load_lora_weights(folder)``, and the base model's id and revision."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    writer = ExportWriter(folder)
+    try:
+        state = get_peft_model_state_dict(unet, state_dict={k: v.detach().float().cpu() for k, v in weights.items()})
+        StableDiffusionPipeline.save_lora_weights(
+            writer.tmp, unet_lora_layers=convert_state_dict_to_diffusers(state), weight_name=LORA_WEIGHTS,
+            safe_serialization=True, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )
+        meta = {"kind": "pretrained_attn2_lora", "base_model": base_model, "revision": revision, **manifest}
+        if merged:
+            _merged_pipeline(meta, writer.tmp).save_pretrained(writer.tmp / MERGED, safe_serialization=True)
+        return writer.seal(meta)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _merged_pipeline(meta: dict[str, Any], folder: Path) -> Any:
+    pipe = _from_base(meta, folder, device="cpu", dtype=torch.float32)
+    if meta["kind"] == "pretrained_attn2_lora":
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    return pipe
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = read_json(Path(folder) / MANIFEST)
+    except ValueError:
+        raise ModelFolderError(f"{Path(folder) / MANIFEST} is not valid JSON") from None
+    return data
+
+
+def verify_export(folder: Path) -> dict[str, Any]:
+    """The manifest, after checking that every file it lists is there with its size and checksum."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ModelFolderError(f"{folder} has no {MANIFEST}: not an emoji-sd export")
+    if manifest.get("format") != FORMAT:
+        raise ModelFolderError(f"{folder}: export format {manifest.get('format')!r}, this version reads {FORMAT}")
+    for rel, want in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            raise ModelFolderError(f"{path} is missing from the export")
+        if path.stat().st_size != want["bytes"] or file_digest(path) != want["sha256"]:
+            raise ModelFolderError(f"{path} is damaged (its size or checksum differs from {MANIFEST})")
+    return manifest
+
+
+def model_digest(folder: Path) -> str:
+    """A short fingerprint of an export's content (from its manifest), or of a plain diffusers folder."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()[:16]
+    if (folder / "model_index.json").exists():
+        return hashlib.sha256(json.dumps(_inventory(folder), sort_keys=True).encode()).hexdigest()[:16]
+    raise ModelFolderError(f"{folder} is not a model folder")
+
+
+def _from_pretrained(source: str, *, device: Any, dtype: torch.dtype | None, revision: str | None = None) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    kwargs: dict[str, Any] = dict(_PIPELINE_ARGS, use_safetensors=True)
+    kwargs.pop("feature_extractor")
+    if revision is not None:
+        kwargs["revision"] = revision
+    if dtype is not None:
+        kwargs[diffusers_dtype_arg()] = dtype
+    return StableDiffusionPipeline.from_pretrained(source, **kwargs).to(device)
+
+
+def _from_base(meta: dict[str, Any], folder: Path, *, device: Any, dtype: torch.dtype | None) -> Any:
+    pipe = _from_pretrained(meta["base_model"], device=device, dtype=dtype, revision=meta.get("revision"))
+    if meta["kind"] == "pretrained_attn2":
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / ATTN2_WEIGHTS))
+        own = pipe.unet.state_dict()
+        if unknown := sorted(k for k in weights if k not in own or "attn2" not in k):
+            raise ModelFolderError(f"{folder / ATTN2_WEIGHTS} holds tensors the base UNet has no attn2 slot for: "
+                                   f"{unknown[:3]}")
+        pipe.unet.load_state_dict(weights, strict=False)
+    else:
+        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+    return pipe
+
+
+def load_pipeline(folder: Path, *, device: Any = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """A ``StableDiffusionPipeline`` for any export, or for a plain diffusers Stable Diffusion folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder} is not a folder")
+    if (folder / MANIFEST).exists():
+        meta = verify_export(folder)
+        if meta["kind"] == "scratch":
+            return _from_pretrained(str(folder), device=device, dtype=dtype)
+        return _from_base(meta, folder, device=device, dtype=dtype)
+    if (folder / "model_index.json").exists():
+        return _from_pretrained(str(folder), device=device, dtype=dtype)
+    old = read_json(folder / "config.json") if (folder / "config.json").exists() else None
+    if isinstance(old, dict) and str(old.get("format", "")).startswith("emoji-sd-scratch/"):
+        raise ModelFolderError(
+            f"{folder} is a {old['format']} export of an earlier emoji-sd (its own UNet class); this version "
+            "exports diffusers pipeline folders: retrain with `emoji-sd run ... --force train`")
+    raise ModelFolderError(f"{folder} is neither an emoji-sd export ({MANIFEST}) nor a diffusers folder "
+                           "(model_index.json)")

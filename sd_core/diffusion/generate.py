@@ -1,0 +1,71 @@
+"""Text → images through ``StableDiffusionPipeline``, for any model emoji-sd trains or loads.
+
+Guidance follows the seed's rule ``ε = ε_u + s · (ε_c − ε_u)``: ``s = 0`` draws without the text (the
+pipeline runs the empty prompt alone), ``s = 1`` the conditional pass alone, ``s > 1`` both passes in one
+batched call (the pipeline's classifier-free guidance). Image ``(prompt, seed)`` starts from noise drawn
+by a CPU generator seeded with ``seed`` alone, so it does not depend on the batch it was drawn in, and
+equals ``pipe(prompt, generator=torch.Generator().manual_seed(seed))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from sd_core.diffusion.schedulers import sampler
+
+
+def use_sampler(pipe: Any, name: str | None) -> Any:
+    """Swap the pipeline's scheduler for sampler ``name``, built from the pipeline's own scheduler config."""
+    if name is not None:
+        pipe.scheduler = sampler(name, pipe.scheduler.config)
+    return pipe
+
+
+def check_guidance(scale: float) -> float:
+    if scale < 0 or 0 < scale < 1:
+        raise ValueError(f"guidance scale {scale}: use 0 (no text), 1 (text, no guidance) or more than 1")
+    return scale
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    guidance_scale: float = 7.5,
+    steps: int = 50,
+    sampler_name: str | None = None,
+    batch_size: int = 16,
+) -> list[list[Image.Image]]:
+    """Images ``[prompt][seed]`` drawn with ``pipe`` (its scheduler swapped for ``sampler_name`` if given)."""
+    check_guidance(guidance_scale)
+    use_sampler(pipe, sampler_name)
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [(pi, si) for pi in range(len(prompts)) for si in range(len(seeds))]
+    out: list[list[Image.Image | None]] = [[None] * len(seeds) for _ in prompts]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        texts = [prompts[pi] if guidance_scale > 0 else "" for pi, _ in chunk]
+        generators = [torch.Generator().manual_seed(int(seeds[si])) for _, si in chunk]
+        images = pipe(prompt=texts, num_inference_steps=steps, guidance_scale=max(guidance_scale, 1.0),
+                      generator=generators, output_type="pil").images
+        for (pi, si), img in zip(chunk, images):
+            out[pi][si] = img
+    return out  # type: ignore[return-value]
+
+
+def draw_grid(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, guidance_scale: float, steps: int,
+              sampler_name: str | None = None, batch_size: int = 16, cell_size: int | None = None,
+              label_width: int = 220) -> tuple[list[list[Image.Image]], Image.Image]:
+    """The images ``[prompt][seed]`` and a labelled grid of them (a row per prompt, a column per seed)."""
+    from sd_core.common.images import make_grid
+
+    images = generate(pipe, prompts, seeds, guidance_scale=guidance_scale, steps=steps, sampler_name=sampler_name,
+                      batch_size=batch_size)
+    grid = make_grid(images, list(prompts), [f"seed {s}" for s in seeds], cell_size=cell_size,
+                     label_width=label_width)
+    return images, grid

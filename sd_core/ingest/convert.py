@@ -1,0 +1,228 @@
+"""Convert stage: downloaded bytes (WebP, PNG, GIF, JPEG, animated) into the RGB JPEG dataset.
+
+Transparency is flattened on a background colour (white by default). Bytes that do not
+decode are quarantined with their reason and never enter the dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageSequence, UnidentifiedImageError
+from pydantic import Field, field_validator
+from tqdm.auto import tqdm
+
+from sd_core.common.images import flatten_rgb
+from sd_core.common.strict import StrictModel
+from sd_core.ingest.ledger import ImageRecord, Ledger
+from sd_core.store.catalog import Catalog
+from sd_core.store.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    stable_hash,
+    sweep_temp_files,
+)
+from sd_core.store.metadata import write_metadata
+
+CODE_VERSION = 1
+_SAVE_EVERY = 50
+
+
+class ConvertConfig(StrictModel):
+    """Decoding of downloaded bytes into the RGB JPEG dataset."""
+
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_image_pixels: int = Field(
+        16_000_000, gt=0, description="decompression-bomb limit: larger images are quarantined"
+    )
+
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in v):
+            raise ValueError("each channel must be in 0..255")
+        return v
+
+
+class QuarantineError(ValueError):
+    """The bytes are not a usable image; the message is the reason recorded."""
+
+
+@dataclass(frozen=True)
+class Converted:
+    jpeg: bytes
+    width: int
+    height: int
+    source_format: str
+    animated: bool
+
+
+_MAGIC = ((b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"\xff\xd8", "JPEG"), (b"BM", "BMP"))
+
+
+def sniff_format(data: bytes) -> str:
+    """Format named by the leading bytes, for reasons given before Pillow can tell."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), "image")
+
+
+def to_rgb_jpeg(data: bytes, cfg: ConvertConfig) -> Converted:
+    """Decode ``data`` (first frame if animated) and encode it as an RGB JPEG."""
+    if not data:
+        raise QuarantineError("empty file")
+    fmt = sniff_format(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > cfg.max_image_pixels:
+                raise QuarantineError(f"decompression bomb: {w}x{h} exceeds {cfg.max_image_pixels} pixels")
+            fmt = img.format or fmt
+            animated = bool(getattr(img, "is_animated", False))
+            for frame in ImageSequence.Iterator(img):  # every frame, so a truncated animation is caught
+                frame.load()
+            img.seek(0)
+            img.load()
+    except QuarantineError:
+        raise
+    except UnidentifiedImageError:
+        raise QuarantineError("not an image (unidentified format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise QuarantineError(f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise QuarantineError(f"undecodable {fmt}: {e}") from None
+    rgb = flatten_rgb(img, cfg.background)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=cfg.jpeg_quality)
+    return Converted(buf.getvalue(), rgb.width, rgb.height, fmt, animated)
+
+
+def file_name_for(rec: ImageRecord) -> str:
+    """Dataset file name from the tag and the image's sequence number (never from its title)."""
+    tag = re.sub(r"[^A-Za-z0-9_-]+", "_", rec.tag).strip("_") or "emoji"
+    return f"{tag}_{rec.seq:07d}.jpg"
+
+
+@dataclass
+class ConvertSummary:
+    images: int = 0
+    converted: int = 0
+    reused: int = 0
+    quarantined: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    dataset_rows: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def config_key(cfg: ConvertConfig) -> str:
+    return stable_hash({"config": cfg.model_dump(mode="json"), "code_version": CODE_VERSION})
+
+
+def stage_key(cfg: ConvertConfig, catalog: Catalog) -> str:
+    """Key of the convert stage: its settings, its code version and the crawled images it reads."""
+    with Ledger(catalog.ledger_db) as ledger:
+        images = [(r.seq, r.md5, r.tag) for r in ledger.images()]
+    return stable_hash({"config": config_key(cfg), "images": images})
+
+
+def convert_dataset(
+    cfg: ConvertConfig, catalog: Catalog, *, progress: bool = True, force: bool = False
+) -> ConvertSummary:
+    """Bring ``images/``, ``metadata.csv`` and the quarantine up to date with the crawl ledger.
+
+    Items converted earlier with the same settings are reused; progress is saved every
+    few items, so a killed run resumes where it stopped.
+    """
+    sweep_temp_files(catalog.root)
+    with Ledger(catalog.ledger_db) as ledger:
+        records = ledger.images()
+        duplicates = ledger.duplicates()
+    key = config_key(cfg)
+    state = read_json(catalog.convert_state) or {}
+    items: dict[str, dict] = state.get("items", {}) if state.get("config_key") == key and not force else {}
+    summary = ConvertSummary(images=len(records))
+    reasons: Counter[str] = Counter()
+    todo = [r for r in records if not _done(items.get(r.md5), catalog)]
+    summary.reused = len(records) - len(todo)
+
+    def save_state() -> None:
+        atomic_write_json(catalog.convert_state, {"config_key": key, "items": items})
+
+    for i, rec in enumerate(tqdm(todo, desc="converting", unit="img", disable=not progress or not todo)):
+        raw = catalog.raw_path(rec.md5)
+        try:
+            data = raw.read_bytes()
+        except FileNotFoundError:
+            items.pop(rec.md5, None)
+            reasons["raw bytes missing"] += 1
+            continue
+        name = file_name_for(rec)
+        try:
+            out = to_rgb_jpeg(data, cfg)
+        except QuarantineError as e:
+            atomic_write_bytes(catalog.quarantine_dir / rec.md5, data)
+            items[rec.md5] = {"quarantined": str(e)}
+        else:
+            atomic_write_bytes(catalog.image_path(name), out.jpeg)
+            items[rec.md5] = {
+                "file_name": name, "width": out.width, "height": out.height,
+                "source_format": out.source_format, "animated": out.animated,
+            }
+            summary.converted += 1
+        if (i + 1) % _SAVE_EVERY == 0:
+            save_state()
+    save_state()
+
+    rows, quarantine = [], []
+    for rec in records:
+        item = items.get(rec.md5)
+        if item is None:
+            continue
+        if "quarantined" in item:
+            quarantine.append((rec.md5, rec.url, rec.title, item["quarantined"]))
+            reasons[item["quarantined"].split(":")[0]] += 1
+            continue
+        rows.append({
+            "file_name": item["file_name"], "image_url": rec.url, "image_title": rec.title, "tag": rec.tag,
+            "md5": rec.md5, "width": item["width"], "height": item["height"],
+            "source_format": item["source_format"], "animated": item["animated"],
+        })
+    write_metadata(catalog, rows)
+    _write_csv(catalog.quarantine_csv, ("md5", "image_url", "image_title", "reason"), quarantine)
+    _write_csv(
+        catalog.duplicates_csv,
+        ("image_url", "image_title", "md5", "original_url", "original_title"),
+        [(d.url, d.title, d.md5, d.original_url, d.original_title) for d in duplicates],
+    )
+    summary.quarantined = len(quarantine)
+    summary.quarantine_reasons = dict(reasons)
+    summary.dataset_rows = len(rows)
+    return summary
+
+
+def _done(item: dict | None, catalog: Catalog) -> bool:
+    if item is None:
+        return False
+    if "quarantined" in item:
+        return True
+    return catalog.image_path(item["file_name"]).exists()
+
+
+def _write_csv(path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,1 @@
+"""Sample stage: text → emoji grids and a guidance sweep from the trained model."""

@@ -1,0 +1,67 @@
+"""Small filesystem helpers: atomic writes, JSON files and content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def stable_hash(obj: Any) -> str:
+    """Hash of a JSON-serialisable object, independent of dict ordering."""
+    return sha256_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str))[:16]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A reader never sees a half-written file, and a run killed mid-write leaves
+    only a ``.tmp`` file that the next write replaces.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        return default
+
+
+def sweep_temp_files(folder: Path) -> int:
+    """Remove temp files left by writes a killed run did not finish; returns how many."""
+    removed = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,79 @@
+"""Stage records: what each stage did last, under which key, so reruns can say "reused"."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal, Sequence
+
+from sd_core.store.catalog import Catalog
+from sd_core.store.files import atomic_write_json, read_json
+
+StageStatus = Literal["ran", "reused", "skipped"]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    status: StageStatus
+    key: str
+    summary: dict[str, Any]
+    seconds: float
+    finished_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def line(self) -> str:
+        details = ", ".join(f"{k}={v}" for k, v in self.summary.items() if v not in ({}, None))
+        return f"{self.stage}: {self.status} in {self.seconds:.1f}s ({details})"
+
+
+def save_stage(catalog: Catalog, result: StageResult) -> None:
+    atomic_write_json(catalog.stage_manifest(result.stage), asdict(result))
+
+
+def skipped_stage(catalog: Catalog, stage: str, why: str) -> StageResult:
+    """A stage this run did not select: its last record, if any, marked as skipped."""
+    last = load_stage(catalog, stage)
+    return StageResult(stage=stage, status="skipped", key=last.key if last else "",
+                       summary={"why": why, "last_run": last.finished_at if last else None}, seconds=0.0)
+
+
+def record_stage(
+    catalog: Catalog, stage: str, *, key: str, summary: dict[str, Any], seconds: float, ran: bool
+) -> StageResult:
+    """Save what a stage did (``ran`` when it computed anything, else ``reused``) and return it."""
+    result = StageResult(stage=stage, status="ran" if ran else "reused", key=key, summary=summary, seconds=seconds)
+    save_stage(catalog, result)
+    return result
+
+
+def load_stage(catalog: Catalog, stage: str) -> StageResult | None:
+    data = read_json(catalog.stage_manifest(stage))
+    return StageResult(**data) if data else None
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def select_stages(
+    stages: Sequence[str], *, until: str | None = None, start: str | None = None, only: str | None = None
+) -> list[str]:
+    """The stages a run executes: ``only`` one, or the range ``start``..``until`` (both inclusive)."""
+    for name, value in (("until", until), ("from", start), ("only", only)):
+        if value is not None and value not in stages:
+            raise ValueError(f"--{name} {value!r} is not a stage; stages are {', '.join(stages)}")
+    if only is not None:
+        if start is not None or until is not None:
+            raise ValueError("--only cannot be combined with --from or --until")
+        return [only]
+    lo = stages.index(start) if start else 0
+    hi = stages.index(until) if until else len(stages) - 1
+    if lo > hi:
+        raise ValueError(f"--from {start} comes after --until {until}")
+    return list(stages[lo : hi + 1])

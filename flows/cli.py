@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sweep", type=float, nargs="*", help="also a grid over these guidance scales")
     sample.add_argument("--out", type=Path, default=Path("grid.png"), help="grid PNG (images go beside it)")
 
+    train = sub.add_parser("train", help="train from a data dir's cached pairs, without Prefect "
+                                         "(also under `accelerate launch --multi_gpu --num_processes N -m flows.cli train`)")
+    _config_args(train, site=False)
+    train.add_argument("--data-dir", type=Path, help="data directory whose encode stage has run")
+    train.add_argument("--preset", choices=("demo",), help="start from a shipped preset (demo: `emoji-sd demo`'s)")
+    train.add_argument("--force", action="store_true", help="retrain even if this exact run is done")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--wait-for-lock", action="store_true",
+                       help="wait for another run on the same data dir instead of stopping")
+
     status = sub.add_parser("status", help="show per stage what is cached, stale or missing")
     _config_args(status)
     status.add_argument("--preset", choices=("demo",), help="start from a shipped preset (demo: `emoji-sd demo`'s)")
@@ -170,6 +180,30 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """The train stage alone, recorded as the pipeline records it. Under a launcher (several processes) only the
+    main process takes the data-dir lock and writes; the others train their share and wait for it."""
+    import contextlib
+    import os
+
+    from sd_core.store.catalog import Catalog
+    from sd_core.store.lock import data_dir_lock
+    from sd_core.training import distributed
+    from sd_core.training.stage import train_stage
+
+    base = preset(args.preset) if args.preset else None
+    cfg = load_config(args.config, base=base, sets=args.sets,
+                      overrides={"data_dir": str(args.data_dir.resolve()) if args.data_dir else None})
+    owns_lock = distributed.is_main_process() and not os.environ.get(distributed.LOCK_HELD)
+    lock = data_dir_lock(cfg.data_dir, wait=args.wait_for_lock) if owns_lock else contextlib.nullcontext()
+    with lock:
+        result = train_stage(cfg.train, cfg.encode, Catalog(cfg.data_dir), force=args.force,
+                             progress=not args.no_progress)
+    if result is not None:
+        print(result.line())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -180,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "train":
+            return _train(args)
         if args.command == "status":
             base = preset(args.preset) if args.preset else None
             return _status(load_config(args.config, base=base, sets=args.sets, overrides={

@@ -73,6 +73,15 @@ def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """A config file: TOML, or JSON when its name ends in ``.json`` (what the train stage hands the processes
+    it launches, since TOML has no null)."""
+    if Path(path).suffix == ".json":
+        try:
+            return json.loads(Path(path).read_text("utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     try:
         return tomllib.loads(Path(path).read_text("utf-8"))
     except FileNotFoundError:

@@ -12,6 +12,8 @@ DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
     "PREFECT_LOGGING_LOG_PRINTS": "true",
+    # The library's own warnings (a caption rejected, a run resumed with changed settings) reach the run's log.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "sd_core",
 }
 
 for _k, _v in DEFAULTS.items():

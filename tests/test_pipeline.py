@@ -54,8 +54,25 @@ def test_run_rerun_stage_rerun_and_refresh(tmp_path, prefect_harness):
     cat = Catalog(tmp_path)
     with DemoSite(build_demo_items(40, seed=7), per_page=12) as site:
         cfg = config(site, tmp_path)
-        first = by_stage(pipeline(cfg, progress=False))
+        state = pipeline(cfg, progress=False, return_state=True)
+        first = by_stage(state.result())
         assert [first[s].status for s in STAGES] == ["ran"] * len(STAGES)
+
+        # training is visible where a scheduled run's user looks: a progress artifact that reached 100% and
+        # log lines with the step and the loss in the flow run's log
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId,
+        )
+
+        run_id = state.state_details.flow_run_id
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+                "emoji-sd-train-progress"])), flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            logs = [log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)]
+        assert len(arts) == 1 and arts[0].type == "progress" and float(arts[0].data) == 100.0
+        assert any(m.startswith("train step 12/12: loss ") for m in logs), logs
         assert first["encode"].summary["images_encoded"] == len(rows(cat))
         assert (cat.samples_dir / "grid.png").exists() and cat.report_html.exists()
         report = cat.report_html.read_text()

@@ -208,3 +208,37 @@ def test_split_is_stable_disjoint_and_survives_growth() -> None:
     assert split_ids(ids, 0.1, seed=42) == (train, val)
     assert split_ids(ids, 0.1, seed=7) != (train, val)
     assert len(split_ids(ids[:5], 0.1)[1]) == 1
+
+
+def test_tensorboard_tracker_gets_loss_lr_held_out_loss_and_images(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sd_core.common.images import save_png
+
+    def sampler(unet, prompts, seeds, out_path):  # a stand-in grid: the tracker must pick up whatever is drawn
+        from PIL import Image
+
+        save_png(Image.new("RGB", (32, 16), (200, 10, 10)), out_path)
+
+    cfg = tiny_train_config(steps=6, val_every=3, sample_every=3, trackers=("tensorboard",))
+    Trainer(cfg, synthetic_pairs(40), tmp_path, sampler=sampler, progress=False).train()
+    logs = list((tmp_path / "emoji-sd").rglob("events.out.tfevents.*"))
+    assert logs, sorted(p.name for p in tmp_path.rglob("*"))
+    events = EventAccumulator(str(logs[0].parent), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "val/loss", "val/ema_loss"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("val/loss")] == [3, 6]
+    assert tags["images"] and [e.step for e in events.Images(tags["images"][0])] == [3, 6]
+
+
+def test_gradient_accumulation_consumes_the_global_batch(tmp_path, pairs: Pairs) -> None:
+    cfg = tiny_train_config(steps=None, epochs=2, batch_size=4, gradient_accumulation_steps=2, val_every=1000)
+    trainer = Trainer(cfg, pairs, tmp_path, progress=False)
+    n_train = len(trainer.train_items)
+    assert trainer.steps_per_epoch == n_train // 8 and trainer.total_steps == 2 * (n_train // 8)
+    result = trainer.train()
+    assert result.step == trainer.total_steps and trainer.epoch == 2 and trainer.position == 0
+    rows = read_metrics(trainer.metrics_csv)
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)

@@ -88,9 +88,11 @@ class TrainStageConfig(TrainConfig):
         "continue", description="continue: start from the last run's weights and train continue_steps more; "
                                 "retrain: train from scratch on the whole dataset")
     continue_steps: int = Field(500, ge=1)
+    processes: int = Field(1, ge=1, description="processes the train stage launches through accelerate (one per "
+                                                "GPU); batch_size is per process")
 
     def trainer_config(self, *, steps: int | None = None) -> TrainConfig:
-        data = self.model_dump(exclude={"on_new_data", "continue_steps"})
+        data = self.model_dump(exclude={"on_new_data", "continue_steps", "processes"})
         if steps is not None:
             data.update(steps=steps, epochs=None)
         return TrainConfig.model_validate(data)

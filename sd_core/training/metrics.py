@@ -4,7 +4,9 @@ same figures for accelerate's trackers (TensorBoard and others) and for progress
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,14 @@ class Progress:
     seconds: float
     val_loss: float | None = None
     ema_val_loss: float | None = None
+
+
+def read_progress(path: Path) -> Progress | None:
+    """What :meth:`MetricsLog.progress` wrote last, if anything."""
+    try:
+        return Progress(**json.loads(Path(path).read_text("utf-8")))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -54,6 +64,13 @@ class MetricsLog:
                "ema_val_loss": fmt(val[1] if val else None), "lr": repr(lr), "seconds": f"{seconds:.3f}"}
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(row)
+
+    @staticmethod
+    def progress(report: Progress, path: Path) -> None:
+        """The latest progress as JSON (replaced, not fsynced: a watcher in another process polls it)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(report)), "utf-8")
+        os.replace(tmp, path)
 
     def plot(self, out_png: Path) -> Path:
         return plot_loss_curve(self.path, out_png)

@@ -3,9 +3,10 @@
 :meth:`Trainer.train_step` is one optimizer update, read top to bottom: draw a latent from its cached
 distribution, noise it, drop captions, predict the noise, backpropagate, update, average. Around it,
 :meth:`Trainer.train` logs, evaluates, saves and exports as the step count says. Every random draw of
-training comes from one generator per process, on the training device, whose state each checkpoint
-saves, and each epoch's data order is fixed by ``(seed, epoch)``: a run killed and resumed from its
-latest checkpoint repeats the uninterrupted run's steps exactly.
+training comes from one generator on the training device, seeded alike in every process (each keeps its
+rows of the global batch's draws), whose state each checkpoint saves; each epoch's data order is fixed by
+``(seed, epoch)``. A run killed and resumed from its latest checkpoint repeats the uninterrupted run's steps
+exactly, and N processes train what one process does at the same global batch.
 
 ``accelerate`` places the model, synchronises gradients across processes (``accelerate launch``), runs
 mixed precision (bf16, or fp16 with a gradient scaler) on CUDA and feeds the trackers; only the main
@@ -102,7 +103,7 @@ def _accelerator(config: TrainConfig, out_dir: Path) -> Any:
 
     if "tensorboard" in config.trackers and not is_tensorboard_available():
         raise ValueError("train.trackers: tensorboard is not installed (pip install tensorboard)")
-    return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
+    return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available(),
                        log_with=list(config.trackers) or None, project_dir=str(out_dir))
 
 
@@ -150,7 +151,7 @@ class Trainer:
         self.ema = EMA(self.net, config.ema_decay, config.ema_warmup)
         self.lr_schedule = CosineLR(config.lr, config.lr_min, self.total_steps, config.warmup_steps)
 
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1_000_003 + self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1_000_003)
         self.data = BatchSource(pairs, self.train_items, batch_size=config.batch_size, world=self.world,
                                 rank=self.rank, seed=config.seed, memory_bytes=config.data_memory_gb * 1e9,
                                 device=self.device)
@@ -193,21 +194,22 @@ class Trainer:
         total = torch.zeros((), device=dev)
         for i, batch in enumerate(micro_batches):
             b = batch["mean"].shape[0]
+            draw = _RankDraws(g, dev, b, self.world, self.rank)  # this process's slice of the global batch's draws
             # a latent drawn from its cached distribution; mirrored for half the items when mirrors are cached
             mean, std = batch["mean"], batch["std"]  # (B, C, h, w)
             if "mean_flip" in batch:
-                flip = (torch.rand(b, generator=g, device=dev) < 0.5)[:, None, None, None]
+                flip = (draw.rand() < 0.5)[:, None, None, None]
                 mean = torch.where(flip, batch["mean_flip"], mean)
                 std = torch.where(flip, batch["std_flip"], std)
-            x0 = (mean + std * torch.randn(mean.shape, generator=g, device=dev)) * self.scaling_factor
+            x0 = (mean + std * draw.randn(mean.shape[1:])) * self.scaling_factor
             # noised to random timesteps
-            noise = torch.randn(x0.shape, generator=g, device=dev)
+            noise = draw.randn(x0.shape[1:])
             if cfg.noise_offset > 0:
-                noise = noise + cfg.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=g, device=dev)
-            t = torch.randint(0, self.num_timesteps, (b,), generator=g, device=dev)
+                noise = noise + cfg.noise_offset * draw.randn((x0.shape[1], 1, 1))
+            t = draw.randint(self.num_timesteps)
             x_t = self.noise.add_noise(x0, noise, t)
             # caption dropout: the empty prompt's states, what classifier-free guidance samples against
-            drop = torch.rand(b, generator=g, device=dev) < cfg.caption_dropout
+            drop = draw.rand() < cfg.caption_dropout
             text = torch.where(drop[:, None, None], self.empty_text, batch["text"].float())  # (B, T, D)
             # predict the noise; gradients are synchronised across processes on the last micro-batch only
             last = i == len(micro_batches) - 1
@@ -442,6 +444,8 @@ class Trainer:
             acc.log({k: v for k, v in values.items() if v is not None}, step=self.step)
         report = Progress(self.step, self.total_steps, loss, lr, self.elapsed_s,
                           *(val if val is not None else (None, None)))
+        if metrics is not None:
+            metrics.progress(report, self.out_dir / "progress.json")
         for callback in self.callbacks:
             callback(report)
 
@@ -496,6 +500,25 @@ class Trainer:
                                            manifest=manifest, merged=cfg.export_merged)
         acc.wait_for_everyone()
         return folder
+
+
+class _RankDraws:
+    """Random draws for the global batch (every process draws them all, from the same generator state) of
+    which this process keeps its rows: N processes draw exactly what one process does at the same global
+    batch, so their runs agree up to floating-point summation order."""
+
+    def __init__(self, generator: torch.Generator, device: torch.device, batch: int, world: int, rank: int) -> None:
+        self.g, self.dev, self.n = generator, device, batch * world
+        self.rows = slice(rank * batch, (rank + 1) * batch)
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn((self.n, *shape), generator=self.g, device=self.dev)[self.rows]
+
+    def rand(self) -> torch.Tensor:
+        return torch.rand(self.n, generator=self.g, device=self.dev)[self.rows]
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.randint(0, high, (self.n,), generator=self.g, device=self.dev)[self.rows]
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

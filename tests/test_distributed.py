@@ -1,0 +1,74 @@
+"""Training outside Prefect (`emoji-sd train`) and in two processes: launched by the train stage through
+`accelerate launch` (gloo on the CPU here), it trains what one process trains at the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_pipeline import FAST, config
+
+from sd_core.demo.emoji_art import build_demo_items
+from sd_core.demo.site import DemoSite
+from sd_core.store.catalog import Catalog
+from sd_core.store.records import load_stage
+from sd_core.training.metrics import read_metrics
+
+TRAIN = [*FAST, "train.steps=6", "train.save_every=3", "train.val_every=3", "train.sample_every=null",
+         "train.caption_dropout=0.3", "train.on_new_data=retrain"]
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, prefect_harness) -> Path:
+    """A data dir whose stages ran up to encode (24 demo emoji)."""
+    from flows.pipeline import pipeline
+
+    data = tmp_path_factory.mktemp("encoded") / "data"
+    with DemoSite(build_demo_items(24, seed=5), per_page=12) as site:
+        pipeline(config(site, data), until="encode", progress=False)
+    return data
+
+
+def train_cli(data: Path, *sets: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "flows.cli", "train", "--data-dir", str(data), "--preset", "demo", "--no-progress"]
+    for s in [*TRAIN, *sets]:
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+
+
+def losses(run: Path) -> list[float]:
+    return [float(r["train_loss"]) for r in read_metrics(run / "metrics.csv")]
+
+
+def test_two_processes_train_what_one_process_trains(encoded: Path) -> None:
+    cat = Catalog(encoded)
+    single = train_cli(encoded, "train.batch_size=8")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.stdout.strip().splitlines()[-1].startswith("train: ran")
+    one = cat.latest_run()
+    double = train_cli(encoded, "train.batch_size=4", "train.processes=2")  # the stage launches 2 processes itself
+    assert double.returncode == 0, double.stderr[-3000:]
+    two = cat.latest_run()
+    assert two != one
+
+    record = load_stage(cat, "train")
+    assert record is not None and record.status == "ran" and record.summary["processes"] == 2
+    assert record.summary["steps"] == 6 and record.summary["run"] == two.name
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 6
+    # same items, same random draws, gradients averaged over the two halves: equal up to summation order
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-4 * abs(x), (a, b)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["checkpoint-0000003", "checkpoint-0000006",
+                                                                        "latest"]
+    ckpt = two / "checkpoints" / "checkpoint-0000006"
+    assert sorted(p.name for p in ckpt.glob("rng-rank*.safetensors")) == ["rng-rank0.safetensors",
+                                                                          "rng-rank1.safetensors"]
+    assert (two / "model" / "model_index.json").exists()  # exported once, by the main process
+
+    again = train_cli(encoded, "train.batch_size=4", "train.processes=2")
+    assert again.returncode == 0 and "train: reused" in again.stdout

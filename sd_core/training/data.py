@@ -43,11 +43,12 @@ class BatchSource:
     """Batches of the items ``items`` for process ``rank`` of ``world``, ``batch_size`` each."""
 
     def __init__(self, source: PairSource, items: Sequence[int], *, batch_size: int, world: int = 1,
-                 rank: int = 0, seed: int = 0, memory_bytes: float = 4e9, device: torch.device | str = "cpu",
-                 prefetch: int = 2) -> None:
+                 rank: int = 0, accumulation: int = 1, seed: int = 0, memory_bytes: float = 4e9,
+                 device: torch.device | str = "cpu", prefetch: int = 2) -> None:
         self.source, self.items = source, list(items)
         self.batch_size, self.world, self.rank, self.seed = batch_size, world, rank, seed
-        self.global_batch = batch_size * world
+        self.global_batch = batch_size * world  # one micro-batch of every process
+        self.step_items = self.global_batch * accumulation  # one optimizer step: an epoch ends on a whole one
         self.device, self.prefetch = torch.device(device), prefetch
         self.resident = len(self.items) * source.item_bytes() <= memory_bytes
         self.memory_bytes = memory_bytes
@@ -115,14 +116,19 @@ class BatchSource:
                     if self.device.type == "cuda":
                         tensors = {n: t.pin_memory() for n, t in tensors.items()}
                     position += self.global_batch
-                    next_epoch, next_position = (epoch + 1, 0) if position + self.global_batch > len(flat) else (
-                        epoch, position)
+                    step_done = position % self.step_items == 0
+                    if step_done and position + self.step_items > len(flat):
+                        next_epoch, next_position = epoch + 1, 0
+                    else:
+                        next_epoch, next_position = epoch, position
                     while not stop.is_set():
                         try:
                             out.put(Batch(tensors, next_epoch, next_position), timeout=0.1)
                             break
                         except queue.Full:
                             continue
+                    if next_epoch != epoch:
+                        break
                 epoch, position = epoch + 1, 0
         except BaseException as e:  # hand the failure to the consumer
             out.put(e)

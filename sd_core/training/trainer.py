@@ -153,8 +153,8 @@ class Trainer:
 
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1_000_003)
         self.data = BatchSource(pairs, self.train_items, batch_size=config.batch_size, world=self.world,
-                                rank=self.rank, seed=config.seed, memory_bytes=config.data_memory_gb * 1e9,
-                                device=self.device)
+                                rank=self.rank, accumulation=config.gradient_accumulation_steps, seed=config.seed,
+                                memory_bytes=config.data_memory_gb * 1e9, device=self.device)
         self.empty_text = pairs.empty_text.float().to(self.device)  # (T, D)
         self.step = self.epoch = self.position = 0  # position: items of this epoch's order consumed (all processes)
         self.elapsed_s = 0.0

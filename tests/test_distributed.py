@@ -35,7 +35,7 @@ def encoded(tmp_path_factory, prefect_harness) -> Path:
 def train_cli(data: Path, *sets: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "flows.cli", "train", "--data-dir", str(data), "--preset", "demo", "--no-progress"]
     for s in [*TRAIN, *sets]:
-        args += ["--set", s]
+        args += [s] if s.startswith("--") else ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
 
@@ -49,26 +49,26 @@ def test_two_processes_train_what_one_process_trains(encoded: Path) -> None:
     single = train_cli(encoded, "train.batch_size=8")
     assert single.returncode == 0, single.stderr[-3000:]
     assert single.stdout.strip().splitlines()[-1].startswith("train: ran")
-    one = cat.latest_run()
-    double = train_cli(encoded, "train.batch_size=4", "train.processes=2")  # the stage launches 2 processes itself
+    one = losses(cat.latest_run())
+
+    # 2 processes × batch 4 is the same run as 1 × 8 (same global batch): reused, unless forced
+    same = train_cli(encoded, "train.batch_size=4", "train.processes=2")
+    assert same.returncode == 0 and "train: reused" in same.stdout
+    double = train_cli(encoded, "train.batch_size=4", "train.processes=2", "--force")  # launches 2 processes
     assert double.returncode == 0, double.stderr[-3000:]
-    two = cat.latest_run()
-    assert two != one
+    run = cat.latest_run()
 
     record = load_stage(cat, "train")
     assert record is not None and record.status == "ran" and record.summary["processes"] == 2
-    assert record.summary["steps"] == 6 and record.summary["run"] == two.name
-    a, b = losses(one), losses(two)
-    assert len(a) == len(b) == 6
+    assert record.summary["steps"] == 6 and record.summary["run"] == run.name
+    two = losses(run)
+    assert len(one) == len(two) == 6
     # same items, same random draws, gradients averaged over the two halves: equal up to summation order
-    for x, y in zip(a, b):
-        assert abs(x - y) <= 1e-4 * abs(x), (a, b)
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["checkpoint-0000003", "checkpoint-0000006",
+    for x, y in zip(one, two):
+        assert abs(x - y) <= 1e-4 * abs(x), (one, two)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-0000003", "checkpoint-0000006",
                                                                         "latest"]
-    ckpt = two / "checkpoints" / "checkpoint-0000006"
+    ckpt = run / "checkpoints" / "checkpoint-0000006"
     assert sorted(p.name for p in ckpt.glob("rng-rank*.safetensors")) == ["rng-rank0.safetensors",
                                                                           "rng-rank1.safetensors"]
-    assert (two / "model" / "model_index.json").exists()  # exported once, by the main process
-
-    again = train_cli(encoded, "train.batch_size=4", "train.processes=2")
-    assert again.returncode == 0 and "train: reused" in again.stdout
+    assert (run / "model" / "model_index.json").exists()  # exported once, by the main process

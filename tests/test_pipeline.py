@@ -62,7 +62,12 @@ def test_run_rerun_stage_rerun_and_refresh(tmp_path, prefect_harness):
         # log lines with the step and the loss in the flow run's log
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import (
-            ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId,
+            ArtifactFilter,
+            ArtifactFilterKey,
+            FlowRunFilter,
+            FlowRunFilterId,
+            LogFilter,
+            LogFilterFlowRunId,
         )
 
         run_id = state.state_details.flow_run_id

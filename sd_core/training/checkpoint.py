@@ -187,6 +187,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     return folder
 
 
+def load_step(folder: Path) -> int:
+    """The step a checkpoint folder was saved at."""
+    return int(_read_json(Path(folder) / "trainer_state.json")["step"])
+
+
 @dataclass
 class Checkpoint:
     """Everything a checkpoint folder holds, loaded onto the CPU."""

@@ -88,11 +88,17 @@ class TrainStageConfig(TrainConfig):
         "continue", description="continue: start from the last run's weights and train continue_steps more; "
                                 "retrain: train from scratch on the whole dataset")
     continue_steps: int = Field(500, ge=1)
+    ema_on_continue: Literal["rewarm", "adapt", "keep"] = Field(
+        "rewarm", description="the EMA of a continuation: rewarm restarts its warm-up (decay (1+n)/(10+n)), adapt "
+                              "caps its decay at 1 - 10/continue_steps, keep carries on (most of the export is then "
+                              "the old weights)")
+    keep_runs: int = Field(2, ge=1, description="run folders kept in models/unet (the latest is never removed)")
     processes: int = Field(1, ge=1, description="processes the train stage launches through accelerate (one per "
                                                 "GPU); batch_size is per process")
 
-    def trainer_config(self, *, steps: int | None = None) -> TrainConfig:
-        data = self.model_dump(exclude={"on_new_data", "continue_steps", "processes"})
-        if steps is not None:
-            data.update(steps=steps, epochs=None)
+    def trainer_config(self, *, steps: int | None = None, epochs: int | None = None) -> TrainConfig:
+        """The trainer's own settings, with the run length a plan gives (the configured one by default)."""
+        data = self.model_dump(exclude={"on_new_data", "continue_steps", "ema_on_continue", "keep_runs", "processes"})
+        if steps is not None or epochs is not None:
+            data.update(steps=steps, epochs=epochs)
         return TrainConfig.model_validate(data)

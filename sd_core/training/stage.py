@@ -3,6 +3,7 @@ and configuration exists; resume a killed run; continue from the last run when t
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -10,22 +11,22 @@ from typing import Any, Callable, Sequence
 from sd_core.common.images import save_png
 from sd_core.diffusion.models import noise_scheduler
 from sd_core.encode.stage import EncodeStageConfig, cached_pairs, resolve
-from sd_core.encode.stage import stage_key as encode_key
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_json, stable_hash
+from sd_core.store.files import atomic_write_json
 from sd_core.store.records import StageResult, Timer, load_stage, record_stage
 from sd_core.training import checkpoint as ckpt
 from sd_core.training import distributed
 from sd_core.training.config import TrainStageConfig
 from sd_core.training.metrics import Progress, read_progress
+from sd_core.training.plan import finished, plan_run
 from sd_core.training.trainer import EncoderRefs, ImageSampler, Trainer
 
-CODE_VERSION = 2  # 2: diffusers UNet2DConditionModel, pipeline exports
+log = logging.getLogger(__name__)
 
 
 def stage_key(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog) -> str:
-    return stable_hash({"train": cfg.trainer_config().model_dump(mode="json"), "data": encode_key(enc, catalog),
-                        "code_version": CODE_VERSION})
+    """The train stage's key now: the run it owes and that run's length (``enc`` resolved)."""
+    return plan_run(cfg, enc, catalog).stage_key
 
 
 def validation_sampler(enc: EncodeStageConfig, scheduler_config: Any, *, guidance_scale: float = 7.5,
@@ -52,45 +53,63 @@ def run_training(
     cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog, *, force: bool = False, progress: bool = True,
     callbacks: Sequence[Callable[[Progress], None]] = (),
 ) -> dict[str, Any]:
-    """Train on the cached pairs unless a finished run for exactly this data and config exists.
-
-    A killed run resumes from its latest checkpoint. When the dataset grew, ``on_new_data`` decides
-    between continuing from the previous run's weights and retraining from scratch.
-    """
+    """Train the run :func:`~sd_core.training.plan.plan_run` says is owed, unless it is finished (``enc``
+    resolved). A killed run resumes from its latest checkpoint to its own planned length."""
     procs = distributed.state()
-    key = stage_key(cfg, enc, catalog)
-    run_dir = catalog.run_dir(f"run-{key}")
-    if force and run_dir.exists() and procs.is_main_process:
-        shutil.rmtree(run_dir)
+    plan = plan_run(cfg, enc, catalog)
+    if force and plan.run_dir.exists() and procs.is_main_process:
+        shutil.rmtree(plan.run_dir)
     procs.wait_for_everyone()
-    if (run_dir / "model").exists():
-        return {"status": "reused", "run": run_dir.name}
-    previous = catalog.latest_run()
-    resume = bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
-    init = None
-    steps = None
-    if not resume and previous is not None and previous != run_dir and cfg.on_new_data == "continue":
-        init = ckpt.latest_checkpoint(previous / "checkpoints")
-        steps = cfg.continue_steps if init is not None else None
+    if force:
+        plan = plan_run(cfg, enc, catalog)
+    elif finished(plan):
+        return {"status": "reused", "run": plan.run_dir.name}
+    resume = bool(ckpt.list_checkpoints(plan.run_dir / "checkpoints"))
+    if procs.is_main_process:
+        log.info("train: %s%s", plan.reason, " (resuming its latest checkpoint)" if resume else "")
+        plan.save()
+    procs.wait_for_everyone()
     pairs = cached_pairs(enc, catalog)
     sample = cfg.sample_every and procs.is_main_process
     sampler = validation_sampler(enc, noise_scheduler(cfg.model, cfg.schedule).config) if sample else None
-    trainer = Trainer(cfg.trainer_config(steps=steps), pairs, run_dir,
+    trainer = Trainer(cfg.trainer_config(steps=plan.steps, epochs=plan.epochs), pairs, plan.run_dir,
                       encoders=EncoderRefs(text_encoder=enc.text, vae=enc.vae), sampler=sampler,
                       callbacks=callbacks, progress=progress)
-    if init is not None and not resume:
-        trainer.init_from(init)
+    if plan.kind == "continue":
+        if not resume:
+            trainer.init_from(plan.init_from, ema=cfg.ema_on_continue)
+        elif cfg.ema_on_continue == "adapt":
+            trainer.adapt_ema()
     result = trainer.train(resume=resume)
     if procs.is_main_process:
-        atomic_write_json(catalog.latest_run_json, {"run": run_dir.name, "key": key})
+        atomic_write_json(catalog.latest_run_json, {"run": plan.run_dir.name, "key": plan.key})
+        pruned = prune_runs(catalog, cfg.keep_runs)
     procs.wait_for_everyone()
     return {
-        "status": "ran", "run": run_dir.name, "items": len(pairs), "steps": result.step,
+        "status": "ran", "run": plan.run_dir.name, "plan": plan.reason, "items": len(pairs), "steps": result.step,
         "processes": procs.num_processes, "resumed": resume,
-        "continued_from": init.parent.parent.name if init else None,
+        "continued_from": plan.init_from.parent.parent.name if plan.init_from else None,
         "train_loss": _round(result.train_loss), "val_loss": _round(result.val_loss),
-        "ema_val_loss": _round(result.ema_val_loss),
+        "ema_val_loss": _round(result.ema_val_loss), "runs_pruned": pruned if procs.is_main_process else None,
     }
+
+
+def prune_runs(catalog: Catalog, keep: int) -> int:
+    """Remove all but the ``keep`` newest run folders; the one ``latest.json`` names always stays."""
+    latest = catalog.latest_run()
+    def started(run: Path) -> float:  # a run's plan is written when it (re)starts
+        plan = run / "plan.json"
+        return (plan if plan.exists() else run).stat().st_mtime
+
+    runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir()), key=started, reverse=True)
+    kept = [latest] if latest is not None else []
+    kept += [p for p in runs if p != latest][: max(0, keep - len(kept))]
+    removed = 0
+    for run in runs:
+        if run not in kept:
+            shutil.rmtree(run, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def train_stage(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog, *, force: bool = False,
@@ -101,7 +120,7 @@ def train_stage(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog,
         launch_cfg = catalog.state_dir / "train-launch.json"
         atomic_write_json(launch_cfg, {"data_dir": str(catalog.root), "train": cfg.model_dump(mode="json"),
                                        "encode": enc.model_dump(mode="json")})
-        run_dir = catalog.run_dir(f"run-{stage_key(cfg, resolve(enc, catalog), catalog)}")
+        run_dir = plan_run(cfg, resolve(enc, catalog), catalog).run_dir
         seen: list[int] = []
 
         def watch() -> None:  # hand the launched run's progress to this process's callbacks

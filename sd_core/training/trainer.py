@@ -330,7 +330,10 @@ class Trainer:
         for key in ("model", "schedule"):
             if c.config.get(key) != mine[key]:
                 raise ValueError(f"{folder} was trained with another {key} config: {c.config.get(key)} != {mine[key]}")
-        if changed := sorted(k for k in mine if c.config.get(k) != mine[k]):
+        if (c.config.get("steps"), c.config.get("epochs")) != (mine["steps"], mine["epochs"]):
+            log.info("resuming %s (planned for %s steps) to %s steps", folder, c.config.get("steps") or
+                     f"{c.config.get('epochs')} epochs of", self.total_steps)
+        if changed := sorted(k for k in mine if c.config.get(k) != mine[k] and k not in ("steps", "epochs")):
             log.warning("resuming %s with changed run settings %s: steps after this differ from the original run",
                         folder, changed)
         if st["num_processes"] != self.world:
@@ -346,16 +349,23 @@ class Trainer:
         self.step, self.epoch, self.position = st["step"], st["epoch"], st["position"]
         self.elapsed_s = float(st["elapsed_s"])
 
-    def init_from(self, folder: Path) -> None:
-        """Start from another run's weights (model and EMA of a checkpoint folder), e.g. to continue
-        training on a grown data set; optimizer, LR schedule and data position start fresh."""
+    def init_from(self, folder: Path, *, ema: str = "rewarm") -> None:
+        """Start from another run's weights (model and EMA of a checkpoint folder), e.g. to continue training
+        on a grown data set; optimizer, LR schedule and data position start fresh. ``ema``: ``rewarm`` restarts
+        the EMA's warm-up, ``adapt`` caps its decay at ``1 - 10 / total_steps``, ``keep`` carries it on."""
         c = ckpt.load_checkpoint(folder)
         if c.config["model"] != self.config.model_dump(mode="json")["model"]:
             raise ValueError(f"{folder} holds another model config; cannot continue from it")
         load_trainable_state(self.net, {n: v.to(self.device) for n, v in c.model.items()})
-        self.ema.load_state_dict({n: v.to(self.device) for n, v in (c.ema or c.model).items()},
-                                 int(c.trainer_state.get("ema_updates", 0)))
-        self.accelerator.print(f"initialised from {folder} (step {c.step})")
+        updates = int(c.trainer_state.get("ema_updates", 0)) if ema in ("keep", "adapt") else 0
+        self.ema.load_state_dict({n: v.to(self.device) for n, v in (c.ema or c.model).items()}, updates)
+        if ema == "adapt":
+            self.adapt_ema()
+        self.accelerator.print(f"initialised from {folder} (step {c.step}; EMA {ema}, decay {self.ema.decay:g})")
+
+    def adapt_ema(self) -> None:
+        """Cap the EMA decay at ``1 - 10 / total_steps``: its horizon is a tenth of this (short) run."""
+        self.ema.decay = min(self.config.ema_decay, 1.0 - 10.0 / max(self.total_steps, 20))
 
     def resume_latest(self) -> bool:
         """Load ``checkpoints/latest`` if there is one; True when a checkpoint was loaded."""

@@ -1,0 +1,129 @@
+"""Refresh cycles through the real pipeline on a tiny local site: when training continues, retrains, extends
+or is reused, what a killed continuation resumes to, and how many run folders stay on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sd_core.demo.emoji_art import build_demo_items, build_growth_items
+from sd_core.demo.site import DemoSite
+from sd_core.store.catalog import Catalog
+from sd_core.training import checkpoint as ckpt
+from sd_core.training.metrics import read_metrics
+from test_pipeline import by_stage, config
+from tiny_diffusion import one_torch_thread
+
+SETTINGS = ["train.steps=8", "train.continue_steps=4", "train.save_every=2", "train.val_every=4",
+            "train.sample_every=null", "sample.guidance_sweep=[]", "sample.images_per_prompt=1"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with one_torch_thread():
+        yield
+
+
+def runs(cat: Catalog) -> list[str]:
+    return sorted(p.name for p in cat.train_dir.glob("run-*"))
+
+
+def steps_trained(run: Path) -> int:
+    return int(read_metrics(run / "metrics.csv")[-1]["step"])
+
+
+def test_refresh_cycles(tmp_path, prefect_harness):
+    from flows.pipeline import pipeline
+
+    cat = Catalog(tmp_path)
+    with DemoSite(build_demo_items(30, seed=3), per_page=12) as site:
+        def run(*sets: str, **kw):
+            return by_stage(pipeline(config(site, tmp_path, *SETTINGS, *sets), progress=False, **kw))
+
+        first = run()
+        assert first["train"].summary["steps"] == 8 and first["train"].summary["continued_from"] is None
+        run1 = cat.latest_run()
+
+        # a logging or checkpoint knob is not part of the run: nothing is retrained
+        knobs = run("train.val_every=2", "train.save_every=4", "train.log_every=2", start="train")
+        assert knobs["train"].status == "reused" and runs(cat) == [run1.name]
+
+        # more steps: the same run goes on from its last checkpoint to the new total
+        longer = run("train.steps=12", start="train")
+        assert longer["train"].status == "ran" and longer["train"].summary["run"] == run1.name
+        assert longer["train"].summary["resumed"] and steps_trained(run1) == 12
+        assert [int(r["step"]) for r in read_metrics(run1 / "metrics.csv")] == list(range(1, 13))
+
+        # a new emoji: a new run continues from the last one for continue_steps, its EMA warmed up afresh
+        site.prepend(build_growth_items(1, seed=3, after=30))
+        grown = run("train.steps=12")
+        t = grown["train"].summary
+        assert t["continued_from"] == run1.name and t["steps"] == 4 and grown["encode"].summary["images_encoded"] == 1
+        run2 = cat.latest_run()
+        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run2 / "checkpoints")).trainer_state
+        assert state["ema_updates"] == 4  # re-warmed: counted from the start of the continuation
+
+        # a wider UNet: trained from scratch, and the record says why
+        wider = run("train.steps=12", "train.model.unet.h_dim=64", start="train")
+        w = wider["train"].summary
+        assert w["continued_from"] is None and w["steps"] == 12
+        assert "settings that shape the model changed: model.unet.h_dim" in w["plan"]
+        # keep_runs = 2: the third run removed the oldest; latest.json names a run on disk
+        assert len(runs(cat)) == 2 and run1.name not in runs(cat)
+        assert cat.latest_run().is_dir() and (cat.latest_run() / "model").is_dir()
+
+
+KILLER = """
+import sys
+from flows.cli import main
+sys.exit(main(["train", "--data-dir", sys.argv[1], "--preset", "demo", "--no-progress", *sys.argv[2:]]))
+"""
+
+
+def test_killed_continuation_resumes_to_its_own_length(tmp_path, prefect_harness):
+    from flows.pipeline import pipeline
+    from test_pipeline import FAST
+
+    cat = Catalog(tmp_path)
+    with DemoSite(build_demo_items(30, seed=4), per_page=12) as site:
+        pipeline(config(site, tmp_path, *SETTINGS), progress=False)
+        site.prepend(build_growth_items(2, seed=4, after=30))
+        pipeline(config(site, tmp_path, *SETTINGS), until="encode", progress=False)
+    before = set(runs(cat))
+    sets = [a for s in [*FAST, *SETTINGS, "train.continue_steps=40", "train.save_every=2"] for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path), *sets], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            new = set(runs(cat)) - before
+            if new and ckpt.list_checkpoints(cat.run_dir(new.pop()) / "checkpoints"):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the continuation never saved a checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (run2,) = set(runs(cat)) - before
+    plan = json.loads((cat.run_dir(run2) / "plan.json").read_text())
+    assert plan["kind"] == "continue" and plan["steps"] == 40
+    killed_at = ckpt.load_step(ckpt.latest_checkpoint(cat.run_dir(run2) / "checkpoints"))
+    assert 0 < killed_at < 40
+
+    # the rerun asks for other lengths; the killed continuation still finishes its own plan
+    other = [a for s in [*FAST, *SETTINGS, "train.continue_steps=7", "train.steps=99"] for a in ("--set", s)]
+    done = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), *other], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cat.latest_run().name == run2 and steps_trained(cat.run_dir(run2)) == 40
+    rows = read_metrics(cat.run_dir(run2) / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 41))

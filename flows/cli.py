@@ -38,6 +38,8 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--wait-for-lock", action="store_true",
                    help="wait for another run on the same data dir instead of stopping")
+    p.add_argument("--promote", action="store_true",
+                   help="make the evaluated run the champion even if it scores worse than the current one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +123,7 @@ def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         pipeline = pipeline.with_options(task_runner=runner)
     results = pipeline(
         cfg, until=args.until, start=args.start, only=args.only, force=args.force,
-        progress=not args.no_progress, wait_for_lock=args.wait_for_lock,
+        progress=not args.no_progress, wait_for_lock=args.wait_for_lock, promote=args.promote,
     )
     print("\n".join(r.line() for r in results))
     print(f"dataset: {cfg.data_dir / 'metadata.csv'}")

@@ -1,5 +1,6 @@
 """The emoji-sd pipeline flow: stages wired in order, each handing the next paths on disk."""
 
+from dataclasses import dataclass
 from typing import Callable
 
 from prefect import flow
@@ -13,6 +14,7 @@ from sd_core.store.lock import data_dir_lock
 from sd_core.store.records import StageResult, select_stages, skipped_stage
 from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
 from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task
+from tasks.eval import eval_task
 from tasks.fanout import gather
 from tasks.ingest import convert_task, download_task, list_site_task
 from tasks.report import report_task
@@ -20,42 +22,55 @@ from tasks.sample import sample_task
 from tasks.train import train_task
 from tasks.vae import vae_task
 
-Runner = Callable[[PipelineConfig, bool, bool], StageResult]
+
+@dataclass(frozen=True)
+class RunOptions:
+    progress: bool = True
+    promote: bool = False
 
 
-def _crawl(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
-    listing = list_site_task(cfg.crawl, cfg.data_dir, progress)
-    return download_task(cfg.crawl, cfg.data_dir, listing, progress, force)
+Runner = Callable[[PipelineConfig, RunOptions, bool], StageResult]  # (config, options, forced) -> record
 
 
-def _caption(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
+def _crawl(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
+    listing = list_site_task(cfg.crawl, cfg.data_dir, opts.progress)
+    return download_task(cfg.crawl, cfg.data_dir, listing, opts.progress, force)
+
+
+def _caption(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
     plan = caption_plan_task(cfg.caption, cfg.data_dir, force)
     futures = caption_batch_task.map(plan.batches, unmapped(cfg.caption), unmapped(cfg.data_dir))
-    calls = gather(futures, desc="caption", progress=progress)
+    calls = gather(futures, desc="caption", progress=opts.progress)
     return caption_finish_task(cfg.caption, cfg.data_dir, plan, calls)
 
 
-def _vae(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
+def _vae(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
     if not uses_trained_vae(cfg.encode):
         return skipped_stage(Catalog(cfg.data_dir), "vae", f"pretrained VAE {cfg.encode.vae.model_id}")
-    return vae_task(cfg.vae, cfg.data_dir, progress, force)
+    return vae_task(cfg.vae, cfg.data_dir, opts.progress, force)
 
 
-def _encode(cfg: PipelineConfig, progress: bool, force: bool) -> StageResult:
+def _encode(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
     plan = encode_plan_task(cfg.encode, cfg.data_dir, force)
     futures = encode_batch_task.map(plan.batches, unmapped(cfg.encode), unmapped(cfg.data_dir))
-    results = gather(futures, desc="encode", progress=progress)
+    results = gather(futures, desc="encode", progress=opts.progress)
     return encode_finish_task(cfg.encode, cfg.data_dir, plan, results)
+
+
+def _eval(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
+    return eval_task(cfg.eval, cfg.caption, cfg.encode, cfg.data_dir, cfg.train.val_fraction, cfg.train.split_seed,
+                     force, opts.promote)
 
 
 RUNNERS: dict[str, Runner] = {
     "crawl": _crawl,
-    "convert": lambda cfg, progress, force: convert_task(cfg.convert, cfg.data_dir, progress, force),
+    "convert": lambda cfg, opts, force: convert_task(cfg.convert, cfg.data_dir, opts.progress, force),
     "caption": _caption,
     "vae": _vae,
     "encode": _encode,
-    "train": lambda cfg, progress, force: train_task(cfg.train, cfg.encode, cfg.data_dir, progress, force),
-    "sample": lambda cfg, progress, force: sample_task(cfg.sample, cfg.data_dir, force),
+    "train": lambda cfg, opts, force: train_task(cfg.train, cfg.encode, cfg.data_dir, opts.progress, force),
+    "eval": _eval,
+    "sample": lambda cfg, opts, force: sample_task(cfg.sample, cfg.data_dir, force),
 }
 if tuple(RUNNERS) != STAGES:
     raise RuntimeError(f"pipeline wiring {tuple(RUNNERS)} does not match the stages {STAGES}")
@@ -71,10 +86,12 @@ def pipeline(
     force: list[Stage] | None = None,
     progress: bool = True,
     wait_for_lock: bool = False,
+    promote: bool = False,
 ) -> list[StageResult]:
     """Run the selected stages in order: all, ``start``..``until``, or ``only`` one.
 
-    Stages in ``force`` ignore their caches. Stages before the selection are reported as skipped.
+    Stages in ``force`` ignore their caches. Stages before the selection are reported as skipped. ``promote``
+    makes the evaluated run the champion even when it scores worse than the current one.
     """
     selected = select_stages(STAGES, until=until, start=start, only=only)
     first = STAGES.index(selected[0])
@@ -82,7 +99,7 @@ def pipeline(
     with data_dir_lock(config.data_dir, wait=wait_for_lock):
         results = [skipped_stage(catalog, s, "not selected") for s in STAGES[:first]]
         for stage in selected:
-            results.append(RUNNERS[stage](config, progress, stage in (force or [])))
+            results.append(RUNNERS[stage](config, RunOptions(progress, promote), stage in (force or [])))
         results += [skipped_stage(catalog, s, "not selected") for s in STAGES[STAGES.index(selected[-1]) + 1:]]
         report_task(config.data_dir, results)
     return results

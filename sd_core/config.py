@@ -17,14 +17,15 @@ from pydantic import BaseModel, Field, ValidationError
 from sd_core.caption.config import CaptionConfig
 from sd_core.common.strict import StrictModel
 from sd_core.encode.stage import EncodeStageConfig
+from sd_core.eval.config import EvalConfig
 from sd_core.ingest.convert import ConvertConfig
 from sd_core.ingest.settings import CrawlConfig
 from sd_core.sample.config import SampleConfig
 from sd_core.training.config import TrainStageConfig
 from sd_core.vae.train import VAETrainConfig
 
-STAGES: tuple[str, ...] = ("crawl", "convert", "caption", "vae", "encode", "train", "sample")
-Stage = Literal["crawl", "convert", "caption", "vae", "encode", "train", "sample"]
+STAGES: tuple[str, ...] = ("crawl", "convert", "caption", "vae", "encode", "train", "eval", "sample")
+Stage = Literal["crawl", "convert", "caption", "vae", "encode", "train", "eval", "sample"]
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,7 @@ class PipelineConfig(StrictModel):
     vae: VAETrainConfig = Field(VAETrainConfig(), description="used only when encode.vae.model_id = 'trained'")
     encode: EncodeStageConfig = EncodeStageConfig()
     train: TrainStageConfig = TrainStageConfig()
+    eval: EvalConfig = EvalConfig()
     sample: SampleConfig = SampleConfig()
 
 

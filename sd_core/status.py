@@ -9,6 +9,7 @@ from typing import Callable, Literal
 from sd_core.caption import stage as caption_stage
 from sd_core.config import STAGES, PipelineConfig
 from sd_core.encode import stage as encode_stage
+from sd_core.eval import stage as eval_stage
 from sd_core.ingest import convert
 from sd_core.ingest.ledger import Ledger
 from sd_core.sample import stage as sample_stage
@@ -26,6 +27,8 @@ KEY_NOW: dict[str, Callable[[PipelineConfig, Catalog], str]] = {
     "vae": lambda cfg, cat: vae_stage.stage_key(cfg.vae),
     "encode": lambda cfg, cat: encode_stage.stage_key(encode_stage.resolve(cfg.encode, cat), cat),
     "train": lambda cfg, cat: train_stage.stage_key(cfg.train, encode_stage.resolve(cfg.encode, cat), cat),
+    "eval": lambda cfg, cat: eval_stage.stage_key(cfg.eval, cfg.caption, cat, val_fraction=cfg.train.val_fraction,
+                                                  split_seed=cfg.train.split_seed),
     "sample": lambda cfg, cat: sample_stage.stage_key(cfg.sample, cat),
 }
 

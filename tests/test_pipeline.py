@@ -21,6 +21,7 @@ FAST = [
     "train.model.unet.h_dim=32", "train.model.unet.groups=8", "train.model.unet.n_heads=4",
     "sample.steps=3", "sample.images_per_prompt=2", "sample.guidance_sweep=[0.0, 4.0]",
     "encode.text.max_length=32",
+    "eval.items=8", "eval.steps=2", "eval.grid_items=4", "eval.features=null", "eval.clip_model=null",
 ]
 
 

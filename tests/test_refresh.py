@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from test_pipeline import by_stage, config
+from tiny_diffusion import one_torch_thread
 
 from sd_core.demo.emoji_art import build_demo_items, build_growth_items
 from sd_core.demo.site import DemoSite
 from sd_core.store.catalog import Catalog
 from sd_core.training import checkpoint as ckpt
 from sd_core.training.metrics import read_metrics
-from test_pipeline import by_stage, config
-from tiny_diffusion import one_torch_thread
 
 SETTINGS = ["train.steps=8", "train.continue_steps=4", "train.save_every=2", "train.val_every=4",
             "train.sample_every=null", "sample.guidance_sweep=[]", "sample.images_per_prompt=1"]
@@ -88,8 +88,9 @@ sys.exit(main(["train", "--data-dir", sys.argv[1], "--preset", "demo", "--no-pro
 
 
 def test_killed_continuation_resumes_to_its_own_length(tmp_path, prefect_harness):
-    from flows.pipeline import pipeline
     from test_pipeline import FAST
+
+    from flows.pipeline import pipeline
 
     cat = Catalog(tmp_path)
     with DemoSite(build_demo_items(30, seed=4), per_page=12) as site:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sd_core.store.files import atomic_write_bytes
 
-__all__ = ["plot_loss_curve"]
+__all__ = ["plot_loss_curve", "plot_history"]
 
 
 def _column(rows: list[dict[str, str]], name: str) -> tuple[list[int], list[float]]:
@@ -48,6 +48,35 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path, *, smooth: int = 20) -> Pa
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(out_png), buf.getvalue())
+    return Path(out_png)
+
+
+def plot_history(rows: list[dict[str, str]], scores: list[str], out_png: Path) -> Path:
+    """One panel per score, its value for each evaluated run in order; rejected runs drawn as crosses."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(scores), 1, figsize=(7, 1.8 * len(scores) + 0.6), dpi=100, squeeze=False,
+                             sharex=True)
+    x = list(range(1, len(rows) + 1))
+    for ax, name in zip(axes[:, 0], scores):
+        pts = [(i, float(r[name]), r.get("status") == "rejected") for i, r in zip(x, rows) if r.get(name)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="tab:blue", alpha=0.5)
+        for i, v, rejected in pts:
+            ax.plot(i, v, "x" if rejected else "o", color="tab:red" if rejected else "tab:blue")
+        ax.set_ylabel(name.replace("_", " "), fontsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[-1, 0].set_xlabel("evaluated run (o promoted or kept, x rejected)")
+    axes[-1, 0].set_xticks(x)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

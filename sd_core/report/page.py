@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_text
+from sd_core.store.files import atomic_write_text, read_json
 from sd_core.store.metadata import read_metadata
 from sd_core.store.records import StageResult
 
@@ -52,6 +52,62 @@ def stages_markdown(catalog: Catalog, results: Sequence[StageResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SCORE_LABELS = {
+    "held_out_loss": "held-out ε-MSE (EMA model, fixed timesteps and noise)",
+    "prompt_following": "prompt following at the configured guidance",
+    "prompt_following_g0": "prompt following at guidance 0 (without the text)",
+    "prompt_following_real": "prompt following of the real held-out images (the captioner's ceiling)",
+    "chance": "chance level of the prompts' attributes",
+    "fid": "FID against the dataset (CLIP image features)",
+    "kid": "KID against the dataset (CLIP image features)",
+    "clip_score": "CLIP score of prompt and image",
+}
+
+
+def _evaluation(catalog: Catalog) -> dict | None:
+    """The latest run's evaluation (eval.json), if it was evaluated."""
+    run = catalog.latest_run()
+    return read_json(catalog.eval_dir(run) / "eval.json") if run is not None else None
+
+
+def _score_rows(ev: dict) -> list[tuple[str, str, str]]:
+    """(label, value, champion's value) rows, skipped scores with their reason."""
+    champion = ev.get("champion_scores") or {}
+    rows = []
+    for name, label in SCORE_LABELS.items():
+        if name in ev["scores"]:
+            fmt = "{:.3f}" if name.startswith(("prompt", "chance")) else "{:.4g}"
+            rows.append((label, fmt.format(ev["scores"][name]),
+                         fmt.format(champion[name]) if name in champion else ""))
+        elif name in ev.get("skipped", {}):
+            rows.append((label, f"skipped: {ev['skipped'][name]}", ""))
+    return rows
+
+
+def eval_markdown(catalog: Catalog) -> str:
+    """The latest evaluation as Markdown: the decision, its reason and every score (a flow-run artifact)."""
+    ev = _evaluation(catalog)
+    if ev is None:
+        return "no evaluation yet\n"
+    lines = [f"**{catalog.latest_run().name}: {ev.get('status', 'evaluated')}**: {ev.get('reason', '')}", "",
+             f"{ev['items']} held-out prompts, attributes {', '.join(ev['attributes'])}, "
+             f"guidance {ev['guidance_scale']:g}", "", "| score | this run | champion |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in _score_rows(ev)]
+    return "\n".join(lines) + "\n"
+
+
+def _eval_section(catalog: Catalog) -> str:
+    ev = _evaluation(catalog)
+    if ev is None:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                   for a, b, c in _score_rows(ev))
+    status = html.escape(str(ev.get("status", "evaluated")))
+    return (f"<h2>Evaluation</h2><p><b>{status}</b>: {html.escape(str(ev.get('reason', '')))}</p>"
+            f"<p>{ev['items']} held-out prompts; attributes scored: {html.escape(', '.join(ev['attributes']))}.</p>"
+            f"<table><tr><th>score</th><th>this run</th><th>champion</th></tr>{rows}</table>")
+
+
 def write_report(
     catalog: Catalog,
     results: Sequence[StageResult],
@@ -90,7 +146,8 @@ def write_report(
         f"<h2>Stages</h2>{_stage_rows(results)}"
         "<h2>Dataset</h2><table>" + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in counts.items())
         + f"</table><h2>Examples with their captions</h2><div class='grid'>{''.join(cards)}</div>"
-        + (f"<h2>Training and samples</h2>{figs}" if figs else "")
+        + _eval_section(catalog)
+        + (f"<h2>Training, evaluation and samples</h2>{figs}" if figs else "")
     )
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
            f"<style>{_CSS}</style></head><body>{body}</body></html>\n"
@@ -105,6 +162,21 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
+def plot_eval_history(catalog: Catalog) -> Path | None:
+    """``models/eval_history.png``: each score across the evaluated runs, rejected runs marked."""
+    from sd_core.eval.stage import read_history
+
+    rows = read_history(catalog)
+    if not rows:
+        return None
+    from sd_core.common.plots import plot_history
+
+    names = ("prompt_following", "prompt_following_g0", "prompt_following_real", "held_out_loss", "fid", "kid",
+             "clip_score")
+    return plot_history(rows, [n for n in names if any(r.get(n) for r in rows)],
+                        catalog.eval_history_csv.with_suffix(".png"))
+
+
 def report_figures(catalog: Catalog) -> list[tuple[Path, str]]:
     """The pictures worth a look after a run, with captions, where they exist."""
     figs = [(catalog.vae_dir / "reconstructions.png", "the dataset's VAE: originals (top) and reconstructions")]
@@ -112,6 +184,11 @@ def report_figures(catalog: Catalog) -> list[tuple[Path, str]]:
     if run is not None:
         figs.append((run / "loss_curve.png", "training loss and held-out loss (fixed timesteps and noise)"))
         figs.extend((p, f"validation samples at {p.stem}") for p in sorted((run / "samples").glob("step-*.png")))
-    figs.append((catalog.samples_dir / "grid.png", "samples per prompt (columns: seeds)"))
+        figs.append((catalog.eval_dir(run) / "grid.png", "held-out prompts: the real image, the model's at the "
+                                                           "evaluated guidance, and without the text"))
+    history = plot_eval_history(catalog)
+    if history is not None:
+        figs.append((history, "scores of every evaluated run (promoted and rejected)"))
+    figs.append((catalog.samples_dir / "grid.png", "samples per prompt from the champion (columns: seeds)"))
     figs.append((catalog.samples_dir / "guidance_sweep.png", "classifier-free guidance sweep"))
     return figs

@@ -90,17 +90,36 @@ class Catalog:
         """Names the run the train stage finished last: ``{"run": "run-<key>", "key": ...}``."""
         return self.train_dir / "latest.json"
 
-    def latest_run(self) -> Path | None:
-        """The folder of the last completed training run (its ``model/`` is the export)."""
+    def _pointed_run(self, pointer: Path) -> Path | None:
         try:
-            pointer = json.loads(self.latest_run_json.read_text("utf-8"))
+            data = json.loads(pointer.read_text("utf-8"))
         except (FileNotFoundError, ValueError):
             return None
-        return self.run_dir(pointer["run"]) if isinstance(pointer, dict) and "run" in pointer else None
+        return self.run_dir(data["run"]) if isinstance(data, dict) and "run" in data else None
+
+    def latest_run(self) -> Path | None:
+        """The folder of the last completed training run (its ``model/`` is the export)."""
+        return self._pointed_run(self.latest_run_json)
+
+    @property
+    def current_json(self) -> Path:
+        """Names the champion: the run whose model sampling, the report and deployments use."""
+        return self.root / "models" / "current.json"
+
+    def champion_run(self) -> Path | None:
+        run = self._pointed_run(self.current_json)
+        return run if run is not None and (run / "model").is_dir() else None
+
+    @property
+    def eval_history_csv(self) -> Path:
+        return self.root / "models" / "eval_history.csv"
+
+    def eval_dir(self, run: Path) -> Path:
+        return run / "eval"
 
     def trained_model(self) -> Path | None:
-        """The export samples are drawn from (the latest run's ``model/``), when there is one."""
-        run = self.latest_run()
+        """The export to sample from: the champion's, or before any evaluation the latest run's."""
+        run = self.champion_run() or self.latest_run()
         return run / "model" if run is not None and (run / "model").is_dir() else None
 
     @property

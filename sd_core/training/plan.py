@@ -7,8 +7,8 @@ run length, are not part of it. Its ``plan.json`` records the run's own plan. Th
 
 * nothing changed: the finished run is reused;
 * ``train.steps`` (or ``epochs``) changed: the same run continues from its last checkpoint to the new total;
-* the item set grew and nothing that shapes the model changed: a new run starts from the last run's weights
-  and trains ``train.continue_steps`` (``on_new_data = "retrain"`` trains from scratch instead);
+* the item set grew and nothing that shapes the model changed: a new run starts from the champion's weights
+  (the last run's before any evaluation) and trains ``train.continue_steps`` (``on_new_data = "retrain"`` trains from scratch instead);
 * anything that shapes the model changed, or items were removed or recaptioned: a new run from scratch,
   and the reason names what changed;
 * a killed run resumes to the length its own plan says.
@@ -104,7 +104,7 @@ def plan_run(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog) ->
                            fields, items)
         return RunPlan(run_dir, key, "fresh", cfg.steps, cfg.epochs, None, "the configured run", fields, items)
     fresh = RunPlan(run_dir, key, "fresh", cfg.steps, cfg.epochs, None, "a first run", fields, items)
-    previous = catalog.latest_run()
+    previous = catalog.champion_run() or catalog.latest_run()  # never build on a run the eval stage rejected
     before = read_json(previous / PLAN) if previous is not None else None
     if before is None:
         return fresh

@@ -95,15 +95,15 @@ def run_training(
 
 
 def prune_runs(catalog: Catalog, keep: int) -> int:
-    """Remove all but the ``keep`` newest run folders; the one ``latest.json`` names always stays."""
-    latest = catalog.latest_run()
+    """Remove all but the ``keep`` newest run folders; the latest run and the champion always stay."""
+    latest, champion = catalog.latest_run(), catalog.champion_run()
     def started(run: Path) -> float:  # a run's plan is written when it (re)starts
         plan = run / "plan.json"
         return (plan if plan.exists() else run).stat().st_mtime
 
     runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir()), key=started, reverse=True)
-    kept = [latest] if latest is not None else []
-    kept += [p for p in runs if p != latest][: max(0, keep - len(kept))]
+    kept = [p for p in (latest, champion) if p is not None]
+    kept += [p for p in runs if p not in kept][: max(0, keep - len(kept))]
     removed = 0
     for run in runs:
         if run not in kept:

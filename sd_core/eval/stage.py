@@ -1,0 +1,291 @@
+"""The eval stage: score the newest run on a fixed held-out set, and make it the champion only if it is no
+worse than the current one.
+
+Scores (``<run>/eval/eval.json``, one row per evaluated run in ``models/eval_history.csv``):
+
+* ``held_out_loss``: ε-MSE of the exported (EMA) model on the held-out items, at a fixed grid of
+  timesteps with fixed noise, from each latent distribution's mean: two runs compare number for number;
+* ``prompt_following``: images drawn from the held-out captions are described by the configured
+  captioner, and the share of the prompt's attributes that come back is counted (skin colour, head shape,
+  background; with Qwen2.5-VL also eyes, mouth, expression). Also reported: the same at guidance 0 (what the
+  model draws without the text), for the real held-out images (what the captioner can read at best), and
+  the chance level of the attribute distribution;
+* ``fid``, ``kid``, ``clip_score`` where their weights can be loaded (see :mod:`sd_core.eval.distribution`).
+
+Promotion: ``models/current.json`` names the champion. The first evaluated run becomes champion; a later
+run replaces it only if none of the scores in ``eval.promote_if`` is worse than the champion's by more than
+its tolerance, both scored on the same evaluation set (the champion is scored again when the set changed).
+Otherwise the run is kept, marked rejected with its figures. ``promote=True`` (``--promote``) forces it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from sd_core.caption.captioners import build_captioner, caption_batch
+from sd_core.caption.config import CaptionConfig
+from sd_core.caption.offline import OfflineCaptioner
+from sd_core.common.devices import device
+from sd_core.common.images import make_grid, save_png
+from sd_core.diffusion.export import load_pipeline, model_digest
+from sd_core.diffusion.generate import generate
+from sd_core.encode.pairs import split_ids
+from sd_core.encode.stage import EncodeStageConfig, cached_pairs
+from sd_core.eval.attributes import ALL_ATTRIBUTES, PIXEL_ATTRIBUTES, chance_rate, follow_rate
+from sd_core.eval.config import SCORES, EvalConfig
+from sd_core.eval.distribution import distribution_scores
+from sd_core.store.catalog import Catalog
+from sd_core.store.files import atomic_write_json, atomic_write_text, read_json, stable_hash
+from sd_core.store.metadata import read_metadata
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = 1
+HISTORY_FIELDS = ("evaluated_at", "run", "status", "dataset_items", "eval_items", "steps", "held_out_loss",
+                  "prompt_following", "prompt_following_g0", "prompt_following_real", "chance", "fid", "kid",
+                  "clip_score")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The held-out rows scored: the validation side of the training split, a fixed sample of it."""
+
+    rows: list[dict[str, str]]
+    indices: list[int]  # positions of ``rows`` in the dataset (for the cached pairs)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r["prompt"] for r in self.rows]
+
+    def key(self) -> list[tuple[str, str]]:
+        return [(r["md5"], r["prompt"]) for r in self.rows]
+
+
+def eval_set(catalog: Catalog, cfg: EvalConfig, val_fraction: float, split_seed: int) -> EvalSet:
+    rows = read_metadata(catalog)
+    _, held = split_ids([r["md5"] for r in rows], val_fraction, split_seed)
+    held = sorted(held, key=lambda i: stable_hash({"md5": rows[i]["md5"], "seed": cfg.seed}))[: cfg.items]
+    held.sort()
+    return EvalSet([rows[i] for i in held], held)
+
+
+def eval_key(digest: str, cfg: EvalConfig, captioner: CaptionConfig, items: EvalSet) -> str:
+    """What an evaluation's figures depend on: the model's content, the eval settings, the captioner and the set."""
+    settings = cfg.model_dump(mode="json", exclude={"promote_if", "grid_items"})
+    return stable_hash({"model": digest, "eval": settings, "captioner": captioner.cache_digest(),
+                        "items": items.key(), "code_version": CODE_VERSION})
+
+
+def _captioner_attributes(captioner: CaptionConfig) -> tuple[str, ...]:
+    return PIXEL_ATTRIBUTES if captioner.captioner == "offline" else ALL_ATTRIBUTES
+
+
+def _read(captioner: Any, images: Sequence[Image.Image], titles: Sequence[str]) -> list[str]:
+    """The captioner's descriptions of ``images`` (validated, as the caption stage writes them)."""
+    return [r.text for r in caption_batch(captioner, OfflineCaptioner(), list(images), list(titles))]
+
+
+@torch.no_grad()
+def held_out_loss(pipe: Any, enc: EncodeStageConfig, catalog: Catalog, items: EvalSet, cfg: EvalConfig) -> float:
+    """ε-MSE at ``cfg.loss_timesteps`` fixed timesteps with fixed noise, from each held-out latent's mean."""
+    from diffusers import DDPMScheduler
+
+    pairs = cached_pairs(enc, catalog).load(items.indices)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, dev = pipe.unet, pipe.unet.device
+    n, k = len(items.indices), cfg.loss_timesteps
+    total_steps = int(sched.config.num_train_timesteps)
+    g = torch.Generator().manual_seed(cfg.loss_seed)
+    noise = torch.randn((k, n, *pairs.latent_shape), generator=g)
+    x0 = pairs.mean * pairs.scaling_factor
+    text = pairs.text.float()
+    total = 0.0
+    for j in range(k):
+        t_value = int((j + 0.5) * total_steps / k)
+        for s in range(0, n, cfg.batch_size):
+            b = slice(s, s + cfg.batch_size)
+            t = torch.full((x0[b].shape[0],), t_value, dtype=torch.long)
+            x_t = sched.add_noise(x0[b], noise[j, b], t)
+            eps = unet(x_t.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=text[b].to(dev, unet.dtype)).sample
+            total += torch.nn.functional.mse_loss(eps.float().cpu(), noise[j, b], reduction="sum").item()
+    return total / (k * n * noise[0, 0].numel())
+
+
+def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConfig,
+             catalog: Catalog, items: EvalSet, out_dir: Path, captioner: Any = None) -> dict[str, Any]:
+    """Score the export at ``model`` on ``items``; writes ``out_dir/eval.json`` and ``out_dir/grid.png``."""
+    started = time.perf_counter()
+    pipe = load_pipeline(model, device=device())
+    captioner = captioner or build_captioner(captioner_cfg)
+    attributes = _captioner_attributes(captioner_cfg)
+    prompts, titles = items.prompts, [r["image_title"] for r in items.rows]
+    seeds = [cfg.seed]
+    common = dict(steps=cfg.steps, sampler_name=cfg.scheduler, batch_size=cfg.batch_size)
+    drawn = [row[0] for row in generate(pipe, prompts, seeds, guidance_scale=cfg.guidance_scale, **common)]
+    free = [row[0] for row in generate(pipe, prompts, seeds, guidance_scale=0.0, **common)]
+    real = [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in items.rows]
+    readings = {"guided": _read(captioner, drawn, titles), "g0": _read(captioner, free, titles),
+                "real": _read(captioner, real, titles)}
+    follow = {name: follow_rate(prompts, texts, attributes) for name, texts in readings.items()}
+    def dataset() -> list[Image.Image]:  # the reference set of FID/KID: up to 1024 of the dataset's images
+        rows = sorted(read_metadata(catalog), key=lambda r: stable_hash({"md5": r["md5"]}))[:1024]
+        return [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in rows]
+
+    dist, skipped = distribution_scores(cfg, dataset, drawn, prompts)
+    scores = {
+        "held_out_loss": held_out_loss(pipe, enc, catalog, items, cfg),
+        "prompt_following": follow["guided"]["all"],
+        "prompt_following_g0": follow["g0"]["all"],
+        "prompt_following_real": follow["real"]["all"],
+        "prompt_following_gain": follow["guided"]["all"] - follow["g0"]["all"],
+        "chance": chance_rate(prompts, attributes),
+        **dist,
+    }
+    per_attribute = {a: {name: f.get(a) for name, f in follow.items()} for a in attributes}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.grid_items:
+        n = min(cfg.grid_items, len(prompts))
+        cells = [[real[i], drawn[i], free[i]] for i in range(n)]
+        grid = make_grid(cells, prompts[:n], ["real", f"w = {cfg.guidance_scale:g}", "w = 0"], cell_size=64,
+                         label_width=320)
+        save_png(grid, out_dir / "grid.png")
+    result = {
+        "model": str(model), "digest": model_digest(model), "items": len(prompts), "attributes": list(attributes),
+        "guidance_scale": cfg.guidance_scale, "scores": scores, "per_attribute": per_attribute, "skipped": skipped,
+        "readings": {name: texts[: cfg.grid_items] for name, texts in readings.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_json(out_dir / "eval.json", result)
+    return result
+
+
+def compare(new: dict[str, float], champion: dict[str, float], promote_if: dict[str, float]) -> list[str]:
+    """The scores on which ``new`` is worse than ``champion`` beyond their tolerance (empty: promote)."""
+    worse = []
+    for name, tol in promote_if.items():
+        a, b = new.get(name), champion.get(name)
+        if a is None or b is None:
+            continue  # a score neither side has (skipped) cannot decide
+        better, kind = SCORES[name]
+        slack = tol if kind == "absolute" else tol * abs(b)
+        if (better == "higher" and a < b - slack) or (better == "lower" and a > b + slack):
+            worse.append(f"{name} {a:.4g} vs champion {b:.4g} (tolerance {tol:g} {kind})")
+    return worse
+
+
+def _scores_for(run: Path, key_of: Any, **kw: Any) -> dict[str, Any]:
+    """The run's evaluation on the current set: reused from its ``eval.json`` when the key matches."""
+    model = run / "model"
+    digest = model_digest(model)
+    key = key_of(digest)
+    out = run / "eval"
+    done = read_json(out / "eval.json")
+    if done is not None and done.get("key") == key:
+        return done
+    result = evaluate(model, out_dir=out, **kw)
+    result["key"] = key
+    atomic_write_json(out / "eval.json", result)
+    return result
+
+
+def _append_history(catalog: Catalog, run: Path, result: dict[str, Any], status: str) -> None:
+    path = catalog.eval_history_csv
+    existing = path.read_text("utf-8") if path.exists() else ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n", extrasaction="ignore")
+    if not existing:
+        writer.writeheader()
+    manifest = read_json(run / "model" / "emoji_sd_model.json") or {}
+    writer.writerow({
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": run.name, "status": status,
+        "dataset_items": len(read_metadata(catalog)), "eval_items": result["items"], "steps": manifest.get("step"),
+        **{k: round(v, 6) for k, v in result["scores"].items()},
+    })
+    atomic_write_text(path, existing + buf.getvalue())
+
+
+def read_history(catalog: Catalog) -> list[dict[str, str]]:
+    try:
+        with open(catalog.eval_history_csv, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConfig, catalog: Catalog, *,
+             val_fraction: float, split_seed: int, force: bool = False, promote: bool = False) -> dict[str, Any]:
+    """Evaluate the latest run (``enc`` resolved), compare it with the champion, promote or reject it."""
+    candidate = catalog.latest_run()
+    if candidate is None or not (candidate / "model").is_dir():
+        raise FileNotFoundError(f"no trained model in {catalog.train_dir}: run the train stage")
+    items = eval_set(catalog, cfg, val_fraction, split_seed)
+    if not items.rows:
+        raise RuntimeError("the held-out split is empty: raise train.val_fraction to evaluate")
+
+    def key_of(digest: str) -> str:
+        return eval_key(digest, cfg, captioner_cfg, items)
+
+    kw = dict(cfg=cfg, captioner_cfg=captioner_cfg, enc=enc, catalog=catalog, items=items)
+    before = read_json(candidate / "eval" / "eval.json")
+    fresh_key = key_of(model_digest(candidate / "model"))
+    reused = not force and before is not None and before.get("key") == fresh_key and "status" in before
+    if force and (candidate / "eval" / "eval.json").exists():
+        (candidate / "eval" / "eval.json").unlink()
+    result = _scores_for(candidate, key_of, **kw)
+    champion = catalog.champion_run()
+    if champion == candidate:
+        status, reason = "champion", "this run is the champion"
+    elif reused:
+        status, reason = before["status"], before.get("reason", "")
+    elif champion is None:
+        status, reason = "promoted", "the first evaluated run"
+    else:
+        champ = _scores_for(champion, key_of, **kw)
+        worse = compare(result["scores"], champ["scores"], cfg.promote_if)
+        if not worse:
+            status, reason = "promoted", f"no worse than {champion.name} on {', '.join(cfg.promote_if)}"
+        elif promote:
+            status, reason = "promoted", f"forced (--promote) although worse: {'; '.join(worse)}"
+        else:
+            status, reason = "rejected", f"worse than the champion {champion.name}: {'; '.join(worse)}"
+        result["champion_scores"] = champ["scores"]
+    if status == "rejected" and promote:
+        status, reason = "promoted", f"forced (--promote) after: {reason}"
+    if status == "promoted":
+        atomic_write_json(catalog.current_json, {"run": candidate.name, "digest": result["digest"],
+                                                 "scores": result["scores"], "reason": reason,
+                                                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    result.update(status=status, reason=reason)
+    atomic_write_json(candidate / "eval" / "eval.json", result)
+    if not reused:
+        _append_history(catalog, candidate, result, status)
+    (log.warning if status == "rejected" else log.info)("eval: %s is %s: %s", candidate.name, status, reason)
+    s = result["scores"]
+    return {
+        "status": "reused" if reused else "ran", "run": candidate.name, "decision": status, "reason": reason,
+        "items": result["items"], "held_out_loss": round(s["held_out_loss"], 5),
+        "prompt_following": round(s["prompt_following"], 3), "prompt_following_g0": round(s["prompt_following_g0"], 3),
+        "prompt_following_real": round(s["prompt_following_real"], 3), "chance": round(s["chance"], 3),
+        **{k: round(s[k], 4) for k in ("fid", "kid", "clip_score") if k in s},
+        "skipped": "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()) or None,
+        "eval_seconds": result["seconds"],
+    }
+
+
+def stage_key(cfg: EvalConfig, captioner_cfg: CaptionConfig, catalog: Catalog, *, val_fraction: float,
+              split_seed: int) -> str:
+    """The eval stage's key now: the latest run's model, the settings and the evaluation set."""
+    run = catalog.latest_run()
+    digest = model_digest(run / "model") if run is not None and (run / "model").is_dir() else None
+    items = eval_set(catalog, cfg, val_fraction, split_seed)
+    return stable_hash({"eval": eval_key(str(digest), cfg, captioner_cfg, items), "promote_if": cfg.promote_if})

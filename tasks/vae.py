@@ -19,7 +19,7 @@ def vae_task(cfg: VAETrainConfig, data_dir: Path, progress: bool = True, force: 
     catalog = Catalog(data_dir)
     with Timer() as t:
         trained, metrics = ensure_vae(cfg, catalog, force=force, progress=progress)
-    summary = {k: metrics[k] for k in ("steps", "train_images", "heldout_psnr_db", "seconds") if k in metrics}
+    summary = {k: metrics[k] for k in ("steps", "train_images", "heldout_psnr_db", "heldout_colours_kept", "seconds") if k in metrics}
     result = record_stage(catalog, "vae", key=stage_key(cfg), summary=summary, seconds=t.seconds, ran=trained)
     get_run_logger().info(result.line())
     return result

@@ -112,6 +112,21 @@ def _rec_loss(kind: str, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(rec, x) + F.mse_loss(rec, x)
 
 
+def colours_kept(originals: torch.Tensor, reconstructions: torch.Tensor) -> float | None:
+    """Share of images whose skin and background colour names, as the offline captioner reads them, survive
+    the round trip (a colour shift the PSNR hides, e.g. green coming back blue, counts here)."""
+    from sd_core.caption.offline import read_pixels
+
+    pairs = list(zip(tensor_to_pil(originals), tensor_to_pil(reconstructions)))
+    if not pairs:
+        return None
+    kept = 0
+    for a, b in pairs:
+        fa, fb = read_pixels(a), read_pixels(b)
+        kept += int(fa.skin_color == fb.skin_color and fa.background_color == fb.background_color)
+    return kept / len(pairs)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean PSNR in dB between batches in [-1, 1], after rounding both to 8 bits."""
     qa = ((a.clamp(-1, 1) + 1) * 127.5).round()
@@ -293,6 +308,7 @@ def train_vae(
         "kl_last": float(np.mean(kls[-window:])),
         "train_psnr_db": psnr(train_eval, train_rec),
         "heldout_psnr_db": psnr(held_eval, held_rec) if len(held) else None,
+        "heldout_colours_kept": colours_kept(held_eval.cpu(), held_rec.cpu()),
         "latent_std": std,
         "scaling_factor": scaling,
         "latent_shape": [cfg.latent_channels, cfg.resolution // cfg.downsample(), cfg.resolution // cfg.downsample()],

@@ -14,7 +14,10 @@ import pytest
 from imagegen import emoji, encode, gif_frame_bomb, slow_qoi
 from PIL import Image
 
-from sd_core.ingest.ledger import Ledger
+from sd_core.demo.emoji_art import SiteItem
+from sd_core.demo.site import DemoSite
+from sd_core.ingest.crawl import Listing, download_new
+from sd_core.ingest.settings import CrawlConfig
 from sd_core.store.catalog import Catalog
 
 COLOURS = ((220, 30, 30), (30, 60, 220), (30, 180, 60), (240, 200, 20), (140, 40, 200))
@@ -46,17 +49,14 @@ def test_gif_frame_bomb_converts_its_first_frame_quickly():
 
 
 def make_catalog(root: Path, entries: list[tuple[str, bytes]]) -> Catalog:
-    """A data dir as the crawl leaves it: the ledger and the raw bytes of (title, bytes) entries."""
-    cat = Catalog(root)
-    with Ledger(cat.ledger_db) as ledger:
-        ledger.note_listed([(f"http://site/{i}.img", t, 1) for i, (t, _) in enumerate(entries)], "Blobs")
-        for i, (_, data) in enumerate(entries):
-            raw = cat.raw_path(md5(data))
-            raw.parent.mkdir(parents=True, exist_ok=True)
-            raw.write_bytes(data)
-            ledger.record_fetch(f"http://site/{i}.img", "ok", attempts=1, md5=md5(data), size=len(data))
-            ledger.promote(f"http://site/{i}.img")
-    return cat
+    """A data dir as the crawl leaves it for (title, bytes) entries, crawled from a local site: numbered
+    in the order given (the site lists them newest first)."""
+    items = [SiteItem(f"/emoji/{i:07d}.img", title, data, "image/png") for i, (title, data) in enumerate(entries)]
+    with DemoSite(items[::-1]) as site:
+        listing = Listing(site.tag, 1, tuple((site.image_url(it), it.title, 1) for it in site.items))
+        cfg = CrawlConfig(base_url=site.base_url, max_requests_per_second=0)
+        download_new(cfg, Catalog(root), listing, progress=False)
+    return Catalog(root)
 
 
 def test_convert_time_limit_stops_a_pathological_image(tmp_path):

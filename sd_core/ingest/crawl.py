@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sd_core.ingest.browser import Browser, BrowserError, ListingDeadlineError, walk_listing
+from sd_core.ingest.browser import Browser, ListingDeadlineError, walk_listing
 from sd_core.ingest.fetch import Fetcher, FetchResult
 from sd_core.ingest.interrupt import sigterm_raises
 from sd_core.ingest.ledger import RETRIED_LATER, Ledger, UrlState
@@ -74,19 +74,17 @@ def list_site(cfg: CrawlConfig, *, progress: bool = True) -> Listing:
                 for listing in walk_listing(cfg, driver, deadline):
                     pages += 1
                     items.extend((u, t, listing.page) for u, t in listing.items)
-                    if listing.origin and listing.origin != "null":
+                    if listing.origin.startswith(("http://", "https://")):
                         origins.setdefault(listing.origin)
                     bar.update(1)
                     bar.set_postfix(items=len(items))
             except ListingDeadlineError:
                 raise
-            except Exception as e:
+            except Exception:
                 # A call cut off by the deadline (the browser was killed under it) or a wait shortened by it.
                 if browser.killed or time.monotonic() >= deadline:
                     raise browser.deadline_error(f"after {pages} page(s)") from None
-                if isinstance(e, BrowserError):
-                    raise
-                raise BrowserError(f"the browser stopped answering: {type(e).__name__}: {e}"[:500]) from e
+                raise
             finally:
                 bar.close()
     return Listing(tag=cfg.tag, pages=pages, items=tuple(items), seconds=time.perf_counter() - start,

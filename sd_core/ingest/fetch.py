@@ -131,12 +131,12 @@ class HostPolicy:
             return f"refused ({kind}): {what} is neither the listing's origin ({listing}) nor in crawl.allowed_hosts"
         return self.address_refusal(origin[1], self._addresses(origin[1], origin[2]))
 
-    def address_refusal(self, host: str, addresses: Iterable[str]) -> str | None:
+    def address_refusal(self, host: str, addresses: Iterable[str], how: str = "resolves to") -> str | None:
         if self.allow_private:
             return None
         bad = [a for a in addresses if not _public(a)]
         if bad:
-            return (f"refused (private address): {host} resolves to {', '.join(bad)}, a private, loopback or "
+            return (f"refused (private address): {host} {how} {', '.join(bad)}, a private, loopback or "
                     "link-local address, and the listing is on a public one")
         return None
 
@@ -267,7 +267,8 @@ class _GuardedMixin:
                     peer = sock.getpeername()[0]
                 except OSError:
                     peer = None
-                reason = scope.policy.address_refusal(str(getattr(self, "host", "")), [peer] if peer else [])
+                host = str(getattr(self, "host", ""))
+                reason = scope.policy.address_refusal(host, [peer] if peer else [], how="connected to")
                 if reason:
                     sock.close()
                     raise _Refused(reason)

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sd_core.ingest.browser import BrowserError
+from sd_core.ingest.browser import BrowserError, ListingDeadlineError
 from sd_core.ingest.convert import ConvertConfig, convert_dataset, stage_key
 from sd_core.ingest.crawl import Listing, download_new, list_site
 from sd_core.ingest.settings import CrawlConfig
@@ -17,7 +17,10 @@ from sd_core.store.records import StageResult, Timer, record_stage
 
 
 def _browser_failed(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
-    return isinstance(state.result(raise_on_failure=False), BrowserError)
+    """Retry a browser that failed to start or answer; not a listing that ran out of its whole deadline
+    (a retry would take as long again)."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, BrowserError) and not isinstance(error, ListingDeadlineError)
 
 
 @task(name="list-site", retries=2, retry_delay_seconds=5, retry_condition_fn=_browser_failed,

@@ -210,3 +210,47 @@ def test_fixed_port_is_kept_and_a_taken_port_falls_back() -> None:
         with DemoSite([], port=port) as second:
             assert second.base_url != first.base_url
             assert requests.get(second.listing_url(1), timeout=5).ok
+
+
+def test_misbehaving_servers(items60: list[SiteItem]) -> None:
+    import gzip
+    import socket
+    import time
+
+    body = items60[0].body
+    faults = [
+        SiteItem("/e/always.webp", "Always", body, "image/webp", fault="500"),
+        SiteItem("/e/slow.webp", "Slow", body, "image/webp", fault="slow"),
+        SiteItem("/e/drip.webp", "Drip", body, "image/webp", fault="drip"),
+        SiteItem("/e/moved.webp", "Moved", body, "image/webp", fault="redirect", location="/e/slow.webp"),
+        SiteItem("/e/bomb.png", "Bomb", body, "image/png", fault="gzip-bomb"),
+        SiteItem("/e/huge.png", "Huge", body, "image/png", fault="huge"),
+        SiteItem("/e/short.png", "Short", body, "image/png", fault="short-body"),
+        SiteItem("/e/away.png", "Away", body, "image/png", src="http://127.0.0.1:9/e/away.png"),
+    ]
+    with DemoSite(faults, slow_s=0.3, drip_s=0.2, bomb_bytes=8 << 20, huge_bytes=3 << 20) as s:
+        url = s.base_url
+        assert [requests.get(url + "/e/always.webp", timeout=5).status_code for _ in range(3)] == [500] * 3
+        start = time.monotonic()
+        assert requests.get(url + "/e/slow.webp", timeout=5).content == body
+        assert time.monotonic() - start >= 0.3
+        moved = requests.get(url + "/e/moved.webp", timeout=5, allow_redirects=False)
+        assert moved.status_code == 302 and moved.headers["Location"] == "/e/slow.webp"
+        bomb = requests.get(url + "/e/bomb.png", timeout=5, stream=True)
+        assert bomb.headers["Content-Encoding"] == "gzip"
+        assert len(gzip.decompress(bomb.raw.read(decode_content=False))) == 8 << 20
+        huge = requests.get(url + "/e/huge.png", timeout=5)
+        assert int(huge.headers["Content-Length"]) == len(huge.content) == 3 << 20
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            requests.get(url + "/e/short.png", timeout=5)
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+            sock.sendall(b"GET /e/drip.webp HTTP/1.0\r\n\r\n")
+            time.sleep(0.5)
+            got = sock.recv(65536)
+        head, _, part = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and f"Content-Length: {len(body)}".encode() in head
+        assert len(part) < 5 and body.startswith(part)  # a byte every 0.2s
+        assert [it["src"] for it in _api(s, 1)["items"]][-1] == "http://127.0.0.1:9/e/away.png"
+        time.sleep(0.5)
+        assert s.image_aborted["/e/drip.webp"] == 1  # the client hung up on the drip
+        assert s.image_done["/e/slow.webp"] == 1 and s.image_done["/e/huge.png"] == 1

@@ -37,7 +37,14 @@ IMAGE_SIZE = 128
 _CANVAS = 176
 _MARGIN = 0.06
 
-Fault = Literal["none", "404", "500-once", "truncated"]
+# How the demo site misbehaves when an item's image is requested (see ``DemoSite``):
+# 404; 500-once (500, then the image); 500 (always); truncated (half the bytes);
+# slow (the image after ``DemoSite.slow_s``); drip (one byte every ``DemoSite.drip_s``);
+# redirect (302 to ``SiteItem.location``); gzip-bomb (a gzip body that inflates to ``DemoSite.bomb_bytes``);
+# huge (``DemoSite.huge_bytes`` of body); short-body (a Content-Length larger than the body sent).
+Fault = Literal[
+    "none", "404", "500-once", "500", "truncated", "slow", "drip", "redirect", "gzip-bomb", "huge", "short-body"
+]
 
 CONTENT_TYPES: dict[str, str] = {
     "webp": "image/webp",
@@ -52,7 +59,9 @@ class SiteItem:
     """One emoji as listed and served by the demo site.
 
     ``path`` is the site-relative URL path (may include a query string) that the
-    listing puts in ``img@src`` and the server matches byte-for-byte.
+    listing puts in ``img@src`` and the server matches byte-for-byte. ``src``, when set, is put in
+    ``img@src`` instead (e.g. an absolute URL on another server); ``location`` is where a
+    ``redirect`` fault sends the request.
     """
 
     path: str
@@ -60,6 +69,8 @@ class SiteItem:
     body: bytes
     content_type: str
     fault: Fault = "none"
+    src: str | None = None
+    location: str | None = None
 
 
 # Tier 1: faces, people, animals, food (used first); tier 2: everything else.

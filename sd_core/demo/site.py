@@ -10,10 +10,13 @@ as written in :attr:`SiteItem.path`.
 from __future__ import annotations
 
 import collections
+import gzip
 import html
+import io
 import json
 import math
 import threading
+import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -125,6 +128,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802
         self.server.site._handle(self, head=True)
 
+    def reply_head(self, status: int, content_type: str, length: int, extra: dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        for key, value in extra.items():
+            self.send_header(key, value)
+        self.end_headers()
+
     def reply(
         self,
         status: int,
@@ -154,7 +165,11 @@ class DemoSite:
     ``Sec-Fetch-Dest: image``); those go to ``browser_image_gets`` instead and
     never advance a ``"500-once"`` fault. Downloads by ``requests``, ``urllib``,
     a JS ``fetch`` or a browser navigating to the image all count in
-    ``image_gets``.
+    ``image_gets``. ``image_done`` counts the image answers sent in full, and
+    ``image_aborted`` those the client hung up on (e.g. a ``drip`` it gave up on).
+
+    Faults (``SiteItem.fault``) are listed at :data:`~sd_core.demo.emoji_art.Fault`;
+    ``slow_s``, ``drip_s``, ``bomb_bytes`` and ``huge_bytes`` tune them.
     """
 
     def __init__(
@@ -165,6 +180,10 @@ class DemoSite:
         per_page: int = 36,
         render_delay_ms: int = 200,
         port: int = 0,
+        slow_s: float = 2.0,
+        drip_s: float = 0.5,
+        bomb_bytes: int = 200_000_000,
+        huge_bytes: int = 200_000_000,
     ) -> None:
         """``port`` 0 picks a free one; a fixed port keeps image URLs stable between runs (when it is
         taken, a free port is used instead)."""
@@ -174,12 +193,19 @@ class DemoSite:
         self.per_page = per_page
         self.render_delay_ms = render_delay_ms
         self.port = port
+        self.slow_s = slow_s
+        self.drip_s = drip_s
+        self.bomb_bytes = bomb_bytes
+        self.huge_bytes = huge_bytes
+        self._bomb: bytes | None = None
         self._lock = threading.Lock()
         self._items: list[SiteItem] = []
         self._by_path: dict[str, SiteItem] = {}
         self._failed_once: set[str] = set()
         self.image_gets: collections.Counter[str] = collections.Counter()
         self.browser_image_gets: collections.Counter[str] = collections.Counter()
+        self.image_done: collections.Counter[str] = collections.Counter()
+        self.image_aborted: collections.Counter[str] = collections.Counter()
         self.page_gets = 0
         self.api_gets = 0
         self._server: _Server | None = None
@@ -275,6 +301,8 @@ class DemoSite:
         with self._lock:
             self.image_gets.clear()
             self.browser_image_gets.clear()
+            self.image_done.clear()
+            self.image_aborted.clear()
             self.page_gets = 0
             self.api_gets = 0
 
@@ -355,10 +383,21 @@ class DemoSite:
             "per_page": self.per_page,
             "total": total,
             "pages": math.ceil(total / self.per_page),
-            "items": [{"src": it.path, "title": it.title} for it in listed],
+            "items": [{"src": it.src or it.path, "title": it.title} for it in listed],
         }
         req.reply(200, json.dumps(payload).encode("utf-8"), "application/json", head=head,
                   extra={"Cache-Control": "no-store"})
+
+    def _gzip_bomb(self) -> bytes:
+        with self._lock:
+            if self._bomb is None:
+                buf = io.BytesIO()
+                with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9) as f:
+                    block = bytes(1 << 20)
+                    for _ in range(self.bomb_bytes // len(block)):
+                        f.write(block)
+                self._bomb = buf.getvalue()
+            return self._bomb
 
     def _serve_image(self, req: _Handler, item: SiteItem, *, head: bool) -> None:
         render_load = req.headers.get("Sec-Fetch-Dest", "").lower() == "image"
@@ -368,11 +407,46 @@ class DemoSite:
             status, body = HTTPStatus.OK, item.body
             if item.fault == "404":
                 status, body = HTTPStatus.NOT_FOUND, b"Not Found"
-            elif item.fault == "500-once" and item.path not in self._failed_once:
+            elif item.fault == "500" or (item.fault == "500-once" and item.path not in self._failed_once):
                 status, body = HTTPStatus.INTERNAL_SERVER_ERROR, b"Internal Server Error"
-                if not head and not render_load:
+                if item.fault == "500-once" and not head and not render_load:
                     self._failed_once.add(item.path)
             elif item.fault == "truncated":
                 body = item.body[: len(item.body) // 2]
         ctype = item.content_type if status == HTTPStatus.OK else "text/plain; charset=utf-8"
-        req.reply(status, body, ctype, head=head, extra={"Cache-Control": "no-store"})
+        extra = {"Cache-Control": "no-store"}
+        try:
+            if head or status != HTTPStatus.OK or item.fault in ("none", "500-once", "truncated"):
+                req.reply(status, body, ctype, head=head, extra=extra)
+            elif item.fault == "slow":
+                time.sleep(self.slow_s)
+                req.reply(status, body, ctype, head=head, extra=extra)
+            elif item.fault == "redirect":
+                moved = {**extra, "Location": item.location or "/"}
+                req.reply(HTTPStatus.FOUND, b"", "text/plain", head=head, extra=moved)
+            elif item.fault == "gzip-bomb":
+                req.reply(status, self._gzip_bomb(), ctype, head=head, extra={**extra, "Content-Encoding": "gzip"})
+            elif item.fault == "short-body":
+                req.reply_head(status, ctype, len(body) + 10_000, extra)
+                req.wfile.write(body)
+                req.close_connection = True
+            elif item.fault == "drip":
+                req.reply_head(status, ctype, len(body), extra)
+                for i in range(len(body)):
+                    req.wfile.write(body[i : i + 1])
+                    req.wfile.flush()
+                    time.sleep(self.drip_s)
+            elif item.fault == "huge":
+                req.reply_head(status, ctype, self.huge_bytes, extra)
+                block, left = bytes(1 << 16), self.huge_bytes
+                while left > 0:
+                    req.wfile.write(block[: min(left, len(block))])
+                    left -= len(block)
+        except OSError:  # the client hung up
+            with self._lock:
+                self.image_aborted[item.path] += 1
+            req.close_connection = True
+            return
+        if not head and not render_load:
+            with self._lock:
+                self.image_done[item.path] += 1

@@ -2,10 +2,18 @@
 
 Image loading is switched off in the browser: the crawler only reads each image's URL
 and title from the rendered DOM, and the downloader fetches every unique URL exactly once.
+
+Nothing here can block for ever: page loads and scripts have the browser's own timeouts
+(``page_timeout_s``), every call to chromedriver has an HTTP timeout (``command_timeout_s``), and
+:class:`Browser` kills chromedriver and the whole browser when the listing's deadline passes
+(``listing_deadline_s``), so whatever call was waiting on them returns with an error.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +53,7 @@ for (const item of document.querySelectorAll(itemSel)) {
   const title = img.getAttribute(titleAttr) || img.getAttribute('alt') || '';
   out.push([url, title.trim()]);
 }
-return out;
+return [location.origin, out];
 """
 
 _STATE_JS = """
@@ -59,11 +67,16 @@ class BrowserError(RuntimeError):
     """Chromium or chromedriver could not be started or stopped answering."""
 
 
+class ListingDeadlineError(BrowserError):
+    """The listing did not finish within ``listing_deadline_s`` (the browser was killed)."""
+
+
 @dataclass(frozen=True)
 class PageListing:
     page: int
     url: str
     items: tuple[tuple[str, str], ...]  # (absolute image URL, title)
+    origin: str = ""  # the origin the page was finally served from (after any redirect)
 
 
 def check_browser(cfg: CrawlConfig) -> None:
@@ -76,7 +89,7 @@ def check_browser(cfg: CrawlConfig) -> None:
             )
 
 
-def make_driver(cfg: CrawlConfig) -> webdriver.Chrome:
+def make_driver(cfg: CrawlConfig, service: Service | None = None) -> webdriver.Chrome:
     """Start headless Chromium through the configured chromedriver (never downloads a driver)."""
     check_browser(cfg)
     opts = webdriver.ChromeOptions()
@@ -86,21 +99,174 @@ def make_driver(cfg: CrawlConfig) -> webdriver.Chrome:
     if cfg.user_agent:
         opts.add_argument(f"--user-agent={cfg.user_agent}")
     opts.add_experimental_option("prefs", {"profile.managed_default_content_settings.images": 2})
+    service = service or Service(executable_path=cfg.chromedriver_path)
     try:
-        driver = webdriver.Chrome(service=Service(executable_path=cfg.chromedriver_path), options=opts)
+        driver = webdriver.Chrome(service=service, options=opts)
     except WebDriverException as e:
         raise BrowserError(f"could not start Chromium: {e.msg or e}") from e
+    client = getattr(driver.command_executor, "client_config", None)
+    if client is not None:  # each call to chromedriver waits at most this long for its answer
+        client.timeout = cfg.command_timeout_s
     driver.set_page_load_timeout(cfg.page_timeout_s)
+    driver.set_script_timeout(cfg.page_timeout_s)
     return driver
 
 
-def read_page(driver: webdriver.Chrome, cfg: CrawlConfig, page: int) -> PageListing:
+def _stat(pid: int) -> list[bytes] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def process_tree(pid: int) -> dict[int, int]:
+    """``pid`` and every process below it, as pid → start time (which tells a reused pid apart).
+    Read from /proc (Linux); empty where there is none."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return {}
+    for p in entries:
+        fields = _stat(p)
+        if fields is not None and fields[0] != b"Z":
+            children.setdefault(int(fields[1]), []).append(p)
+            starts[p] = int(fields[19])
+    out: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in starts:
+            out[p] = starts[p]
+            todo.extend(children.get(p, []))
+    return out
+
+
+def _alive(pid: int, start: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != b"Z" and int(fields[19]) == start
+
+
+def _kill(procs: dict[int, int], sig: int) -> None:
+    for pid, start in procs.items():
+        if _alive(pid, start):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class Browser:
+    """Headless Chromium for one listing, with a hard deadline.
+
+    ``with Browser(cfg, deadline) as driver:`` starts chromedriver and Chromium. When ``deadline``
+    (a ``time.monotonic()`` value) passes, a timer kills chromedriver and every process under it, so a
+    call blocked on them (a hung driver, a browser that stopped answering) fails at once; the block then
+    raises :class:`ListingDeadlineError`. Leaving the block quits the browser (killing it if quitting
+    hangs or fails), also on Ctrl-C or SIGTERM.
+    """
+
+    QUIT_GRACE_S = 15.0
+
+    def __init__(self, cfg: CrawlConfig, deadline: float) -> None:
+        self.cfg = cfg
+        self.deadline = deadline
+        self.service = Service(executable_path=cfg.chromedriver_path)
+        self.driver: webdriver.Chrome | None = None
+        self.killed = False
+        self._known: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(max(at - time.monotonic(), 0.0), self.kill)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _tree(self) -> dict[int, int]:
+        """chromedriver and everything under it, plus the browser processes seen at start (Chromium
+        outlives a chromedriver that died)."""
+        process = getattr(self.service, "process", None)
+        procs = {p: s for p, s in self._known.items() if _alive(p, s)}
+        if process is not None:
+            procs.update(process_tree(process.pid))
+        return procs
+
+    def kill(self) -> None:
+        """Kill chromedriver and the browser: SIGTERM (Chromium then takes its helpers down), SIGKILL
+        after two seconds for whatever is left."""
+        with self._lock:
+            self.killed = True
+            procs = self._tree()
+        _kill(procs, signal.SIGTERM)
+        stop = time.monotonic() + 2.0
+        while time.monotonic() < stop and any(_alive(p, s) for p, s in procs.items()):
+            time.sleep(0.05)
+        _kill({**procs, **self._tree()}, signal.SIGKILL)
+        process = getattr(self.service, "process", None)
+        if process is not None:
+            try:
+                process.wait(timeout=2)
+            except Exception:  # noqa: BLE001 - it was SIGKILLed; reaping is best effort
+                pass
+
+    def __enter__(self) -> webdriver.Chrome:
+        self._arm(self.deadline)
+        try:
+            self.driver = make_driver(self.cfg, self.service)
+        except BaseException as e:
+            self._finish()
+            if self.killed and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise self.deadline_error("starting the browser") from None
+            raise
+        with self._lock:
+            self._known.update(self._tree())  # Chromium's pid, in case chromedriver dies before it
+        return self.driver
+
+    def __exit__(self, *exc: object) -> None:
+        self._finish()
+
+    def deadline_error(self, doing: str) -> ListingDeadlineError:
+        return ListingDeadlineError(
+            f"the listing did not finish within crawl.listing_deadline_s = {self.cfg.listing_deadline_s:g}s "
+            f"({doing}); the browser was stopped"
+        )
+
+    def _finish(self) -> None:
+        """Quit the driver within QUIT_GRACE_S, then make sure nothing of it is left running."""
+        self._arm(time.monotonic() + self.QUIT_GRACE_S)
+        try:
+            if self.driver is not None and not self.killed:
+                try:
+                    self.driver.quit()
+                except Exception:  # noqa: BLE001 - the driver may already be gone (Ctrl-C reaches it too)
+                    pass
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._tree():
+                self.kill()
+
+
+def read_page(
+    driver: webdriver.Chrome, cfg: CrawlConfig, page: int, deadline: float | None = None
+) -> PageListing:
     """Load one listing page and wait until its JavaScript has rendered the items.
 
     A page that finished loading and still shows no item after ``empty_page_settle_s``
     is empty (the end of the listing). Items are read once their count is stable.
+    The wait ends at ``deadline`` (``time.monotonic()``) at the latest.
     """
     url = cfg.listing_url(page)
+    wait_s = cfg.page_timeout_s
+    if deadline is not None:
+        wait_s = max(min(wait_s, deadline - time.monotonic()), 0.1)
     try:
         driver.get(url)
     except TimeoutException:
@@ -121,28 +287,37 @@ def read_page(driver: webdriver.Chrome, cfg: CrawlConfig, page: int) -> PageList
         return False
 
     try:
-        WebDriverWait(driver, cfg.page_timeout_s, poll_frequency=0.1).until(rendered)
+        WebDriverWait(driver, wait_s, poll_frequency=0.1).until(rendered)
     except TimeoutException:
         raise BrowserError(
-            f"listing page {url} rendered no stable item list within {cfg.page_timeout_s}s"
+            f"listing page {url} rendered no stable item list within {wait_s:g}s"
         ) from None
-    items = driver.execute_script(
+    origin, items = driver.execute_script(
         _EXTRACT_JS, cfg.item_selector, cfg.image_selector, cfg.url_attribute, cfg.title_attribute
     )
-    return PageListing(page=page, url=url, items=tuple((u, t) for u, t in items))
+    return PageListing(page=page, url=url, items=tuple((u, t) for u, t in items), origin=origin)
 
 
-def walk_listing(cfg: CrawlConfig, driver: webdriver.Chrome) -> Iterator[PageListing]:
+def walk_listing(
+    cfg: CrawlConfig, driver: webdriver.Chrome, deadline: float | None = None
+) -> Iterator[PageListing]:
     """Yield listing pages from ``start_page`` until a page has no items, repeats the previous
-    page exactly (a site that clamps page numbers), or ``max_pages`` is reached."""
+    page exactly (a site that clamps page numbers), or ``max_pages`` is reached.
+    Raises :class:`ListingDeadlineError` when ``deadline`` (``time.monotonic()``) passes first."""
     page = cfg.start_page
     previous: tuple[tuple[str, str], ...] | None = None
     while cfg.max_pages is None or page < cfg.start_page + cfg.max_pages:
-        listing = read_page(driver, cfg, page)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ListingDeadlineError(
+                f"the listing did not finish within crawl.listing_deadline_s = {cfg.listing_deadline_s:g}s "
+                f"(stopped before page {page})"
+            )
+        listing = read_page(driver, cfg, page, deadline)
         if not listing.items or listing.items == previous:
             return
         yield listing
         previous = listing.items
         page += 1
         if cfg.page_delay_s:
-            time.sleep(cfg.page_delay_s)
+            left = float("inf") if deadline is None else deadline - time.monotonic()
+            time.sleep(max(min(cfg.page_delay_s, left), 0))

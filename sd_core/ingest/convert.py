@@ -2,37 +2,44 @@
 
 Transparency is flattened on a background colour (white by default). Bytes that do not
 decode are quarantined with their reason and never enter the dataset.
+
+Only the first frame of an animation is decoded (it is the one kept); a truncated animation is found
+from the file's structure (:mod:`sd_core.ingest.frames`). Each image is decoded in a worker process
+with a time limit (``max_seconds_per_image``): an image over it is quarantined with reason ``timeout``.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from sd_core.common.images import flatten_rgb
 from sd_core.common.strict import StrictModel
+from sd_core.ingest.frames import scan_frames
+from sd_core.ingest.isolate import Worker, WorkerCrashed, WorkerTimeout
 from sd_core.ingest.ledger import ImageRecord, Ledger
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import (
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
+    md5_bytes,
     read_json,
     stable_hash,
     sweep_temp_files,
 )
-from sd_core.store.metadata import write_metadata
+from sd_core.store.metadata import write_csv_table, write_metadata
 
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: first frame only, structural truncation check, JPEG checksums in the state
 _SAVE_EVERY = 50
+UNTITLED = "untitled"  # the dataset title of an emoji listed without one
 
 
 class ConvertConfig(StrictModel):
@@ -41,7 +48,17 @@ class ConvertConfig(StrictModel):
     jpeg_quality: int = Field(95, ge=1, le=100)
     background: tuple[int, int, int] = (255, 255, 255)
     max_image_pixels: int = Field(
-        16_000_000, gt=0, description="decompression-bomb limit: larger images are quarantined"
+        16_000_000, gt=0,
+        description="decompression-bomb limit: larger images are quarantined. Only the first frame of an "
+        "animation is decoded, so this also bounds the pixels decoded per file",
+    )
+    max_frames: int = Field(
+        10_000, ge=1, description="animations with more frames are quarantined (counted without decoding)"
+    )
+    max_seconds_per_image: float = Field(
+        30.0, gt=0,
+        description="time limit to decode and re-encode one image (in a worker process, which is killed "
+        "past it); the image is quarantined with reason 'timeout'",
     )
 
     @field_validator("background")
@@ -76,10 +93,20 @@ def sniff_format(data: bytes) -> str:
 
 
 def to_rgb_jpeg(data: bytes, cfg: ConvertConfig) -> Converted:
-    """Decode ``data`` (first frame if animated) and encode it as an RGB JPEG."""
+    """Decode ``data`` (first frame if animated) and encode it as an RGB JPEG.
+
+    Runs in the calling process with no time limit; the convert stage calls it through
+    :class:`ConvertWorker`, which adds one.
+    """
     if not data:
         raise QuarantineError("empty file")
     fmt = sniff_format(data)
+    scan = scan_frames(data, cfg.max_frames)
+    if scan is not None:
+        if scan.truncated:
+            raise QuarantineError(f"undecodable {fmt}: truncated file (it ends {scan.truncated})")
+        if scan.frames > cfg.max_frames:
+            raise QuarantineError(f"too many frames: more than {cfg.max_frames} (convert.max_frames)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -88,11 +115,8 @@ def to_rgb_jpeg(data: bytes, cfg: ConvertConfig) -> Converted:
             if w * h > cfg.max_image_pixels:
                 raise QuarantineError(f"decompression bomb: {w}x{h} exceeds {cfg.max_image_pixels} pixels")
             fmt = img.format or fmt
-            animated = bool(getattr(img, "is_animated", False))
-            for frame in ImageSequence.Iterator(img):  # every frame, so a truncated animation is caught
-                frame.load()
-            img.seek(0)
-            img.load()
+            animated = scan.frames > 1 if scan is not None else bool(getattr(img, "is_animated", False))
+            img.load()  # the first frame only: the others are never decoded
     except QuarantineError:
         raise
     except UnidentifiedImageError:
@@ -105,6 +129,55 @@ def to_rgb_jpeg(data: bytes, cfg: ConvertConfig) -> Converted:
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=cfg.jpeg_quality)
     return Converted(buf.getvalue(), rgb.width, rgb.height, fmt, animated)
+
+
+def _worker_handler(setup: bytes) -> Callable[[bytes], tuple[dict[str, Any], bytes | None]]:
+    """The worker process's side of :class:`ConvertWorker` (``setup`` is the config as JSON)."""
+    cfg = ConvertConfig.model_validate_json(setup)
+
+    def handle(data: bytes) -> tuple[dict[str, Any], bytes | None]:
+        try:
+            out = to_rgb_jpeg(data, cfg)
+        except QuarantineError as e:
+            return {"quarantined": str(e)}, None
+        except Exception as e:  # noqa: BLE001 - MemoryError, a codec's own error: this image is unusable
+            return {"quarantined": f"decoder error: {type(e).__name__}: {e}"[:300]}, None
+        return {"width": out.width, "height": out.height, "source_format": out.source_format,
+                "animated": out.animated}, out.jpeg
+
+    return handle
+
+
+class ConvertWorker:
+    """``to_rgb_jpeg`` in a worker process, at most ``cfg.max_seconds_per_image`` per image."""
+
+    def __init__(self, cfg: ConvertConfig) -> None:
+        self.cfg = cfg
+        self._worker = Worker("sd_core.ingest.convert:_worker_handler", cfg.model_dump_json().encode())
+
+    def convert(self, data: bytes) -> Converted:
+        limit = self.cfg.max_seconds_per_image
+        try:
+            head, jpeg = self._worker.call(data, timeout=limit)
+        except WorkerTimeout:
+            raise QuarantineError(
+                f"timeout: decoding took longer than {limit:g}s (convert.max_seconds_per_image)"
+            ) from None
+        except WorkerCrashed as e:
+            raise QuarantineError(f"decoder crashed ({e})") from None
+        if "quarantined" in head:
+            raise QuarantineError(head["quarantined"])
+        return Converted(jpeg or b"", int(head["width"]), int(head["height"]), str(head["source_format"]),
+                         bool(head["animated"]))
+
+    def close(self) -> None:
+        self._worker.close()
+
+    def __enter__(self) -> "ConvertWorker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def file_name_for(rec: ImageRecord) -> str:
@@ -142,8 +215,10 @@ def convert_dataset(
 ) -> ConvertSummary:
     """Bring ``images/``, ``metadata.csv`` and the quarantine up to date with the crawl ledger.
 
-    Items converted earlier with the same settings are reused; progress is saved every
-    few items, so a killed run resumes where it stopped.
+    Items converted earlier with the same settings are reused when their JPEG is still the one
+    written (its md5 is kept in the state); progress is saved every few items, so a killed run
+    resumes where it stopped. Each image is decoded in a worker process, at most
+    ``max_seconds_per_image`` each.
     """
     sweep_temp_files(catalog.root)
     with Ledger(catalog.ledger_db) as ledger:
@@ -160,29 +235,30 @@ def convert_dataset(
     def save_state() -> None:
         atomic_write_json(catalog.convert_state, {"config_key": key, "items": items})
 
-    for i, rec in enumerate(tqdm(todo, desc="converting", unit="img", disable=not progress or not todo)):
-        raw = catalog.raw_path(rec.md5)
-        try:
-            data = raw.read_bytes()
-        except FileNotFoundError:
-            items.pop(rec.md5, None)
-            reasons["raw bytes missing"] += 1
-            continue
-        name = file_name_for(rec)
-        try:
-            out = to_rgb_jpeg(data, cfg)
-        except QuarantineError as e:
-            atomic_write_bytes(catalog.quarantine_dir / rec.md5, data)
-            items[rec.md5] = {"quarantined": str(e)}
-        else:
-            atomic_write_bytes(catalog.image_path(name), out.jpeg)
-            items[rec.md5] = {
-                "file_name": name, "width": out.width, "height": out.height,
-                "source_format": out.source_format, "animated": out.animated,
-            }
-            summary.converted += 1
-        if (i + 1) % _SAVE_EVERY == 0:
-            save_state()
+    with ConvertWorker(cfg) as worker:
+        for i, rec in enumerate(tqdm(todo, desc="converting", unit="img", disable=not progress or not todo)):
+            raw = catalog.raw_path(rec.md5)
+            try:
+                data = raw.read_bytes()
+            except FileNotFoundError:
+                items.pop(rec.md5, None)
+                reasons["raw bytes missing"] += 1
+                continue
+            name = file_name_for(rec)
+            try:
+                out = worker.convert(data)
+            except QuarantineError as e:
+                atomic_write_bytes(catalog.quarantine_dir / rec.md5, data)
+                items[rec.md5] = {"quarantined": str(e)}
+            else:
+                atomic_write_bytes(catalog.image_path(name), out.jpeg)
+                items[rec.md5] = {
+                    "file_name": name, "width": out.width, "height": out.height,
+                    "source_format": out.source_format, "animated": out.animated, "jpeg_md5": md5_bytes(out.jpeg),
+                }
+                summary.converted += 1
+            if (i + 1) % _SAVE_EVERY == 0:
+                save_state()
     save_state()
 
     rows, quarantine = [], []
@@ -190,21 +266,22 @@ def convert_dataset(
         item = items.get(rec.md5)
         if item is None:
             continue
+        title = dataset_title(rec.title)
         if "quarantined" in item:
-            quarantine.append((rec.md5, rec.url, rec.title, item["quarantined"]))
+            quarantine.append((rec.md5, rec.url, title, item["quarantined"]))
             reasons[item["quarantined"].split(":")[0]] += 1
             continue
         rows.append({
-            "file_name": item["file_name"], "image_url": rec.url, "image_title": rec.title, "tag": rec.tag,
+            "file_name": item["file_name"], "image_url": rec.url, "image_title": title, "tag": rec.tag,
             "md5": rec.md5, "width": item["width"], "height": item["height"],
             "source_format": item["source_format"], "animated": item["animated"],
         })
     write_metadata(catalog, rows)
-    _write_csv(catalog.quarantine_csv, ("md5", "image_url", "image_title", "reason"), quarantine)
-    _write_csv(
+    write_csv_table(catalog.quarantine_csv, ("md5", "image_url", "image_title", "reason"), quarantine)
+    write_csv_table(
         catalog.duplicates_csv,
         ("image_url", "image_title", "md5", "original_url", "original_title"),
-        [(d.url, d.title, d.md5, d.original_url, d.original_title) for d in duplicates],
+        [(d.url, dataset_title(d.title), d.md5, d.original_url, dataset_title(d.original_title)) for d in duplicates],
     )
     summary.quarantined = len(quarantine)
     summary.quarantine_reasons = dict(reasons)
@@ -212,17 +289,21 @@ def convert_dataset(
     return summary
 
 
+def dataset_title(title: str) -> str:
+    """The title as the dataset shows it: ``untitled`` when the listing gave none (or only blanks)."""
+    return title if title.strip() else UNTITLED
+
+
 def _done(item: dict | None, catalog: Catalog) -> bool:
+    """Converted before and still intact: quarantined, or its JPEG has the md5 recorded when written
+    (so it is the file that decoded then); a missing, changed or unrecorded JPEG is converted again."""
     if item is None:
         return False
     if "quarantined" in item:
         return True
-    return catalog.image_path(item["file_name"]).exists()
-
-
-def _write_csv(path, header: tuple[str, ...], rows: list[tuple]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    if "jpeg_md5" not in item:
+        return False
+    try:
+        return md5_bytes(catalog.image_path(item["file_name"]).read_bytes()) == item["jpeg_md5"]
+    except OSError:
+        return False

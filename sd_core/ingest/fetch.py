@@ -1,31 +1,53 @@
 """Downloading image bytes: one pooled HTTP session, bounded concurrency, retries with backoff
-for 5xx/429/timeouts (never for 404), and a per-host rate limit."""
+for 5xx/429/timeouts (never for 404), a per-host rate limit, a total deadline per URL, and a host policy.
+
+Deadline: ``timeout_s`` bounds each connect and each socket read, which does not bound a server
+that sends one byte every few seconds. Every download therefore runs in a *scope* with a deadline
+(``download_deadline_s``); a watchdog thread shuts down the sockets of a scope whose deadline passed
+(or of every scope when the crawl is interrupted), so a blocked read returns at once.
+
+Host policy: images are fetched only from the listing's origin(s) and ``allowed_hosts``; redirects are
+followed by hand (at most ``max_redirects`` hops), each hop checked the same way; and a host is refused
+when it resolves to a private, loopback or link-local address, unless the listing itself is on such an
+address (a local or intranet site). The address actually connected to is checked again (DNS rebinding).
+"""
 
 from __future__ import annotations
 
+import email.utils
+import ipaddress
+import socket
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
-from urllib.parse import urlsplit
+from datetime import datetime, timezone
+from typing import Iterable, Literal
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from sd_core.ingest.settings import CrawlConfig
+from sd_core.ingest.settings import CrawlConfig, origin_of, parse_host_rule
 from sd_core.store.files import md5_bytes
 
 USER_AGENT = "emoji-sd/0.1 (+https://github.com/emoji-sd/emoji-sd)"
 GONE_STATUSES = frozenset({404, 410})
-RETRY_STATUSES = (429, 500, 502, 503, 504)
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+Status = Literal["ok", "gone", "failed", "refused", "cancelled"]
 
 
 @dataclass(frozen=True)
 class FetchResult:
+    """One URL's outcome. ``refused``: the host policy said no (nothing was stored); ``cancelled``: the
+    crawl was interrupted before it finished (not recorded, so the next run fetches it)."""
+
     url: str
-    status: Literal["ok", "gone", "failed"]
+    status: Status
     attempts: int
     http_status: int | None = None
     body: bytes | None = None
@@ -37,6 +59,262 @@ class FetchResult:
         return md5_bytes(self.body) if self.body is not None else None
 
 
+# -- host policy -------------------------------------------------------------------------------------
+
+
+def _public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (an IP literal is itself); [] when it does not resolve."""
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    except (socket.gaierror, UnicodeError, OSError):
+        return []
+
+
+def _origin_text(origin: tuple[str, str, int]) -> str:
+    scheme, host, port = origin
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + ("" if port == (443 if scheme == "https" else 80) else f":{port}")
+
+
+class HostPolicy:
+    """Which image URLs may be fetched; ``refusal(url)`` gives the reason for a no, or None."""
+
+    def __init__(self, cfg: CrawlConfig, listing_origins: Iterable[str] = ()) -> None:
+        own = [origin_of(cfg.base_url), *(origin_of(o) for o in listing_origins)]
+        self.listing_origins = frozenset(own)
+        rules = [parse_host_rule(e) for e in cfg.allowed_hosts]
+        self.allowed_origins = frozenset(r for r in rules if isinstance(r, tuple))
+        self.allowed_hosts = frozenset(r for r in rules if isinstance(r, str))
+        self._cache: dict[tuple[str, int], list[str]] = {}
+        self._lock = threading.Lock()
+        self._allow_private: bool | None = None
+
+    @property
+    def allow_private(self) -> bool:
+        """A listing on a private or loopback address (the demo site, an intranet mirror) may link images
+        on such addresses; a listing on the public internet may not. Resolved on first use."""
+        if self._allow_private is None:
+            self._allow_private = any(
+                not _public(a) for o in self.listing_origins for a in self._addresses(o[1], o[2])
+            )
+        return self._allow_private
+
+    def _addresses(self, host: str, port: int) -> list[str]:
+        with self._lock:
+            cached = self._cache.get((host, port))
+        if cached is None:
+            cached = _resolve(host, port)
+            with self._lock:
+                self._cache[(host, port)] = cached
+        return cached
+
+    def origin_allowed(self, origin: tuple[str, str, int]) -> bool:
+        return origin in self.listing_origins or origin in self.allowed_origins or origin[1] in self.allowed_hosts
+
+    def refusal(self, url: str, *, redirected_from: str | None = None) -> str | None:
+        try:
+            origin = origin_of(url)
+        except ValueError:
+            return f"refused (not http): {url[:100]}"
+        if not self.origin_allowed(origin):
+            listing = ", ".join(sorted(_origin_text(o) for o in self.listing_origins))
+            what = f"redirect from {redirected_from} to {_origin_text(origin)}" if redirected_from else (
+                _origin_text(origin))
+            kind = "redirect to other origin" if redirected_from else "other origin"
+            return f"refused ({kind}): {what} is neither the listing's origin ({listing}) nor in crawl.allowed_hosts"
+        return self.address_refusal(origin[1], self._addresses(origin[1], origin[2]))
+
+    def address_refusal(self, host: str, addresses: Iterable[str], how: str = "resolves to") -> str | None:
+        if self.allow_private:
+            return None
+        bad = [a for a in addresses if not _public(a)]
+        if bad:
+            return (f"refused (private address): {host} {how} {', '.join(bad)}, a private, loopback or "
+                    "link-local address, and the listing is on a public one")
+        return None
+
+
+# -- deadlines: scopes and the watchdog that enforces them -------------------------------------------
+
+
+class _Aborted(Exception):
+    """The scope's deadline passed, or the crawl was cancelled."""
+
+
+class _Refused(Exception):
+    """The address a connection reached is refused by the host policy."""
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:  # the plain socket's shutdown, also for a TLS socket: unblocks a read in another thread
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Scope:
+    """One URL's download: its deadline, the sockets it uses, and why it was stopped (if it was)."""
+
+    def __init__(self, deadline: float, policy: HostPolicy) -> None:
+        self.deadline = deadline
+        self.policy = policy
+        self.stopped: Literal["deadline", "cancelled"] | None = None
+        self.requests = 0
+        self._finished = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """Called from the connection code in the downloading thread for every socket it uses."""
+        with self._lock:
+            if self.stopped:
+                _shutdown(sock)
+                raise _Aborted(self.stopped)
+            if sock is not None:
+                self._sockets.append(sock)
+
+    def stop(self, why: Literal["deadline", "cancelled"]) -> None:
+        with self._lock:
+            if self._finished or self.stopped:
+                return
+            self.stopped = why
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._finished = True
+            self._sockets.clear()
+
+
+class _Watchdog:
+    """One thread that stops every scope whose deadline passed."""
+
+    def __init__(self) -> None:
+        self._scopes: set[_Scope] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="download-deadlines", daemon=True)
+        self._thread.start()
+
+    def add(self, scope: _Scope) -> None:
+        with self._cond:
+            self._scopes.add(scope)
+            self._cond.notify()
+
+    def remove(self, scope: _Scope) -> None:
+        with self._cond:
+            self._scopes.discard(scope)
+
+    def stop_all(self) -> None:
+        with self._cond:
+            scopes = list(self._scopes)
+        for scope in scopes:
+            scope.stop("cancelled")
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                due = [s for s in self._scopes if s.deadline <= now]
+                for scope in due:
+                    self._scopes.discard(scope)
+                    scope.stop("deadline")
+                nxt = min((s.deadline for s in self._scopes), default=None)
+                self._cond.wait(None if nxt is None else max(nxt - time.monotonic(), 0.0))
+
+
+_local = threading.local()
+
+
+def _scope() -> _Scope | None:
+    return getattr(_local, "scope", None)
+
+
+class _GuardedMixin:
+    """urllib3 connection hooks: every socket joins the current download's scope, and the address a new
+    connection reached is checked against the host policy (unless it went through a proxy)."""
+
+    proxy: object
+    sock: socket.socket | None
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()  # type: ignore[misc]
+        scope = _scope()
+        if scope is not None:
+            scope.attach(sock)
+            if not self.proxy:
+                try:
+                    peer = sock.getpeername()[0]
+                except OSError:
+                    peer = None
+                host = str(getattr(self, "host", ""))
+                reason = scope.policy.address_refusal(host, [peer] if peer else [], how="connected to")
+                if reason:
+                    sock.close()
+                    raise _Refused(reason)
+        return sock
+
+    def request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        scope = _scope()
+        if scope is not None:
+            scope.attach(self.sock)  # a kept-alive connection's socket (None before it connects)
+        return super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _GuardedHTTPConnection(_GuardedMixin, HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_GuardedMixin, HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_POOLS)
+
+    def proxy_manager_for(self, proxy, **kwargs):  # type: ignore[no-untyped-def]
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS managers bring their own connection classes
+            manager.pool_classes_by_scheme = dict(_POOLS)
+        return manager
+
+
+# -- the downloader ------------------------------------------------------------------------------------
+
+
 class HostRateLimiter:
     """At most ``rate`` request starts per second per host, shared by all threads."""
 
@@ -45,80 +323,174 @@ class HostRateLimiter:
         self._next: dict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
 
-    def wait(self, url: str) -> None:
+    def delay(self, url: str) -> float:
+        """Reserve the next slot for ``url``'s host; seconds to wait for it."""
         if not self._interval:
-            return
+            return 0.0
         host = urlsplit(url).netloc
         with self._lock:
             now = time.monotonic()
             slot = max(now, self._next[host])
             self._next[host] = slot + self._interval
-        if slot > now:
-            time.sleep(slot - now)
+        return slot - now
+
+    def wait(self, url: str) -> None:
+        time.sleep(self.delay(url))
 
 
-class _CountingRetry(Retry):
-    """urllib3's Retry, remembering how many attempts the last request took (per thread)."""
-
-    local = threading.local()
-
-    def increment(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        _CountingRetry.local.retries = getattr(_CountingRetry.local, "retries", 0) + 1
-        return super().increment(*args, **kwargs)
+def _retry_after(resp: requests.Response) -> float:
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return 0.0
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return 0.0
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
 class Fetcher:
-    """Thread-safe image downloader."""
+    """Thread-safe image downloader. ``cancel()`` (from any thread) stops every download in flight."""
 
-    def __init__(self, cfg: CrawlConfig) -> None:
+    def __init__(self, cfg: CrawlConfig, listing_origins: Iterable[str] = ()) -> None:
         self.cfg = cfg
+        self.policy = HostPolicy(cfg, listing_origins)
         self.limiter = HostRateLimiter(cfg.max_requests_per_second)
-        retry = _CountingRetry(
-            total=cfg.retries,
-            connect=cfg.retries,
-            read=cfg.retries,
-            status=cfg.retries,
-            backoff_factor=cfg.backoff_s,
-            status_forcelist=RETRY_STATUSES,
-            allowed_methods=frozenset({"GET"}),
-            respect_retry_after_header=True,
-            raise_on_status=False,
-        )
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=cfg.download_workers, max_retries=retry)
+        adapter = _GuardedAdapter(pool_connections=4, pool_maxsize=cfg.download_workers, max_retries=0)
         self.session = requests.Session()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = cfg.user_agent or USER_AGENT
+        self._stop = threading.Event()
+        self._watchdog = _Watchdog()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._watchdog.stop_all()
 
     def close(self) -> None:
+        self._watchdog.close()
         self.session.close()
 
     def fetch(self, url: str) -> FetchResult:
-        self.limiter.wait(url)
-        _CountingRetry.local.retries = 0
+        if self._stop.is_set():
+            return FetchResult(url, "cancelled", 0)
+        scope = _Scope(time.monotonic() + self.cfg.download_deadline_s, self.policy)
+        self._watchdog.add(scope)
+        _local.scope = scope
+        result: FetchResult | None = None
         try:
-            with self.session.get(url, timeout=self.cfg.timeout_s, stream=True) as resp:
-                attempts = 1 + _CountingRetry.local.retries
-                if resp.status_code in GONE_STATUSES:
-                    return FetchResult(url, "gone", attempts, resp.status_code, error=f"HTTP {resp.status_code}")
-                if resp.status_code != 200:
-                    return FetchResult(url, "failed", attempts, resp.status_code, error=f"HTTP {resp.status_code}")
-                body = self._read_capped(resp)
-                if body is None:
-                    return FetchResult(
-                        url, "failed", attempts, 200, error=f"larger than {self.cfg.max_image_bytes} bytes"
-                    )
-                ctype = resp.headers.get("Content-Type", "").split(";")[0].strip() or None
-                return FetchResult(url, "ok", attempts, 200, body=body, content_type=ctype)
+            result = self._fetch(url, scope)
+        except _Aborted:
+            pass
+        except _Refused as e:
+            result = FetchResult(url, "refused", scope.requests, error=str(e))
+        finally:
+            _local.scope = None
+            scope.finish()
+            self._watchdog.remove(scope)
+        if scope.stopped == "cancelled" or (result is None and self._stop.is_set()):
+            return FetchResult(url, "cancelled", scope.requests)
+        if scope.stopped == "deadline" or result is None:
+            return FetchResult(
+                url, "failed", scope.requests,
+                error=f"deadline: no complete answer within {self.cfg.download_deadline_s:g}s "
+                "(crawl.download_deadline_s)",
+            )
+        return result
+
+    # Each helper raises _Aborted when the scope was stopped; fetch() turns that into the result.
+
+    def _fetch(self, url: str, scope: _Scope) -> FetchResult:
+        current = url
+        for _hop in range(self.cfg.max_redirects + 1):
+            refusal = self.policy.refusal(current, redirected_from=url if current != url else None)
+            if refusal:
+                return FetchResult(url, "refused", scope.requests, error=refusal)
+            got = self._get(url, current, scope)
+            if isinstance(got, FetchResult):
+                return got
+            with got as resp:
+                if resp.status_code in REDIRECT_STATUSES and resp.headers.get("Location"):
+                    current = urljoin(current, resp.headers["Location"])
+                    continue
+                return self._answer(url, resp, scope)
+        return FetchResult(url, "failed", scope.requests,
+                           error=f"too many redirects: more than {self.cfg.max_redirects} (crawl.max_redirects)")
+
+    def _sleep(self, seconds: float, scope: _Scope) -> None:
+        if seconds > 0:
+            self._stop.wait(min(seconds, max(scope.remaining(), 0.0)))
+        if self._stop.is_set():
+            scope.stop("cancelled")
+        elif scope.remaining() <= 0:
+            scope.stop("deadline")
+        if scope.stopped:
+            raise _Aborted(scope.stopped)
+
+    def _get(self, url: str, current: str, scope: _Scope) -> requests.Response | FetchResult:
+        """GET ``current`` (one hop), retrying 5xx/429 and connection errors; a response or a final failure."""
+        wait = 0.0
+        error = "error"
+        for attempt in range(self.cfg.retries + 1):
+            self._sleep(max(wait, self.limiter.delay(current)), scope)
+            scope.requests += 1
+            connect = max(min(self.cfg.timeout_s, scope.remaining()), 0.001)
+            try:
+                resp = self.session.get(current, timeout=(connect, self.cfg.timeout_s), stream=True,
+                                        allow_redirects=False)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                if scope.stopped:
+                    raise _Aborted(scope.stopped) from None
+                error = f"{type(e).__name__}: {e}"[:300]
+                wait = self.cfg.backoff_s * 2**attempt
+                continue
+            except requests.RequestException as e:
+                if scope.stopped:
+                    raise _Aborted(scope.stopped) from None
+                return FetchResult(url, "failed", scope.requests, error=f"{type(e).__name__}: {e}"[:300])
+            if resp.status_code in RETRY_STATUSES and attempt < self.cfg.retries:
+                wait = max(self.cfg.backoff_s * 2**attempt, _retry_after(resp))
+                resp.close()
+                if wait >= scope.remaining():  # the server asks for a pause past the deadline: give up now
+                    return FetchResult(url, "failed", scope.requests, resp.status_code,
+                                       error=f"HTTP {resp.status_code} (asked to retry after {wait:.0f}s)")
+                continue
+            return resp
+        return FetchResult(url, "failed", scope.requests, error=error)
+
+    def _answer(self, url: str, resp: requests.Response, scope: _Scope) -> FetchResult:
+        status = resp.status_code
+        if status in GONE_STATUSES:
+            return FetchResult(url, "gone", scope.requests, status, error=f"HTTP {status}")
+        if status != 200:
+            return FetchResult(url, "failed", scope.requests, status, error=f"HTTP {status}")
+        too_big = f"larger than {self.cfg.max_image_bytes} bytes"
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.cfg.max_image_bytes:
+            return FetchResult(url, "failed", scope.requests, 200, error=f"{too_big} (Content-Length {declared})")
+        try:
+            body = self._read_capped(resp)
         except requests.RequestException as e:
-            attempts = 1 + _CountingRetry.local.retries
-            reason = type(e).__name__
-            return FetchResult(url, "failed", attempts, error=f"{reason}: {e}"[:300])
+            if scope.stopped:
+                raise _Aborted(scope.stopped) from None
+            return FetchResult(url, "failed", scope.requests, 200, error=f"{type(e).__name__}: {e}"[:300])
+        if scope.stopped:  # a read cut short by the watchdog can look like a clean end of the body
+            raise _Aborted(scope.stopped)
+        if body is None:
+            return FetchResult(url, "failed", scope.requests, 200, error=too_big)
+        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip() or None
+        return FetchResult(url, "ok", scope.requests, 200, body=body, content_type=ctype)
 
     def _read_capped(self, resp: requests.Response) -> bytes | None:
         chunks: list[bytes] = []
         total = 0
-        for chunk in resp.iter_content(64 * 1024):
+        for chunk in resp.iter_content(64 * 1024):  # decoded (gzip, deflate): the cap counts decoded bytes
             total += len(chunk)
             if total > self.cfg.max_image_bytes:
                 return None

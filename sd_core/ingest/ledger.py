@@ -2,6 +2,15 @@
 
 SQLite in WAL mode: each recorded fetch is its own transaction, so a run killed at any
 moment keeps everything fetched before it, and the next run resumes from there.
+
+A fetch is recorded (``record_fetch``) as soon as it finishes; the image it brought is added to
+``images`` (``promote``) in the listing's order, oldest first, so sequence numbers and file names do not
+depend on which download happened to finish first. A URL fetched but not yet promoted when a run was
+killed is promoted by the next run, at its place in the order.
+
+A URL that failed is tried again only after a back-off that doubles with each further failure
+(``failures``, ``next_try``); ledgers written before these columns existed are migrated on open.
+A refused URL (host policy) is checked again on every run, against the policy of that run.
 """
 
 from __future__ import annotations
@@ -9,11 +18,12 @@ from __future__ import annotations
 import sqlite3
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
-FetchStatus = Literal["ok", "gone", "failed"]
+FetchStatus = Literal["ok", "gone", "failed", "refused"]
+RETRIED_LATER = ("failed",)  # statuses that wait for a back-off
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS urls (
@@ -21,14 +31,18 @@ CREATE TABLE IF NOT EXISTS urls (
     title        TEXT NOT NULL,
     tag          TEXT NOT NULL,
     page         INTEGER,
-    status       TEXT,             -- ok | gone (404/410) | failed (retried next run) | NULL (listed, not fetched)
+    status       TEXT,             -- ok | gone (404/410) | failed | refused (host policy) | NULL (not fetched)
     md5          TEXT,
     http_status  INTEGER,
     error        TEXT,
     attempts     INTEGER NOT NULL DEFAULT 0,
     first_seen   TEXT NOT NULL,
     last_seen    TEXT NOT NULL,
-    fetched_at   TEXT
+    fetched_at   TEXT,
+    size         INTEGER,          -- of the body fetched (status ok)
+    content_type TEXT,
+    failures     INTEGER NOT NULL DEFAULT 0,  -- failed in a row
+    next_try     TEXT              -- a failed URL is not fetched again before this (UTC)
 );
 CREATE TABLE IF NOT EXISTS images (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -43,9 +57,28 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS urls_md5 ON urls (md5);
 """
 
+# Columns added after the first release: (name, declaration) added to an older ledger on open.
+_ADDED_COLUMNS = (
+    ("size", "INTEGER"),
+    ("content_type", "TEXT"),
+    ("failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("next_try", "TEXT"),
+)
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class UrlState:
+    status: FetchStatus | None
+    failures: int
+    next_try: datetime | None
+
+    def due(self, now: datetime) -> bool:
+        """A failed URL whose back-off has passed (or that has none)."""
+        return self.next_try is None or self.next_try <= now
 
 
 @dataclass(frozen=True)
@@ -79,6 +112,14 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(urls)")}
+            for name, decl in _ADDED_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE urls ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -103,13 +144,19 @@ class Ledger:
             self._db.execute("COMMIT")
 
     def statuses(self, urls: list[str]) -> dict[str, FetchStatus | None]:
+        return {u: st.status for u, st in self.states(urls).items()}
+
+    def states(self, urls: list[str]) -> dict[str, UrlState]:
         with self._lock:
-            out: dict[str, FetchStatus | None] = {}
+            out: dict[str, UrlState] = {}
             for i in range(0, len(urls), 500):
                 chunk = urls[i : i + 500]
                 q = ",".join("?" * len(chunk))
-                for url, status in self._db.execute(f"SELECT url, status FROM urls WHERE url IN ({q})", chunk):
-                    out[url] = status
+                for url, status, failures, next_try in self._db.execute(
+                    f"SELECT url, status, failures, next_try FROM urls WHERE url IN ({q})", chunk
+                ):
+                    when = datetime.fromisoformat(next_try) if next_try else None
+                    out[url] = UrlState(status, int(failures or 0), when)
             return out
 
     def record_fetch(
@@ -123,24 +170,58 @@ class Ledger:
         size: int | None = None,
         content_type: str | None = None,
         error: str | None = None,
-    ) -> bool:
-        """Record one fetch outcome. Returns True when ``md5`` is content not seen before."""
-        now = _now()
+        backoff_s: float = 0.0,
+        backoff_max_s: float = 0.0,
+    ) -> None:
+        """Record one fetch outcome (its own transaction). A failed URL waits
+        ``backoff_s * 2**(failures - 1)`` seconds (at most ``backoff_max_s``) before its next try."""
+        now = datetime.now(timezone.utc)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                failures, next_try = 0, None
+                if status in RETRIED_LATER:
+                    row = self._db.execute("SELECT failures FROM urls WHERE url=?", (url,)).fetchone()
+                    failures = int(row[0] or 0) + 1 if row else 1
+                    wait = min(backoff_s * 2 ** min(failures - 1, 40), backoff_max_s)
+                    next_try = (now + timedelta(seconds=wait)).isoformat(timespec="seconds") if wait > 0 else None
                 self._db.execute(
-                    "UPDATE urls SET status=?, md5=?, http_status=?, error=?, attempts=attempts+?, fetched_at=? "
-                    "WHERE url=?",
-                    (status, md5, http_status, error, attempts, now, url),
+                    "UPDATE urls SET status=?, md5=?, http_status=?, error=?, attempts=attempts+?, fetched_at=?, "
+                    "size=?, content_type=?, failures=?, next_try=? WHERE url=?",
+                    (status, md5, http_status, error, attempts, now.isoformat(timespec="seconds"), size,
+                     content_type, failures, next_try, url),
                 )
-                new = False
-                if status == "ok" and md5 is not None:
-                    title, tag = self._db.execute("SELECT title, tag FROM urls WHERE url=?", (url,)).fetchone()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def unpromoted(self) -> list[str]:
+        """URLs fetched fine whose content is not in ``images`` yet (a run was stopped before their turn)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT url FROM urls WHERE status = 'ok' AND md5 IS NOT NULL "
+                "AND md5 NOT IN (SELECT md5 FROM images) ORDER BY first_seen, url"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def promote(self, url: str) -> bool | None:
+        """Add the image fetched from ``url`` to ``images``: True when its content is new, False for a
+        duplicate of an image already there, None when ``url`` has no fetched content."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT md5, title, tag, size, content_type, fetched_at FROM urls WHERE url=? AND status='ok'",
+                    (url,),
+                ).fetchone()
+                new = None
+                if row is not None and row[0] is not None:
+                    md5, title, tag, size, content_type, fetched_at = row
                     cur = self._db.execute(
                         "INSERT INTO images (md5, url, title, tag, size, content_type, fetched_at) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(md5) DO NOTHING",
-                        (md5, url, title, tag, size, content_type, now),
+                        (md5, url, title, tag, size or 0, content_type, fetched_at or _now()),
                     )
                     new = cur.rowcount == 1
                 self._db.execute("COMMIT")
@@ -168,16 +249,18 @@ class Ledger:
     def failures(self) -> Iterator[tuple[str, str, int | None, str | None]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT url, status, http_status, error FROM urls WHERE status IN ('gone', 'failed') ORDER BY url"
+                "SELECT url, status, http_status, error FROM urls WHERE status IN ('gone', 'failed', 'refused') "
+                "ORDER BY url"
             ).fetchall()
         yield from rows
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*), SUM(status='ok'), SUM(status='gone'), SUM(status='failed'), SUM(status IS NULL) "
-                "FROM urls"
+                "SELECT COUNT(*), SUM(status='ok'), SUM(status='gone'), SUM(status='failed'), SUM(status IS NULL), "
+                "SUM(status='refused') FROM urls"
             ).fetchone()
             n_images = self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-        urls, ok, gone, failed, pending = (int(x or 0) for x in row)
-        return {"urls": urls, "ok": ok, "gone": gone, "failed": failed, "pending": pending, "images": n_images}
+        urls, ok, gone, failed, pending, refused = (int(x or 0) for x in row)
+        return {"urls": urls, "ok": ok, "gone": gone, "failed": failed, "refused": refused, "pending": pending,
+                "images": n_images}

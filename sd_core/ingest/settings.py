@@ -1,10 +1,19 @@
-"""Crawl settings: where to crawl and how politely. Selectors default to the discords.com layout."""
+"""Crawl settings: where to crawl, how politely, and how long anything may take.
+Selectors default to the discords.com layout."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
 
 from sd_core.common.strict import StrictModel
+
+# discords.com's listing shows its emoji through its own image proxy
+# (`https://discords.com/_next/image?url=https%3A%2F%2Fcdn.discordapp.com%2Femojis%2F....png`, seen in the
+# course's walk-through of the page), i.e. from the listing's origin; the bytes behind it live on Discord's
+# CDN, which is what an `img` without the proxy points at.
+DISCORD_CDN = "https://cdn.discordapp.com"
 
 
 class CrawlConfig(StrictModel):
@@ -25,6 +34,14 @@ class CrawlConfig(StrictModel):
         3.0, gt=0, description="a loaded page still without items after this long is the end of the listing"
     )
     page_delay_s: float = Field(0.0, ge=0, description="pause between listing pages (politeness)")
+    listing_deadline_s: float = Field(
+        1800.0, gt=0,
+        description="the whole listing (browser start, every page, quitting) must finish within this; past it "
+        "the browser and its driver are killed and the stage fails saying so",
+    )
+    command_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait for one answer from chromedriver; larger than page_timeout_s"
+    )
     chromium_path: str = "/usr/bin/chromium"
     chromedriver_path: str = "/usr/bin/chromedriver"
     browser_args: tuple[str, ...] = ()
@@ -33,9 +50,27 @@ class CrawlConfig(StrictModel):
     max_requests_per_second: float = Field(10.0, ge=0, description="per host; 0 disables the limit")
     retries: int = Field(3, ge=0, le=10, description="retries of 5xx, 429 and timeouts; 404 is never retried")
     backoff_s: float = Field(0.5, ge=0)
-    timeout_s: float = Field(20.0, gt=0)
+    timeout_s: float = Field(20.0, gt=0, description="longest wait to connect and for each read of a download")
+    download_deadline_s: float = Field(
+        60.0, gt=0,
+        description="total time one image URL may take (retries, redirects and every read included); "
+        "past it the URL is recorded as failed with reason 'deadline'",
+    )
     max_image_bytes: int = Field(20_000_000, gt=0)
     retry_gone: bool = Field(False, description="fetch again URLs that answered 404/410 in an earlier run")
+    failed_backoff_s: float = Field(
+        600.0, ge=0,
+        description="a URL that failed (timeout, deadline, 5xx after retries, a broken body) is tried again "
+        "on a later run only after this long, doubled after each further failure; 0 retries it on every run",
+    )
+    failed_backoff_max_s: float = Field(7 * 24 * 3600.0, ge=0, description="cap of that back-off")
+    allowed_hosts: tuple[str, ...] = Field(
+        (DISCORD_CDN,),
+        description="image origins allowed besides the listing's own: 'https://host[:port]' (exactly that "
+        "origin) or a bare 'host' (any scheme and port on it). The default is discords.com's image CDN, "
+        "cdn.discordapp.com; images on any other host are refused",
+    )
+    max_redirects: int = Field(5, ge=0, le=20, description="redirect hops followed per image, each one checked")
 
     @field_validator("base_url")
     @classmethod
@@ -51,5 +86,47 @@ class CrawlConfig(StrictModel):
             raise ValueError("must contain {page}")
         return v
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in v:
+            parse_host_rule(entry)  # raises ValueError naming the entry
+        return v
+
+    @model_validator(mode="after")
+    def _command_timeout(self) -> "CrawlConfig":
+        if self.command_timeout_s <= self.page_timeout_s:
+            raise ValueError(
+                f"command_timeout_s ({self.command_timeout_s}) must be larger than page_timeout_s "
+                f"({self.page_timeout_s}): a page that does not load must be reported by the browser"
+            )
+        return self
+
     def listing_url(self, page: int) -> str:
         return self.base_url + self.listing_path.format(tag=self.tag, page=page)
+
+
+def origin_of(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, host lower-cased, the port made explicit."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    return scheme, parts.hostname.lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+def parse_host_rule(entry: str) -> tuple[str, str, int] | str:
+    """An ``allowed_hosts`` entry: an origin ``(scheme, host, port)`` or a bare host name (any scheme/port)."""
+    text = entry.strip()
+    if "://" in text:
+        try:
+            origin = origin_of(text)
+        except ValueError:
+            raise ValueError(f"{entry!r}: an origin must look like https://host or http://host:port") from None
+        rest = urlsplit(text)
+        if rest.path not in ("", "/") or rest.query or rest.fragment or rest.username or rest.password:
+            raise ValueError(f"{entry!r}: give an origin (scheme://host[:port]) without a path")
+        return origin
+    if not text or any(c in text for c in "/?#@: ") or text.startswith("."):
+        raise ValueError(f"{entry!r}: give a bare host name (cdn.example.com) or an origin (https://host)")
+    return text.lower()

@@ -7,9 +7,12 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made, so image-only users (convert's worker) start fast
+    import torch
 
 from sd_core.store.files import atomic_write_bytes
 
@@ -27,6 +30,9 @@ def flatten_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 
 
 def image_to_tensor(image: Image.Image | Path | str, resolution: int) -> torch.Tensor:
     """RGB (transparency on white), bicubic resize to resolution², float (3, r, r) in [-1, 1]."""
+    import numpy as np
+    import torch
+
     if not isinstance(image, Image.Image):
         with Image.open(image) as img:
             img.load()
@@ -38,6 +44,8 @@ def image_to_tensor(image: Image.Image | Path | str, resolution: int) -> torch.T
 
 def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) or (3, H, W) in [-1, 1] → RGB images."""
+    import torch
+
     if x.ndim == 3:
         x = x[None]
     arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

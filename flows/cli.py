@@ -190,6 +190,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from sd_core.store.catalog import Catalog
     from sd_core.store.lock import data_dir_lock
+    from sd_core.store.records import mark_running
     from sd_core.training import distributed
     from sd_core.training.stage import train_stage
 
@@ -198,9 +199,10 @@ def _train(args: argparse.Namespace) -> int:
                       overrides={"data_dir": str(args.data_dir.resolve()) if args.data_dir else None})
     owns_lock = distributed.is_main_process() and not os.environ.get(distributed.LOCK_HELD)
     lock = data_dir_lock(cfg.data_dir, wait=args.wait_for_lock) if owns_lock else contextlib.nullcontext()
-    with lock:
-        result = train_stage(cfg.train, cfg.encode, Catalog(cfg.data_dir), force=args.force,
-                             progress=not args.no_progress)
+    catalog = Catalog(cfg.data_dir)
+    marked = mark_running(catalog, "train") if owns_lock else contextlib.nullcontext()
+    with lock, marked:
+        result = train_stage(cfg.train, cfg.encode, catalog, force=args.force, progress=not args.no_progress)
     if result is not None:
         print(result.line())
     return 0

@@ -11,7 +11,7 @@ from sd_core.config import STAGES, PipelineConfig, Stage
 from sd_core.encode.stage import uses_trained_vae
 from sd_core.store.catalog import Catalog
 from sd_core.store.lock import data_dir_lock
-from sd_core.store.records import StageResult, select_stages, skipped_stage
+from sd_core.store.records import StageResult, mark_running, select_stages, skipped_stage
 from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
 from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task
 from tasks.eval import eval_task
@@ -99,7 +99,8 @@ def pipeline(
     with data_dir_lock(config.data_dir, wait=wait_for_lock):
         results = [skipped_stage(catalog, s, "not selected") for s in STAGES[:first]]
         for stage in selected:
-            results.append(RUNNERS[stage](config, RunOptions(progress, promote), stage in (force or [])))
+            with mark_running(catalog, stage):
+                results.append(RUNNERS[stage](config, RunOptions(progress, promote), stage in (force or [])))
         results += [skipped_stage(catalog, s, "not selected") for s in STAGES[STAGES.index(selected[-1]) + 1:]]
         report_task(config.data_dir, results)
     return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -107,9 +108,11 @@ def test_checkpoint_holds_only_safetensors_and_json(runs: dict) -> None:
     folder = runs["b_dir"] / "checkpoints" / "checkpoint-0000020"
     names = sorted(p.name for p in folder.iterdir())
     assert names == [
-        "config.json", "ema.safetensors", "model.safetensors", "optimizer.json", "optimizer.safetensors",
-        "rng-rank0.safetensors", "scheduler.json", "trainer_state.json",
+        "checksums.json", "config.json", "ema.safetensors", "model.safetensors", "optimizer.json",
+        "optimizer.safetensors", "rng-rank0.safetensors", "scheduler.json", "trainer_state.json",
     ]
+    sums = json.loads((folder / "checksums.json").read_text())
+    assert sorted(sums) == [n for n in names if n != "checksums.json"]
     rng = load_file(str(folder / "rng-rank0.safetensors"))
     assert all(v.dtype == torch.uint8 for v in rng.values())
 
@@ -199,3 +202,32 @@ def test_fresh_run_into_a_used_out_dir_is_refused(runs: dict) -> None:
     t = Trainer(run_config(), runs["pairs"], runs["b_dir"], progress=False)
     with pytest.raises(FileExistsError, match="resume=True"):
         t.train()
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(runs: dict, tmp_path: Path, caplog) -> None:
+    import shutil
+
+    b_dir = tmp_path / "b"
+    shutil.copytree(runs["b_dir"], b_dir)
+    newest = b_dir / "checkpoints" / "checkpoint-0000020"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated
+    trainer = Trainer(run_config(), runs["pairs"], b_dir, progress=False)
+    with caplog.at_level("WARNING"):
+        assert trainer.resume_latest() and trainer.step == 15
+    assert any("checkpoint-0000020 is not usable" in r.message and "model.safetensors is damaged" in r.message
+               for r in caplog.records)
+    assert (b_dir / "checkpoints" / ".damaged-checkpoint-0000020").is_dir() and not newest.exists()
+    trainer.train(resume=True)  # and the run finishes from there, as the uninterrupted one did
+    a = losses(runs["a_dir"])
+    assert losses(b_dir) == a
+
+
+def test_damaged_checkpoint_is_named_when_loaded(runs: dict, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "c"
+    shutil.copytree(runs["b_dir"] / "checkpoints" / "checkpoint-0000020", folder)
+    (folder / "trainer_state.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match="trainer_state.json is damaged"):
+        ckpt.load_checkpoint(folder)

@@ -128,3 +128,49 @@ def test_killed_continuation_resumes_to_its_own_length(tmp_path, prefect_harness
     assert cat.latest_run().name == run2 and steps_trained(cat.run_dir(run2)) == 40
     rows = read_metrics(cat.run_dir(run2) / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 41))
+
+
+def test_forced_retrain_killed_midway_keeps_the_old_model(tmp_path, prefect_harness):
+    from test_pipeline import FAST
+
+    from flows.pipeline import pipeline
+    from sd_core.diffusion.export import load_pipeline
+    from sd_core.status import stage_status
+
+    cat = Catalog(tmp_path)
+    with DemoSite(build_demo_items(30, seed=6), per_page=12) as site:
+        cfg = config(site, tmp_path, *SETTINGS, "train.steps=40")
+        pipeline(cfg, progress=False)
+    run = cat.latest_run()
+    before = (run / "model" / "emoji_sd_model.json").read_text()
+    sets = [a for s in [*FAST, *SETTINGS, "train.steps=40"] for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert {r.stage: r.state for r in stage_status(cfg)}["train"] == "cached"
+    # --force retrains the run from scratch beside the old one
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path), "--force", *sets], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    staged = run.with_name(run.name + ".forced")
+    try:
+        deadline = time.monotonic() + 180
+        while not ckpt.list_checkpoints(staged / "checkpoints"):
+            assert time.monotonic() < deadline, "the forced rerun never saved a checkpoint"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # the old model is untouched and loads; status does not call the train stage cached
+    assert (run / "model" / "emoji_sd_model.json").read_text() == before
+    load_pipeline(cat.trained_model())
+    train = next(r for r in stage_status(cfg) if r.stage == "train")
+    assert train.state == "stale" and "interrupted" in train.detail
+
+    # the next run finishes the forced rerun, then swaps it in
+    done = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), *sets], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "finishing an interrupted forced rerun" in json.loads(
+        (cat.state_dir / "stages" / "train.json").read_text())["summary"]["plan"]
+    assert not staged.exists() and cat.latest_run() == run and steps_trained(run) == 40
+    assert [int(r["step"]) for r in read_metrics(run / "metrics.csv")] == list(range(1, 41))
+    # retraining from scratch with the same seed and data reproduces the model file for file
+    assert (run / "model" / "emoji_sd_model.json").read_text() == before

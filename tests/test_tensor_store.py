@@ -154,3 +154,33 @@ def test_two_writers_side_by_side(tmp_path):
     assert not leftover.exists()
     assert len(shard_files(merged)) == 4 and merged.stats()["entries"] == 6
     assert all(merged.get(key(i)) is not None for i in range(6))
+
+
+def test_same_size_overwrite_is_caught_and_moved_aside(tmp_path, caplog):
+    """Bit rot that keeps the file size and the header readable: the data no longer matches its checksums."""
+    store = TensorStore(tmp_path, shard_size=4)
+    store.put([(key(i), {"x": torch.full((64, 64), float(i))}) for i in range(8)])  # two shards of 4 entries
+    first = tmp_path / "shards" / shard_files(store)[0]
+    data = bytearray(first.read_bytes())
+    data[-4096:] = b"\xff" * 4096  # NaN-ish garbage over the end of the tensor data, same size
+    first.write_bytes(bytes(data))
+    reopened = TensorStore(tmp_path, shard_size=4)
+    with caplog.at_level("WARNING"):
+        assert reopened.get(key(3)) is None and not reopened.contains(key(0))
+    assert reopened.get(key(5)) is not None  # the other shard is intact
+    assert (tmp_path / "damaged" / first.name).exists() and not first.exists()
+    assert any("is damaged (entry" in r.message and first.name in r.message for r in caplog.records)
+    assert reopened.missing([key(i) for i in range(8)]) == [0, 1, 2, 3]
+    reopened.put([(key(i), {"x": torch.full((64, 64), float(i))}) for i in range(4)])  # recomputed
+    assert torch.equal(TensorStore(tmp_path).get(key(2))["x"], torch.full((64, 64), 2.0))
+
+
+def test_shards_without_checksums_are_recomputed(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "shards").mkdir()
+    eid = entry_id(key(0))
+    save_file({f"{eid}/x": torch.ones(2)}, str(tmp_path / "shards" / "shard-000001.safetensors"),
+              metadata={"format": "pt", eid: canonical_key(key(0))})
+    store = TensorStore(tmp_path)
+    assert store.get(key(0)) is None and (tmp_path / "damaged" / "shard-000001.safetensors").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterator
 
 import pytest
@@ -242,3 +243,24 @@ def test_gradient_accumulation_consumes_the_global_batch(tmp_path, pairs: Pairs)
     assert result.step == trainer.total_steps and trainer.epoch == 2 and trainer.position == 0
     rows = read_metrics(trainer.metrics_csv)
     assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tmp_path) -> None:
+    from sd_core.training import checkpoint as ckpt
+    from sd_core.training.trainer import NonFiniteError
+
+    base = synthetic_pairs(40)
+    mean = base.mean.clone()
+    mean[3] = float("nan")  # one cached latent read back as NaN (bit rot the cache did not catch)
+    pairs = Pairs(**{**base.__dict__, "mean": mean})
+    trainer = Trainer(tiny_train_config(steps=30, save_every=2, val_every=1000), pairs, tmp_path, progress=False)
+    with pytest.raises(NonFiniteError, match=r"the training loss is nan at step (\d+); the run stopped") as err:
+        trainer.train()
+    bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
+    saved = [ckpt.load_step(p) for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    assert saved and max(saved) < bad_step  # nothing after the NaN step was written
+    assert all(math.isfinite(v) for v in ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "checkpoints")[-1])
+               .model["conv_out.bias"].tolist())
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+    assert not (tmp_path / "model").exists()

@@ -127,6 +127,20 @@ def stage_key(cfg: EncodeStageConfig, catalog: Catalog) -> str:
     })
 
 
+def verify_caches(cfg: EncodeStageConfig, catalog: Catalog) -> str | None:
+    """None when every dataset row's latents and caption states are cached and read back intact (``cfg``
+    resolved), else what is missing. Reads only: damaged shards are left for the encode stage to repair."""
+    rows = _dataset(catalog)
+    lbase, tbase = latent_key_base(cfg.vae), text_key_base(cfg.text)
+    latents = TensorStore(catalog.latent_store, shard_size=cfg.shard_size, sweep=False, repair=False)
+    texts = TensorStore(catalog.text_store, shard_size=cfg.shard_size, sweep=False, repair=False)
+    bad_l = latents.missing([{**lbase, "md5": r["md5"]} for r in rows])
+    bad_t = texts.missing([{**tbase, "caption_sha256": sha256_text(c)} for c in {r["prompt"] for r in rows}])
+    if bad_l or bad_t:
+        return f"{len(bad_l)} latents and {len(bad_t)} caption states missing or damaged"
+    return None
+
+
 def cached_pairs(cfg: EncodeStageConfig, catalog: Catalog) -> CachedPairs:
     """The trainer's view of the cached pairs of every dataset row (``cfg`` resolved)."""
     rows = _dataset(catalog)

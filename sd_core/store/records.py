@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
 
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_json, read_json
@@ -45,6 +48,34 @@ def record_stage(
     result = StageResult(stage=stage, status="ran" if ran else "reused", key=key, summary=summary, seconds=seconds)
     save_stage(catalog, result)
     return result
+
+
+def running_marker(catalog: Catalog, stage: str) -> Path:
+    return catalog.stage_manifest(stage).with_suffix(".running")
+
+
+@contextmanager
+def mark_running(catalog: Catalog, stage: str) -> Iterator[None]:
+    """While a stage runs, ``state/stages/<stage>.running`` names the process; it is removed when the stage
+    ends, ran or failed. One left behind by a killed process says the stage was interrupted."""
+    atomic_write_json(running_marker(catalog, stage), {"pid": os.getpid(), "since": datetime.now(timezone.utc)
+                                                       .isoformat(timespec="seconds")})
+    try:
+        yield
+    finally:
+        running_marker(catalog, stage).unlink(missing_ok=True)
+
+
+def running_state(catalog: Catalog, stage: str) -> str | None:
+    """'running' (its process is alive), 'interrupted' (its process is gone) or None (not marked)."""
+    data = read_json(running_marker(catalog, stage))
+    if not data:
+        return None
+    try:
+        os.kill(int(data["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return "interrupted"
+    return "running"
 
 
 def load_stage(catalog: Catalog, stage: str) -> StageResult | None:

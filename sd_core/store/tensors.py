@@ -10,12 +10,18 @@ entry it holds, so the index can always be rebuilt from the shards and ``get`` v
 what it found was stored under exactly the key asked for. Shards are written once (temp file,
 then rename) and never rewritten; a later ``put`` of the same key lands in a new shard and the
 index points there. Reads open one shard at a time and load only the tensors asked for.
+
+Every shard also carries a SHA-256 of each entry's tensor bytes (metadata ``checksums``). The first time a
+process touches a shard it reads it whole and checks them; a shard that fails (bit rot, a same-size
+overwrite, or no checksums at all) is moved to ``damaged/`` with a warning naming it, and its entries read
+as missing, so the stage that owns the store computes them again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import uuid
@@ -32,6 +38,8 @@ from sd_core.store.files import atomic_write_text, read_json, sweep_temp_files
 KeyValue = Union[str, int, float, bool, None]
 Key = Mapping[str, KeyValue]
 Tensors = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
@@ -56,17 +64,20 @@ def entry_id(key: Key) -> str:
 class TensorStore:
     """Per-item tensor entries in immutable safetensors shards with a rebuildable index."""
 
-    def __init__(self, root: Path, *, shard_size: int = 256, sweep: bool = True) -> None:
+    def __init__(self, root: Path, *, shard_size: int = 256, sweep: bool = True, repair: bool = True) -> None:
         """``sweep`` removes temp files of killed writes; pass False where other processes of the
-        same run may be writing to this store at the same moment."""
+        same run may be writing to this store at the same moment. ``repair=False`` only reads: a damaged
+        shard reads as missing but is left where it is (for ``status``)."""
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         self.root = Path(root)
         self.shard_size = shard_size
+        self.repair = repair
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         if sweep:
             sweep_temp_files(self.root)
         self._metadata: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._verified: set[str] = set()
         self._index: dict[str, str] = {}
         self._indexed_shards: set[str] = set()
         self._load_index()
@@ -148,8 +159,13 @@ class TensorStore:
 
     # --- reads ------------------------------------------------------------------------------
 
+    @property
+    def damaged_dir(self) -> Path:
+        return self.root / "damaged"
+
     def _locate(self, key: Key) -> tuple[str, str] | None:
-        """(entry id, shard name) when the index holds ``key`` and the shard's metadata confirms it."""
+        """(entry id, shard name) when the index holds ``key``, the shard's metadata confirms it and the shard's
+        data matches its checksums (checked once per shard and process)."""
         eid = entry_id(key)
         name = self._index.get(eid)
         if name is None:
@@ -157,7 +173,44 @@ class TensorStore:
         meta = self._shard_metadata(name)
         if meta is None or meta.get(eid) != canonical_key(key):
             return None
+        if name not in self._verified and not self._verify(name):
+            return None
         return eid, name
+
+    def _verify(self, name: str) -> bool:
+        """Check every entry of shard ``name`` against its checksum; move it aside when one fails."""
+        meta = self._shard_metadata(name) or {}
+        problem = None
+        try:
+            sums = json.loads(meta["checksums"])
+            with safe_open(self.shards_dir / name, framework="pt") as f:
+                for eid in (e for e in meta if _is_entry_id(e)):
+                    if _digest(_read_entry(f, eid)) != sums.get(eid):
+                        problem = f"entry {eid} does not match its checksum"
+                        break
+        except KeyError:
+            problem = "it has no checksums (written by an older emoji-sd)"
+        except Exception as e:  # unreadable data: safetensors raises its own error types
+            problem = f"its data does not read ({type(e).__name__})"
+        if problem is None:
+            self._verified.add(name)
+            return True
+        if not self.repair:
+            return False
+        self.damaged_dir.mkdir(exist_ok=True)
+        try:
+            os.replace(self.shards_dir / name, self.damaged_dir / name)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        dropped = [e for e, n in self._index.items() if n == name]
+        for e in dropped:
+            del self._index[e]
+        self._indexed_shards.discard(name)
+        self._metadata.pop(name, None)
+        self._write_index()
+        log.warning("%s is damaged (%s): moved to %s; its %d entries will be computed again",
+                    self.shards_dir / name, problem, self.damaged_dir, len(dropped))
+        return False
 
     def contains(self, key: Key) -> bool:
         return self._locate(key) is not None
@@ -249,10 +302,14 @@ class TensorStore:
     def _write_shard(self, chunk: list[tuple[str, tuple[str, Tensors]]]) -> str:
         tensors: dict[str, torch.Tensor] = {}
         metadata: dict[str, str] = {"format": "pt"}
+        sums: dict[str, str] = {}
         for eid, (key_json, entry) in chunk:
             metadata[eid] = key_json
-            for tname, t in entry.items():
-                tensors[f"{eid}/{tname}"] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            local = {tname: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                     for tname, t in entry.items()}
+            sums[eid] = _digest(local)
+            tensors.update({f"{eid}/{tname}": t for tname, t in local.items()})
+        metadata["checksums"] = json.dumps(sums, separators=(",", ":"))
         tmp = self.shards_dir / f".shard.{uuid.uuid4().hex[:12]}.tmp"
         try:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -262,6 +319,7 @@ class TensorStore:
         finally:
             tmp.unlink(missing_ok=True)
         self._metadata[name] = metadata
+        self._verified.add(name)
         return name
 
     def _claim_name(self, tmp: Path) -> str:
@@ -278,6 +336,16 @@ class TensorStore:
                     continue
                 os.replace(tmp, self.shards_dir / name)
                 return name
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of an entry's tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _read_entry(f: object, eid: str) -> Tensors:

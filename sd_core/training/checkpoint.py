@@ -8,13 +8,16 @@ A checkpoint folder ``checkpoint-{step:07d}/`` holds
 * ``scheduler.json``     LR schedule state
 * ``trainer_state.json`` step, epoch, position in the epoch's order, data seed, elapsed time
 * ``rng-rank{r}.safetensors``  every RNG state of process ``r`` as uint8 tensors
+* ``checksums.json``     size and SHA-256 of every file above, checked when the checkpoint is loaded
 
 It is written under a temporary name and renamed when complete; ``latest`` (a text file beside the
-folders, replaced atomically) names the newest complete one. Nothing here is ever unpickled.
+folders, replaced atomically) names the newest complete one. :func:`usable_checkpoint` falls back to the
+previous checkpoint when the newest is damaged, naming the file. Nothing here is ever unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -145,10 +148,42 @@ def write_checkpoint_files(
     _save_json(tmp / "trainer_state.json", trainer_state)
 
 
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is damaged or incomplete; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first file that is missing, truncated or altered."""
+    folder = Path(folder)
+    try:
+        sums = _read_json(folder / CHECKSUMS)
+    except (FileNotFoundError, ValueError):
+        raise CheckpointError(f"{folder / CHECKSUMS} is missing or unreadable") from None
+    for name, want in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path} is damaged (its size or checksum differs from {CHECKSUMS})")
+
+
 def commit_checkpoint(root: Path, step: int, keep_last: int | None) -> Path:
-    """Rename the finished temporary folder into place, point ``latest`` at it, prune old ones."""
+    """Seal the finished temporary folder (checksums), rename it into place, point ``latest`` at it, prune."""
     root = Path(root)
     tmp, final = staging_folder(root, step), root / checkpoint_name(step)
+    sums = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    _save_json(tmp / CHECKSUMS, sums)
     _fsync_path(tmp)
     if final.exists():  # an earlier run got this far before crashing; this one replaces it
         trash = root / f".trash-{final.name}"
@@ -187,6 +222,25 @@ def latest_checkpoint(root: Path) -> Path | None:
     return folder
 
 
+def usable_checkpoint(root: Path, log: Any = None, *, move_aside: bool = True) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies. A damaged one is moved aside (``.damaged-…``, unless
+    ``move_aside`` is off) with a warning naming the file, and the previous one is tried; None when none is left."""
+    for folder in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except CheckpointError as e:
+            if not move_aside:
+                continue
+            aside = folder.with_name(f".damaged-{folder.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
+            if log is not None:
+                log.warning("checkpoint %s is not usable (%s); moved to %s, falling back to the previous one",
+                            folder.name, e, aside.name)
+    return None
+
+
 def load_step(folder: Path) -> int:
     """The step a checkpoint folder was saved at."""
     return int(_read_json(Path(folder) / "trainer_state.json")["step"])
@@ -218,8 +272,9 @@ class Checkpoint:
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:
-    """Read a checkpoint folder (safetensors + JSON only)."""
+    """Read a checkpoint folder (safetensors + JSON only), after checking its checksums."""
     folder = Path(folder)
+    verify_checkpoint(folder)
     opt = None
     if (folder / "optimizer.json").exists():
         opt = optimizer_state_from_files(load_file(str(folder / "optimizer.safetensors")), _read_json(folder / "optimizer.json"))

@@ -117,7 +117,7 @@ def plan_run(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog) ->
                            "recaptioned")
     if cfg.on_new_data == "retrain":
         return _why(fresh, f"retraining from scratch on {len(new)} items ({len(new - old)} new; on_new_data=retrain)")
-    init = ckpt.latest_checkpoint(previous / "checkpoints")
+    init = ckpt.usable_checkpoint(previous / "checkpoints", move_aside=False)
     if init is None:
         return _why(fresh, f"retraining from scratch: {previous.name} has no checkpoint to continue from")
     return RunPlan(run_dir, key, "continue", cfg.continue_steps, None, init,

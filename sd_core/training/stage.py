@@ -4,7 +4,9 @@ and configuration exists; resume a killed run; continue from the last run when t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -54,16 +56,21 @@ def run_training(
     callbacks: Sequence[Callable[[Progress], None]] = (),
 ) -> dict[str, Any]:
     """Train the run :func:`~sd_core.training.plan.plan_run` says is owed, unless it is finished (``enc``
-    resolved). A killed run resumes from its latest checkpoint to its own planned length."""
+    resolved). A killed run resumes from its latest checkpoint to its own planned length. ``force`` trains the
+    run again in a folder beside it (``run-<key>.forced``) and swaps it in when it is complete, so the old
+    model stays usable meanwhile; an interrupted forced rerun is finished by the next run."""
     procs = distributed.state()
     plan = plan_run(cfg, enc, catalog)
-    if force and plan.run_dir.exists() and procs.is_main_process:
-        shutil.rmtree(plan.run_dir)
-    procs.wait_for_everyone()
-    if force:
-        plan = plan_run(cfg, enc, catalog)
+    staged = plan.run_dir.with_name(plan.run_dir.name + FORCED)  # a forced rerun trains beside the old run
+    if force and plan.run_dir.exists():
+        if procs.is_main_process:
+            shutil.rmtree(staged, ignore_errors=True)
+        plan = replace(plan, run_dir=staged)
+    elif staged.exists():  # a forced rerun that was interrupted: finish it, then swap it in
+        plan = replace(plan, run_dir=staged, reason=plan.reason + "; finishing an interrupted forced rerun")
     elif finished(plan):
         return {"status": "reused", "run": plan.run_dir.name}
+    procs.wait_for_everyone()
     resume = bool(ckpt.list_checkpoints(plan.run_dir / "checkpoints"))
     if procs.is_main_process:
         log.info("train: %s%s", plan.reason, " (resuming its latest checkpoint)" if resume else "")
@@ -82,6 +89,8 @@ def run_training(
             trainer.adapt_ema()
     result = trainer.train(resume=resume)
     if procs.is_main_process:
+        if plan.run_dir.name.endswith(FORCED):
+            plan = replace(plan, run_dir=swap_in(plan.run_dir))
         atomic_write_json(catalog.latest_run_json, {"run": plan.run_dir.name, "key": plan.key})
         pruned = prune_runs(catalog, cfg.keep_runs)
     procs.wait_for_everyone()
@@ -94,6 +103,23 @@ def run_training(
     }
 
 
+FORCED = ".forced"
+
+
+def swap_in(staged: Path) -> Path:
+    """Replace the run folder by the finished forced rerun beside it; the old one is kept until the new one is in."""
+    final = staged.with_name(staged.name.removesuffix(FORCED))
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(staged, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    return final
+
+
 def prune_runs(catalog: Catalog, keep: int) -> int:
     """Remove all but the ``keep`` newest run folders; the latest run and the champion always stay."""
     latest, champion = catalog.latest_run(), catalog.champion_run()
@@ -101,7 +127,8 @@ def prune_runs(catalog: Catalog, keep: int) -> int:
         plan = run / "plan.json"
         return (plan if plan.exists() else run).stat().st_mtime
 
-    runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir()), key=started, reverse=True)
+    runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir() and not p.name.endswith(FORCED)),
+                  key=started, reverse=True)
     kept = [p for p in (latest, champion) if p is not None]
     kept += [p for p in runs if p not in kept][: max(0, keep - len(kept))]
     removed = 0

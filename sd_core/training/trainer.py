@@ -368,8 +368,12 @@ class Trainer:
         self.ema.decay = min(self.config.ema_decay, 1.0 - 10.0 / max(self.total_steps, 20))
 
     def resume_latest(self) -> bool:
-        """Load ``checkpoints/latest`` if there is one; True when a checkpoint was loaded."""
-        folder = ckpt.latest_checkpoint(self.checkpoint_root)
+        """Load the newest usable checkpoint (a damaged one is moved aside with a warning naming the file and
+        the previous one is used); True when a checkpoint was loaded."""
+        if self.accelerator.is_main_process:  # only the main process moves damaged checkpoints aside
+            ckpt.usable_checkpoint(self.checkpoint_root, log)
+        self.accelerator.wait_for_everyone()
+        folder = ckpt.usable_checkpoint(self.checkpoint_root, move_aside=False)
         if folder is None:
             return False
         self.load(folder)

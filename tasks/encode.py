@@ -1,5 +1,5 @@
-"""The encode stage as Prefect tasks: plan the batches, encode each (fanned out on the flow's task runner),
-then record the stage."""
+"""The encode stage as Prefect tasks: plan the jobs (one shard of items each), encode each (fanned out on the
+flow's task runner; every worker process loads each model once), then record the stage."""
 
 from __future__ import annotations
 
@@ -26,14 +26,16 @@ from tasks.fanout import Plan
 
 @task(name="encode-plan", cache_policy=NO_CACHE)
 def encode_plan_task(cfg: EncodeStageConfig, data_dir: Path, force: bool = False) -> Plan:
-    """Batches of images without latents and captions without text states (model ids resolved)."""
+    """Jobs of images without latents and captions without text states (model ids resolved)."""
     plan = Plan(plan_encode(resolve(cfg, Catalog(data_dir)), Catalog(data_dir), force=force))
-    get_run_logger().info("%d images and captions to encode in %d batches", plan.items, len(plan.batches))
+    get_run_logger().info("%d images and captions to encode in %d jobs of up to %d", plan.items, len(plan.batches),
+                          cfg.shard_size)
     return plan
 
 
 @task(name="encode-batch", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def encode_batch_task(job: EncodeJob, cfg: EncodeStageConfig, data_dir: Path) -> EncodeSummary:
+    """Encode one job into one shard with this worker's models (loaded once per process)."""
     return run_encode_job(resolve(cfg, Catalog(data_dir)), Catalog(data_dir), job)
 
 

@@ -97,9 +97,8 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any]) -> PipelineConfig
 
 
 def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from sd_core.ingest.browser import check_browser
-
     from sd_core.encode.stage import check_packaged_models
+    from sd_core.ingest.browser import check_browser
 
     if args.only in (None, "crawl") and args.start in (None, "crawl"):
         check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second

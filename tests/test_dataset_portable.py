@@ -182,7 +182,8 @@ def test_old_data_dir_is_migrated_without_recomputing(demo_run, tmp_path):
     assert all((old / r["file_name"]).with_suffix(".txt").read_text("utf-8") == r["prompt"] for r in before)
     assert cat.dataset_card.exists()
     assert (cat.vae_dir / "metrics.json").exists() and not (cat.vae_dir / "train_metrics.json").exists()
-    assert all(cat.stage_manifest(s).exists() for s in STAGES) and not cat.legacy_stage_manifest("train").parent.exists()
+    assert all(cat.stage_manifest(s).exists() for s in STAGES)
+    assert not cat.legacy_stage_manifest("train").parent.exists()
     from datasets.data_files import get_data_patterns
 
     assert list(get_data_patterns(str(old)).values()) == [["**"]]

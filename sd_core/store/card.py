@@ -16,7 +16,6 @@ from sd_core.store.catalog import IMAGES, Catalog
 from sd_core.store.files import atomic_write_text
 from sd_core.store.metadata import read_metadata
 
-
 MARKER = ("<!-- written by emoji-sd's caption stage, which rewrites it on every run (delete this line to keep "
           "your own edits) -->")
 
@@ -103,9 +102,12 @@ before you redistribute the images or publish a model trained on them. The capti
 
 | path | what |
 | --- | --- |
-| `metadata.csv` | one row per image: `file_name` (relative to this folder), `image_url`, `image_title`, `tag`, `md5`, `width`, `height`, `source_format`, `animated`, `prompt` (the caption), `captioner`, `caption_flagged` |
+| `metadata.csv` | one row per image (columns below) |
 | `{IMAGES}/*.jpg` | the images |
 | `{IMAGES}/*.txt` | the caption of the image of the same name (kohya, SimpleTuner, OneTrainer), when written |
+
+metadata.csv's columns: `file_name` (the image, relative to this folder), `image_url`, `image_title`, `tag`,
+`md5`, `width`, `height`, `source_format`, `animated`, `prompt` (the caption), `captioner`, `caption_flagged`.
 
 ## Loading
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sd_core.encode.encoders import EncodeSummary
+from sd_core.encode.encoders import EncodeSummary, release_shared_models
 from sd_core.encode.stage import (
     EncodeJob,
     EncodeStageConfig,
@@ -43,6 +43,7 @@ def encode_batch_task(job: EncodeJob, cfg: EncodeStageConfig, data_dir: Path) ->
 def encode_finish_task(cfg: EncodeStageConfig, data_dir: Path, plan: Plan, results: list[EncodeSummary]
                        ) -> StageResult:
     catalog = Catalog(data_dir)
+    release_shared_models()  # the jobs run here (sequential runner) are done: free the encoders before training
     summary = merge_summaries(plan.batches, results)
     result = record_stage(catalog, "encode", key=stage_key(resolve(cfg, catalog), catalog), summary=summary,
                           seconds=time.time() - plan.started, ran=bool(plan.batches))

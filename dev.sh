@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and entry point for a fresh Debian machine (also what CI runs).
-#   ./dev.sh demo [ARGS]   install what is missing, then run the whole pipeline on the embedded demo site
-#   ./dev.sh test [ARGS]   install what is missing, then run the test suite
-#   ./dev.sh setup         install only
+#   ./dev.sh demo [ARGS]   install what is missing (emoji-sd[demo]), then run the whole pipeline on the demo site
+#   ./dev.sh test [ARGS]   install what is missing (emoji-sd[test]: demo, dask, pytest, datasets), then run the tests
+#   ./dev.sh setup         install only (emoji-sd[test], everything)
 # Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (default torch==2.13.0).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,29 +29,30 @@ install_system() {
 }
 
 install_python() {
+  local extra=$1  # demo or test (test includes demo)
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  local stamp="$VENV/.emoji-sd-installed"
+  local stamp="$VENV/.emoji-sd-installed-$extra"
   local want
   want="$(cat pyproject.toml; echo "$TORCH_SPEC")"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return
   fi
-  log "installing $TORCH_SPEC first (so no other torch build is pulled), then emoji-sd"
+  log "installing $TORCH_SPEC first (so no other torch build is pulled), then emoji-sd[$extra]"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options
   "$VENV/bin/python" -m pip install -q $TORCH_SPEC
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[$extra]"
   printf '%s' "$want" > "$stamp"
 }
 
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  setup) install_system; install_python ;;
-  demo) install_system; install_python; exec "$VENV/bin/emoji-sd" demo "$@" ;;
-  test) install_system; install_python; exec "$VENV/bin/python" -m pytest "$@" ;;
+  setup) install_system; install_python test ;;
+  demo) install_system; install_python demo; exec "$VENV/bin/emoji-sd" demo "$@" ;;
+  test) install_system; install_python test; exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: ./dev.sh {demo|test|setup} [ARGS...]" >&2; exit 2 ;;
 esac

@@ -109,14 +109,19 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any]) -> PipelineConfig
 
 
 def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from sd_core.encode.stage import check_packaged_models
     from sd_core.ingest.browser import check_browser
 
     if args.only in (None, "crawl") and args.start in (None, "crawl"):
         check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
+    check_packaged_models(cfg.encode)
     from flows.pipeline import pipeline
 
     if args.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise RuntimeError("--task-runner dask needs prefect-dask: pip install 'emoji-sd[dask]'") from None
 
         runner = (DaskTaskRunner(address=args.dask_address) if args.dask_address else
                   DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1}))

@@ -1,5 +1,5 @@
-"""The encode stage as Prefect tasks: plan the batches, encode each (fanned out on the flow's task runner),
-then record the stage."""
+"""The encode stage as Prefect tasks: plan the jobs (one shard of items each), encode each (fanned out on the
+flow's task runner; every worker process loads each model once), then record the stage."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from sd_core.encode.encoders import EncodeSummary
+from sd_core.encode.encoders import EncodeSummary, release_shared_models
 from sd_core.encode.stage import (
     EncodeJob,
     EncodeStageConfig,
@@ -26,14 +26,16 @@ from tasks.fanout import Plan
 
 @task(name="encode-plan", cache_policy=NO_CACHE)
 def encode_plan_task(cfg: EncodeStageConfig, data_dir: Path, force: bool = False) -> Plan:
-    """Batches of images without latents and captions without text states (model ids resolved)."""
+    """Jobs of images without latents and captions without text states (model ids resolved)."""
     plan = Plan(plan_encode(resolve(cfg, Catalog(data_dir)), Catalog(data_dir), force=force))
-    get_run_logger().info("%d images and captions to encode in %d batches", plan.items, len(plan.batches))
+    get_run_logger().info("%d images and captions to encode in %d jobs of up to %d", plan.items, len(plan.batches),
+                          cfg.shard_size)
     return plan
 
 
 @task(name="encode-batch", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def encode_batch_task(job: EncodeJob, cfg: EncodeStageConfig, data_dir: Path) -> EncodeSummary:
+    """Encode one job into one shard with this worker's models (loaded once per process)."""
     return run_encode_job(resolve(cfg, Catalog(data_dir)), Catalog(data_dir), job)
 
 
@@ -41,6 +43,7 @@ def encode_batch_task(job: EncodeJob, cfg: EncodeStageConfig, data_dir: Path) ->
 def encode_finish_task(cfg: EncodeStageConfig, data_dir: Path, plan: Plan, results: list[EncodeSummary]
                        ) -> StageResult:
     catalog = Catalog(data_dir)
+    release_shared_models()  # the jobs run here (sequential runner) are done: free the encoders before training
     summary = merge_summaries(plan.batches, results)
     result = record_stage(catalog, "encode", key=stage_key(resolve(cfg, catalog), catalog), summary=summary,
                           seconds=time.time() - plan.started, ran=bool(plan.batches))

@@ -135,3 +135,23 @@ def test_interrupted_run_loses_at_most_the_batch_in_flight(tmp_path):
     s = caption_dataset(cfg, cat, progress=False)
     assert (s.captioned, s.reused) == (2, 8)
     assert len(log.read()) == 10 and log.path.read_text().count("\n") == 10
+
+
+def test_caption_sidecars_follow_the_prompt_column(tmp_path):
+    cat = make_dataset(tmp_path, 3)
+    off = caption_dataset(CaptionConfig(captioner="offline", sidecars=False), cat, progress=False)
+    assert off.sidecars_written == 0 and not list(cat.images_dir.glob("*.txt"))
+    on = caption_dataset(CaptionConfig(captioner="offline"), cat, progress=False)
+    assert (on.captioned, on.sidecars_written) == (0, 3), "the switch is not part of the caption cache key"
+    for r in _rows(cat):
+        assert r["file_name"].startswith("images/")  # rows written with bare names before are migrated
+        assert cat.caption_sidecar(r["file_name"]).read_text("utf-8") == r["prompt"]
+    assert caption_dataset(CaptionConfig(captioner="offline"), cat, progress=False).sidecars_written == 0
+    assert "3 unique images" in cat.dataset_card.read_text("utf-8")
+
+
+def test_a_dataset_card_someone_wrote_is_kept(tmp_path):
+    cat = make_dataset(tmp_path, 2)
+    cat.dataset_card.write_text("# My emoji\n\nOur own words.\n")
+    caption_dataset(CaptionConfig(captioner="offline"), cat, progress=False)
+    assert cat.dataset_card.read_text() == "# My emoji\n\nOur own words.\n"

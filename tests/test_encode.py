@@ -217,7 +217,8 @@ def test_minilm_text_encoding(tmp_path):
     again = encode_texts(cfg, CAPTIONS, store, progress=False)
     assert again.calls == 0 and again.reused == 3
     key = text_key(cfg, CAPTIONS[0])
-    assert key["encoder"] == cfg.model_id and key["max_length"] == 40 and key["caption_sha256"]
+    # a folder given by its path is named "local" in keys (never by the path): its fingerprint identifies it
+    assert key["encoder"] == "local" and key["weights"] and key["max_length"] == 40 and key["caption_sha256"]
     assert text_key(cfg.model_copy(update={"revision": "x"}), CAPTIONS[0]) != key
 
 
@@ -244,3 +245,87 @@ def test_fingerprint_ignores_files_beside_the_model(models, tmp_path):
     (folder / "config.json").write_text(config.replace('"scaling_factor": 0.18215', '"scaling_factor": 0.5'))
     changed = latent_key(cfg, "abc")
     assert changed["scaling_factor"] == 0.5 and changed["weights"] != key["weights"]
+
+
+def test_keys_hold_no_path_and_survive_a_moved_model_folder(models, images, tmp_path):
+    import json
+    import shutil
+
+    from sd_core.encode.stage import EncodeStageConfig, resolve
+    from sd_core.store.catalog import Catalog
+
+    a = Catalog(tmp_path / "a")
+    shutil.copytree(models["vae"], a.vae_dir)
+    cfg = EncodeStageConfig(vae=VAEConfig(model_id="trained", resolution=32))
+    key = latent_key(resolve(cfg, a).vae, "abc")
+    assert key["vae"] == "trained" and key["weights"] and str(tmp_path) not in json.dumps(key)
+    # the same bytes elsewhere, with new mtimes: the same key; a user's own folder is "local" plus its fingerprint
+    b = Catalog(tmp_path / "b")
+    shutil.copytree(a.vae_dir, b.vae_dir, copy_function=shutil.copy)
+    assert latent_key(resolve(cfg, b).vae, "abc") == key
+    local = latent_key(VAEConfig(model_id=str(b.vae_dir), resolution=32), "abc")
+    assert local == {**key, "vae": "local"}
+    # a VAE retrained in the folder changes the key
+    build_tiny_vae(b.vae_dir, seed=5)
+    assert latent_key(resolve(cfg, b).vae, "abc")["weights"] != key["weights"]
+
+
+def test_an_entry_keyed_by_path_before_is_recomputed_not_misread(models, images, tmp_path):
+    import shutil
+
+    from sd_core.encode.stage import EncodeStageConfig, resolve
+    from sd_core.store.catalog import Catalog
+
+    cat = Catalog(tmp_path / "data")
+    shutil.copytree(models["vae"], cat.vae_dir)
+    vae = resolve(EncodeStageConfig(vae=VAEConfig(model_id="trained", resolution=32)), cat).vae
+    store = TensorStore(cat.latent_store)
+    old_key = {**latent_key(vae, images[0][0]), "vae": str(cat.vae_dir)}  # how keys named the VAE before
+    store.put([(old_key, {"mean": torch.zeros(4, 4, 4), "std": torch.zeros(4, 4, 4)})])
+    summary = encode_images(vae, images[:1], store, progress=False)
+    assert (summary.encoded, summary.reused) == (1, 0)
+    assert store.get(latent_key(vae, images[0][0]))["std"].abs().sum() > 0
+
+
+def test_encode_stage_loads_each_model_once_and_fills_shards(models, images, tmp_path):
+    from safetensors import safe_open
+
+    from sd_core.encode import encoders
+    from sd_core.encode.stage import EncodeStageConfig, plan_encode, run_encode_job, stage_key
+    from sd_core.store.catalog import Catalog
+    from sd_core.store.metadata import update_metadata, write_metadata
+
+    cat = Catalog(tmp_path / "data")
+    cat.images_dir.mkdir(parents=True)
+    rows = []
+    for i in range(10):
+        name = cat.image_file_name(f"Blobs_{i + 1:07d}.jpg")
+        Image.open(images[i % len(images)][1]).save(cat.image_path(name))
+        rows.append({"file_name": name, "image_url": f"http://x/{i}", "image_title": f"t{i}", "tag": "Blobs",
+                     "md5": f"{i:032x}", "width": 48, "height": 48, "source_format": "PNG", "animated": False})
+    write_metadata(cat, rows)
+    update_metadata(cat, {r["md5"]: {"prompt": f"{CAPTIONS[i % 2]} number {i}"} for i, r in enumerate(rows)})
+    cfg = EncodeStageConfig(vae=VAEConfig(model_id=str(models["vae"]), resolution=32, batch_size=3),
+                            text=TextEncoderConfig(model_id=str(models["clip"]), batch_size=2, max_length=16),
+                            shard_size=4)
+    encoders.release_shared_models()
+    loads = dict(encoders.MODEL_LOADS)
+    jobs = plan_encode(cfg, cat)
+    # shard_size items per job, whatever the batch size: 10 images, 10 captions + the empty prompt
+    assert [(j.kind, len(j)) for j in jobs] == [("image", 4), ("image", 4), ("image", 2),
+                                                ("text", 4), ("text", 4), ("text", 3)]
+    results = [run_encode_job(cfg, cat, job) for job in jobs]
+    assert {k: encoders.MODEL_LOADS[k] - loads.get(k, 0) for k in ("vae", "text")} == {"vae": 1, "text": 1}
+    assert [r.calls for r in results] == [2, 2, 1, 2, 2, 2]  # batch_size items per model call
+    for store in (cat.latent_store, cat.text_store):
+        sizes = []
+        for shard in sorted((store / "shards").glob("*.safetensors")):
+            with safe_open(shard, framework="pt") as f:
+                sizes.append(len(f.metadata()) - 1)  # entries: every metadata field but "format"
+        assert sizes == [4, 4, 2] if store == cat.latent_store else sizes == [4, 4, 3]
+    assert plan_encode(cfg, cat) == []
+    # the next process-wide use of the same models loads nothing
+    key = stage_key(cfg, cat)
+    encoders.release_shared_models()
+    assert encoders.shared_vae(cfg.vae) is encoders.shared_vae(cfg.vae)
+    assert encoders.MODEL_LOADS["vae"] - loads.get("vae", 0) == 2 and stage_key(cfg, cat) == key

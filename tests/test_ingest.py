@@ -104,7 +104,7 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
         assert row["image_url"] == site.base_url + cases[k].path
         assert row["image_title"] == cases[k].title
         assert row["tag"] == "Blobs"
-        assert re.fullmatch(r"Blobs_\d{7}\.jpg", row["file_name"])
+        assert re.fullmatch(r"images/Blobs_\d{7}\.jpg", row["file_name"])  # relative to metadata.csv
         img = Image.open(cat.image_path(row["file_name"]))
         assert img.format == "JPEG" and img.mode == "RGB"
     assert by_md5[md5(cases["gif"].body)]["animated"] == "True"

@@ -37,6 +37,8 @@ class CaptionConfig(StrictModel):
     max_new_tokens: int = Field(128, ge=1)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     device_map: str | None = Field(None, description="None: 'auto' on CUDA, plain CPU otherwise.")
+    sidecars: bool = Field(True, description="also write each caption beside its image as images/<name>.txt, "
+                           "as kohya, SimpleTuner and OneTrainer read captions (not part of the cache key)")
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:

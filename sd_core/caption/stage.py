@@ -3,6 +3,9 @@
 Captions live in an append-only JSON-lines log per cache key (``captions/<digest>.jsonl``),
 one line per image md5, flushed and fsynced after every batch: a killed run loses at most
 the batch in flight, and a rerun with the same settings makes no model call.
+
+When the captions are in metadata.csv, the stage also writes them beside the images
+(``images/<name>.txt``, with ``caption.sidecars``) and the data directory's dataset card (``README.md``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from tqdm.auto import tqdm
 from sd_core.caption.captioners import CaptionResult, build_captioner, caption_batch
 from sd_core.caption.config import CaptionConfig
 from sd_core.caption.offline import OfflineCaptioner
+from sd_core.store.card import write_dataset_card
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_json, stable_hash
+from sd_core.store.files import atomic_write_json, atomic_write_text, stable_hash
 from sd_core.store.metadata import read_metadata, update_metadata
 
 
@@ -76,6 +80,7 @@ class CaptionSummary:
     reused: int = 0
     flagged: int = 0
     model_calls: int = 0
+    sidecars_written: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -141,7 +146,35 @@ def finish_captions(cfg: CaptionConfig, catalog: Catalog, summary: CaptionSummar
     summary.items = len(rows)
     summary.reused = len(rows) - summary.captioned
     summary.flagged = sum(1 for c in columns.values() if c["caption_flagged"])
+    if cfg.sidecars:
+        summary.sidecars_written = write_caption_sidecars(
+            catalog, {r["file_name"]: str(columns[r["md5"]]["prompt"]) for r in rows})
+    write_dataset_card(catalog, captioner=captioner_label(cfg))
     return summary
+
+
+def write_caption_sidecars(catalog: Catalog, captions: dict[str, str]) -> int:
+    """Write each caption to the ``.txt`` beside its image (``file_name`` → caption), only where it differs
+    from what is there; returns how many files were written."""
+    written = 0
+    for file_name, text in captions.items():
+        path = catalog.caption_sidecar(file_name)
+        try:
+            if path.read_text("utf-8") == text:
+                continue
+        except FileNotFoundError:
+            pass
+        atomic_write_text(path, text)
+        written += 1
+    return written
+
+
+def captioner_label(cfg: CaptionConfig) -> str:
+    """The captioner as the dataset card names it."""
+    if cfg.captioner == "offline":
+        return f"emoji-sd's offline template captioner (prompt version `{cfg.prompt_version}`)"
+    revision = f" at revision `{cfg.revision}`" if cfg.revision else ""
+    return f"`{cfg.model_id}`{revision} ({cfg.captioner}, prompt version `{cfg.prompt_version}`)"
 
 
 def caption_dataset(

@@ -5,6 +5,11 @@ key names everything that shaped its tensors (model, revision, subfolder, a fing
 weights, resolution, dtype, ...), so changing any of them recomputes instead of reusing. Models load
 only when something is missing: a fully cached run makes no model call.
 
+Keys hold no file-system path, so a data directory that moves, or a virtual environment that is
+recreated, keeps its caches: a model is named by its hub id, or, for a local folder, by the symbolic id
+it was given (``trained``, ``package:…``; see :func:`sd_core.encode.stage.resolve`) or ``local``,
+next to a fingerprint of its files' bytes under their names relative to the model folder.
+
 Latent entries hold ``mean`` and ``std`` of the VAE's diagonal Gaussian (float32, shape (C, r/8, r/8)),
 plus ``mean_flip``/``std_flip`` of the horizontally flipped image when ``flip`` is on. A training step
 samples a fresh latent ``(mean + std * eps - shift_factor) * scaling_factor``.
@@ -16,15 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import re
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from tqdm.auto import tqdm
 
 from sd_core.common.devices import (
@@ -52,7 +60,34 @@ _MODEL_FILES = re.compile(
     r"|special_tokens_map\.json|added_tokens\.json|.*\.model)$"
 )
 
-class VAEConfig(StrictModel):
+LOCAL_MODEL = "local"  # the id in cache keys of a model folder given by its path (its fingerprint names it)
+
+_Ref = TypeVar("_Ref", bound="_ModelRef")
+
+
+class _ModelRef(StrictModel):
+    """A model named by ``model_id`` (hub id or folder) that may stand for a symbolic id resolved to a folder."""
+
+    model_id: str
+    _source: tuple[str, str] | None = PrivateAttr(None)  # (symbolic id, the folder it was resolved to)
+
+    def resolved_to(self: _Ref, folder: Path | str, symbolic_id: str) -> _Ref:
+        """This config loading from ``folder``, still named ``symbolic_id`` in cache keys."""
+        out = self.model_copy(update={"model_id": str(folder)})
+        out._source = (symbolic_id, str(folder))
+        return out
+
+    def cache_id(self) -> str:
+        """How cache keys name the model: its symbolic id when it was resolved from one, ``local`` for
+        another folder (its weights fingerprint identifies it), else the hub id. Never a path."""
+        if self._source is not None and self._source[1] == self.model_id:
+            return self._source[0]
+        if Path(self.model_id).is_dir():
+            return LOCAL_MODEL
+        return self.model_id
+
+
+class VAEConfig(_ModelRef):
     """The image autoencoder and how images are fed to it."""
 
     model_id: str = "stabilityai/sd-vae-ft-mse"
@@ -65,7 +100,7 @@ class VAEConfig(StrictModel):
                        "mirrors each item with probability 1/2")
 
 
-class TextEncoderConfig(StrictModel):
+class TextEncoderConfig(_ModelRef):
     """The frozen text encoder whose last hidden states condition the UNet."""
 
     model_id: str = "openai/clip-vit-base-patch32"
@@ -80,7 +115,8 @@ class TextEncoderConfig(StrictModel):
 
 @dataclass
 class EncodeSummary:
-    """Counts over unique items; ``calls`` is the number of model forward passes, ``loaded`` whether it loaded."""
+    """Counts over unique items; ``calls`` is the number of model forward passes, ``loaded`` whether it needed
+    the model (loaded, or taken from this process's cache: see :func:`shared_vae`)."""
 
     encoded: int = 0
     reused: int = 0
@@ -120,10 +156,12 @@ def weights_fingerprint(model_id: str, *subfolders: str | None) -> str | None:
     """Hash of the config, weight and tokenizer files of a local model folder; None for a hub id.
 
     A hub id is identified by its name and revision; a local folder can be overwritten in place
-    (a retrained default VAE), so its content is part of every key. Hashes are cached by file
-    size and mtime.
+    (a retrained default VAE), so its content is part of every key. What is hashed is each file's
+    name relative to the model folder (``text_encoder/config.json``) and its bytes, never where the
+    folder is, so a moved or copied folder has the same fingerprint. Hashes are cached in the process
+    by path, size and mtime.
     """
-    signature: list[tuple[str, int, int]] = []
+    signature: list[tuple[str, str, int, int]] = []
     for sub in dict.fromkeys(subfolders or (None,)):
         folder = _local_folder(model_id, sub)
         if folder is None:
@@ -131,17 +169,17 @@ def weights_fingerprint(model_id: str, *subfolders: str | None) -> str | None:
         for p in sorted(folder.iterdir()):
             if p.is_file() and _MODEL_FILES.match(p.name):
                 st = p.stat()
-                signature.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+                signature.append((p.relative_to(model_id).as_posix(), str(p.resolve()), st.st_size, st.st_mtime_ns))
     if not signature:
         return None
     return _hash_files(tuple(signature))
 
 
 @lru_cache(maxsize=64)
-def _hash_files(signature: tuple[tuple[str, int, int], ...]) -> str:
+def _hash_files(signature: tuple[tuple[str, str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for path, _, _ in signature:
-        h.update(Path(path).name.encode("utf-8") + b"\0")
+    for name, path, _, _ in signature:
+        h.update(name.encode("utf-8") + b"\0")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -188,7 +226,7 @@ def latent_key_base(vae_cfg: VAEConfig, scaling: float | None = None) -> dict[st
     return {
         "kind": "latent",
         "format": LATENT_FORMAT,
-        "vae": vae_cfg.model_id,
+        "vae": vae_cfg.cache_id(),
         "revision": vae_cfg.revision,
         "subfolder": vae_cfg.subfolder,
         "weights": info.weights,
@@ -210,7 +248,7 @@ def text_key_base(text_cfg: TextEncoderConfig) -> dict[str, Any]:
     return {
         "kind": "text",
         "format": TEXT_FORMAT,
-        "encoder": text_cfg.model_id,
+        "encoder": text_cfg.cache_id(),
         "encoder_kind": text_cfg.kind,
         "revision": text_cfg.revision,
         "subfolder": text_cfg.subfolder,
@@ -226,6 +264,53 @@ def text_key(text_cfg: TextEncoderConfig, caption: str) -> dict[str, Any]:
     return {**text_key_base(text_cfg), "caption_sha256": sha256_text(caption)}
 
 
+# --- loading models once per process ----------------------------------------------------------
+
+MODEL_LOADS: Counter[str] = Counter()  # from_pretrained loads in this process: {"vae": n, "text": n}
+_SHARED: dict[str, tuple[str, Any]] = {}  # kind -> (identity, model): the last model of each kind used
+_SHARED_LOCK = threading.Lock()
+
+
+_LOAD_FIELDS = {"model_id", "revision", "subfolder", "tokenizer_subfolder", "kind", "max_length", "dtype"}
+
+
+def _identity(cfg: VAEConfig | TextEncoderConfig, weights: str | None) -> str:
+    """Everything that decides what a loader returns (not batch size, resolution, ...), weights included."""
+    return json.dumps([type(cfg).__name__, cfg.model_dump(mode="json", include=_LOAD_FIELDS), weights],
+                      sort_keys=True)
+
+
+def _shared(kind: str, identity: str, load: Callable[[], Any]) -> Any:
+    with _SHARED_LOCK:
+        held = _SHARED.get(kind)
+        if held is None or held[0] != identity:
+            _SHARED.pop(kind, None)  # drop the previous model of this kind before loading the next
+            _SHARED[kind] = (identity, load())
+        return _SHARED[kind][1]
+
+
+def shared_vae(vae_cfg: VAEConfig) -> Any:
+    """The VAE of ``vae_cfg``, loaded once per process: every encode batch a worker runs uses the same one.
+
+    The process keeps the last VAE it used (keyed by the config and its weights fingerprint, so a VAE
+    retrained in the same folder is loaded again)."""
+    identity = _identity(vae_cfg, weights_fingerprint(vae_cfg.model_id, vae_cfg.subfolder))
+    return _shared("vae", identity, lambda: load_vae(vae_cfg))
+
+
+def shared_text_encoder(text_cfg: TextEncoderConfig) -> tuple[Any, Any]:
+    """(tokenizer, model) of ``text_cfg``, loaded once per process, as :func:`shared_vae`."""
+    identity = _identity(text_cfg, weights_fingerprint(text_cfg.model_id, text_cfg.subfolder,
+                                                       text_cfg.tokenizer_subfolder))
+    return _shared("text", identity, lambda: load_text_encoder(text_cfg))
+
+
+def release_shared_models() -> None:
+    """Forget the models :func:`shared_vae` and :func:`shared_text_encoder` hold (frees their memory)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
+
+
 # --- images ------------------------------------------------------------------------------------
 
 
@@ -238,6 +323,7 @@ def load_vae(vae_cfg: VAEConfig, *, on: torch.device | str | None = None, dtype:
         vae_cfg.model_id, **{diffusers_dtype_arg(): dtype or resolve_dtype(vae_cfg.dtype)},
         **_weights_kwargs(vae_cfg.revision, vae_cfg.subfolder),
     )
+    MODEL_LOADS["vae"] += 1
     return vae.to(on or device()).eval().requires_grad_(False)
 
 
@@ -270,8 +356,12 @@ def encode_images(
     store: TensorStore,
     *,
     progress: bool = True,
+    load: Callable[[VAEConfig], Any] = load_vae,
 ) -> EncodeSummary:
-    """Store the latent distribution of every ``(md5, path)`` not already cached; an unreadable image is a failure."""
+    """Store the latent distribution of every ``(md5, path)`` not already cached; an unreadable image is a failure.
+
+    New entries are written ``store.shard_size`` at a time; the model comes from ``load`` (called only when
+    something is missing; the encode stage passes :func:`shared_vae`)."""
     summary = EncodeSummary()
     paths: dict[str, Path | str] = {}
     for md5, path in images:
@@ -300,7 +390,7 @@ def encode_images(
             if not ok:
                 continue
             if vae is None:
-                vae = load_vae(vae_cfg)
+                vae = load(vae_cfg)
                 summary.loaded = True
             x = torch.stack(pixels)
             if vae_cfg.flip:
@@ -353,6 +443,7 @@ def load_text_encoder(
     )
     if text_cfg.kind == "auto":
         model.config.use_attention_mask = True
+    MODEL_LOADS["text"] += 1
     return tokenizer, model.to(on or device()).eval().requires_grad_(False)
 
 
@@ -397,10 +488,13 @@ def encode_texts(
     store: TensorStore,
     *,
     progress: bool = True,
+    load: Callable[[TextEncoderConfig], tuple[Any, Any]] = load_text_encoder,
+    with_empty: bool = True,
 ) -> EncodeSummary:
-    """Store the states of every caption (and of the empty prompt) not already cached."""
+    """Store the states of every caption (and of the empty prompt, unless ``with_empty`` is False) not already
+    cached, ``store.shard_size`` entries at a time; the model comes from ``load`` as in :func:`encode_images`."""
     summary = EncodeSummary()
-    texts = list(dict.fromkeys([*captions, EMPTY_PROMPT]))
+    texts = list(dict.fromkeys([*captions, EMPTY_PROMPT] if with_empty else captions))
     base = text_key_base(text_cfg)
     keys = {t: {**base, "caption_sha256": sha256_text(t)} for t in texts}
     todo = [t for t in texts if not store.contains(keys[t])]
@@ -408,7 +502,7 @@ def encode_texts(
     if not todo:
         return summary
 
-    tokenizer, model = load_text_encoder(text_cfg)
+    tokenizer, model = load(text_cfg)
     summary.loaded = True
     writer = _Writer(store)
     bar = tqdm(total=len(todo), desc="encoding captions", unit="caption", disable=not progress)

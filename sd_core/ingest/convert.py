@@ -244,7 +244,7 @@ def convert_dataset(
                 items.pop(rec.md5, None)
                 reasons["raw bytes missing"] += 1
                 continue
-            name = file_name_for(rec)
+            name = catalog.image_file_name(file_name_for(rec))  # relative to metadata.csv: images/<tag>_<seq>.jpg
             try:
                 out = worker.convert(data)
             except QuarantineError as e:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+IMAGES = "images"
 
 
 @dataclass(frozen=True)
@@ -17,10 +19,34 @@ class Catalog:
     # dataset (what users and later stages read)
     @property
     def images_dir(self) -> Path:
-        return self.root / "images"
+        return self.root / IMAGES
+
+    def image_file_name(self, name: str) -> str:
+        """The ``file_name`` metadata.csv holds for the image ``name`` of ``images/``: relative to the csv
+        (``images/Blobs_0000001.jpg``), which is how ``datasets``' imagefolder and other tools read it."""
+        return f"{IMAGES}/{PurePosixPath(name).name}"
+
+    @staticmethod
+    def dataset_file_name(file_name: str) -> str:
+        """A metadata ``file_name`` in today's form: a bare name (written before file names were relative
+        to metadata.csv) is an image of ``images/``. Absolute paths and ``..`` are refused."""
+        path = PurePosixPath(file_name.replace("\\", "/"))
+        if not file_name or path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"metadata.csv file_name must be a path inside the data directory, got {file_name!r}")
+        return str(path) if len(path.parts) > 1 else f"{IMAGES}/{path}"
 
     def image_path(self, file_name: str) -> Path:
-        return self.images_dir / file_name
+        """Where the image of a metadata.csv ``file_name`` is."""
+        return self.root / self.dataset_file_name(file_name)
+
+    def caption_sidecar(self, file_name: str) -> Path:
+        """The caption beside an image (``images/Blobs_0000001.txt``), as kohya, SimpleTuner and OneTrainer read it."""
+        return self.image_path(file_name).with_suffix(".txt")
+
+    @property
+    def dataset_card(self) -> Path:
+        """``README.md``: what the dataset is, where it came from and whose licence its images carry."""
+        return self.root / "README.md"
 
     @property
     def metadata_csv(self) -> Path:
@@ -136,4 +162,11 @@ class Catalog:
         return self.root / "state"
 
     def stage_manifest(self, stage: str) -> Path:
+        """The record of what ``stage`` did last. In a hidden folder: `datasets`' imagefolder reads a file named
+        like a split (``train.json``, ``eval.json``) as that split and would skip metadata.csv, and it skips
+        hidden folders."""
+        return self.state_dir / ".stages" / f"{stage}.json"
+
+    def legacy_stage_manifest(self, stage: str) -> Path:
+        """Where data directories written before kept the record (moved on the stage's next record)."""
         return self.state_dir / "stages" / f"{stage}.json"

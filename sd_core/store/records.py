@@ -32,6 +32,13 @@ class StageResult:
 
 def save_stage(catalog: Catalog, result: StageResult) -> None:
     atomic_write_json(catalog.stage_manifest(result.stage), asdict(result))
+    legacy = catalog.legacy_stage_manifest(result.stage)
+    if legacy.exists():
+        legacy.unlink()
+        try:
+            legacy.parent.rmdir()
+        except OSError:  # other stages' records are still there
+            pass
 
 
 def skipped_stage(catalog: Catalog, stage: str, why: str) -> StageResult:
@@ -79,7 +86,7 @@ def running_state(catalog: Catalog, stage: str) -> str | None:
 
 
 def load_stage(catalog: Catalog, stage: str) -> StageResult | None:
-    data = read_json(catalog.stage_manifest(stage))
+    data = read_json(catalog.stage_manifest(stage)) or read_json(catalog.legacy_stage_manifest(stage))
     return StageResult(**data) if data else None
 
 

@@ -5,7 +5,7 @@ becomes a 4x8x8 latent like with ``stabilityai/sd-vae-ft-mse``, and it is saved 
 ``save_pretrained`` so :func:`sd_core.encode.load_vae` loads it like any other VAE. Its
 ``scaling_factor`` is 1/std of its latents over the training images, measured after training (as
 Stable Diffusion's 0.18215 was). The folder also holds ``reconstructions.png`` (originals above,
-reconstructions below: held-out images first), ``loss.png`` and ``train_metrics.json``.
+reconstructions below: held-out images first), ``loss.png`` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from sd_core.common.strict import StrictModel
 
 RECONSTRUCTIONS_PNG = "reconstructions.png"
 LOSS_PNG = "loss.png"
-METRICS_JSON = "train_metrics.json"
+# Not "train_metrics.json": a file named train[-._]* anywhere in a data directory makes `datasets`' imagefolder
+# take it for a "train" split and skip metadata.csv (datasets.data_files.DEFAULT_PATTERNS_SPLIT_IN_FILENAME).
+METRICS_JSON = "metrics.json"
+LEGACY_METRICS_JSON = "train_metrics.json"
 _DECAY_SHARE = 0.2
 
 

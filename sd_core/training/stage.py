@@ -144,7 +144,7 @@ def train_stage(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog,
     """The train stage as the pipeline runs it: train (in ``cfg.processes`` processes when asked), then record
     the stage. Returns the record (None in the processes other than the main one)."""
     if cfg.processes > 1 and not distributed.launched():
-        launch_cfg = catalog.state_dir / "train-launch.json"
+        launch_cfg = catalog.state_dir / ".train-launch.json"  # hidden: imagefolder reads train* as a split
         atomic_write_json(launch_cfg, {"data_dir": str(catalog.root), "train": cfg.model_dump(mode="json"),
                                        "encode": enc.model_dump(mode="json")})
         run_dir = plan_run(cfg, resolve(enc, catalog), catalog).run_dir

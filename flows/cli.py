@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sd_core.config import STAGES, ConfigError, PipelineConfig, config_to_toml, load_config, preset
-from sd_core.diffusion.schedulers import SAMPLERS
+from sd_core.diffusion.config import SAMPLERS
 from sd_core.store.lock import DataDirBusy
 
 DEMO_DATA_DIR = Path("data/demo")

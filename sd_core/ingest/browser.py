@@ -17,6 +17,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
 from sd_core.ingest.settings import CrawlConfig
+from sd_core.store.children import child_popen_kw
 
 BASE_ARGS = (
     "--headless=new",
@@ -87,7 +88,10 @@ def make_driver(cfg: CrawlConfig) -> webdriver.Chrome:
         opts.add_argument(f"--user-agent={cfg.user_agent}")
     opts.add_experimental_option("prefs", {"profile.managed_default_content_settings.images": 2})
     try:
-        driver = webdriver.Chrome(service=Service(executable_path=cfg.chromedriver_path), options=opts)
+        # chromedriver and the Chromium it starts in a process group of their own; the driver gets the
+        # parent-death signal, so a killed run does not leave it behind (see sd_core.store.children)
+        service = Service(executable_path=cfg.chromedriver_path, popen_kw=child_popen_kw())
+        driver = webdriver.Chrome(service=service, options=opts)
     except WebDriverException as e:
         raise BrowserError(f"could not start Chromium: {e.msg or e}") from e
     driver.set_page_load_timeout(cfg.page_timeout_s)

@@ -102,7 +102,7 @@ def test_gc_lists_then_removes_what_no_key_refers_to(data_dir, capsys):
     for path in expected:
         assert f"  {path}  (" in out, path
     assert "rewritten with its 1 live of 2 entries" in out and "pass --yes to delete" in out
-    assert "run-latest  (latest)" in out
+    assert "run-latest  (named by latest.json)" in out
 
     assert main(["gc", "--data-dir", str(d), "--keep-runs", "2", "--yes", *(f"--set={s}" for s in sets)]) == 0
     out = capsys.readouterr().out
@@ -167,3 +167,12 @@ def test_status_shows_each_stages_size_on_disk(data_dir, capsys):
     assert main(["status", "--data-dir", str(d), *(f"--set={s}" for s in sets)]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "0 B" in lines["sample"] and "KB" in lines["train"]
+
+
+def test_gc_keeps_every_run_a_pointer_names(data_dir, capsys):
+    d, sets, _ = data_dir
+    (d / "models" / "current.json").write_text(json.dumps({"run": "run-old"}))  # e.g. a champion pointer
+    assert main(["gc", "--data-dir", str(d), "--keep-runs", "0", "--yes", *(f"--set={s}" for s in sets)]) == 0
+    assert "run-old  (named by current.json)" in capsys.readouterr().out
+    assert (d / "models" / "unet" / "run-old").exists() and (d / "models" / "unet" / "run-latest").exists()
+    assert not (d / "models" / "unet" / "run-newer").exists()

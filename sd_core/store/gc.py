@@ -10,6 +10,7 @@ the index is rebuilt from the shards, so a gc killed halfway leaves a store that
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -183,20 +184,45 @@ def stale_raw(raw_dir: Path, live_md5s: set[str]) -> list[Removal]:
     return out
 
 
+def pointed_runs(catalog: Catalog) -> dict[str, str]:
+    """Runs that a pointer file names (``models/unet/latest.json``, and any other ``{"run": ...}`` JSON
+    beside it or in ``models/``, e.g. a champion pointer): run name → the pointer's name."""
+    out: dict[str, str] = {}
+    for folder in (catalog.train_dir, catalog.train_dir.parent):
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                data = json.loads(f.read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and isinstance(data.get("run"), str):
+                out.setdefault(data["run"], f.name)
+    return out
+
+
 def stale_runs(catalog: Catalog, keep: set[str], keep_newest: int = 0) -> tuple[list[Removal], list[str]]:
-    """Training runs (``models/unet/run-*``) other than the one ``latest.json`` names, those in ``keep``
-    and the ``keep_newest`` most recent. Nothing is removed when ``latest.json`` does not read."""
+    """Training runs (``models/unet/run-*``) other than those a pointer names (``latest.json``, see
+    :func:`pointed_runs`), those in ``keep`` and the ``keep_newest`` most recent. Nothing is removed when
+    ``latest.json`` does not read."""
     runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir()),
                   key=lambda p: p.stat().st_mtime, reverse=True)
     if not runs:
         return [], []
-    latest = catalog.latest_run()
-    if latest is None:
+    if catalog.latest_run() is None:
         return [], [f"{len(runs)} training runs: {catalog.latest_run_json.name} does not name the latest"]
-    keep = {*keep, latest.name, *(p.name for p in runs[:keep_newest])}
-    kept = [f"{p.relative_to(catalog.root)}  (latest)" if p.name == latest.name else
-            f"{p.relative_to(catalog.root)}  (current key or newest {keep_newest})" for p in runs if p.name in keep]
-    return [Removal(p, size_of(p), "training run no key refers to") for p in runs if p.name not in keep], kept
+    pointed = pointed_runs(catalog)
+    newest = {p.name for p in runs[:keep_newest]}
+    kept, removals = [], []
+    for p in runs:
+        rel = p.relative_to(catalog.root)
+        if p.name in pointed:
+            kept.append(f"{rel}  (named by {pointed[p.name]})")
+        elif p.name in keep:
+            kept.append(f"{rel}  (the current settings' run)")
+        elif p.name in newest:
+            kept.append(f"{rel}  (one of the {keep_newest} newest)")
+        else:
+            removals.append(Removal(p, size_of(p), "training run no key refers to"))
+    return removals, kept
 
 
 # --- applying ---------------------------------------------------------------------------------

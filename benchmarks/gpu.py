@@ -90,9 +90,8 @@ def train_throughput(batch: int, steps: int, warmup: int, smoke: bool) -> dict:
 
 def qwen_3b_shaped(tmp: Path, smoke: bool) -> Path:
     """A Qwen2.5-VL checkpoint with the 3B model's shapes (random weights) and the tests' small tokenizer."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
-
     from tiny_qwen import build_config, build_tiny_qwen, build_tokenizer
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     folder = build_tiny_qwen(tmp / "qwen")  # processor, tokenizer and chat template files
     if smoke:

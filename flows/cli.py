@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import traceback
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
+# Only torch-free modules here: `--help` and argument errors answer without loading the model code.
 from sd_core.config import STAGES, ConfigError, PipelineConfig, config_to_toml, load_config, preset
-from sd_core.diffusion.schedulers import SAMPLERS
-from sd_core.store.lock import DataDirBusy
+from sd_core.diffusion.config import SAMPLERS
+from sd_core.store.lock import DataDirBusy, check_data_dir, data_dir_lock
 
 DEMO_DATA_DIR = Path("data/demo")
 
@@ -42,8 +47,16 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
                    help="make the evaluated run the champion even if it scores worse than the current one")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors in one line on stderr (the usage is what ``--help`` is for)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emoji-sd", description=__doc__)
+    parser = OneLineParser(prog="emoji-sd", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline on a site")
@@ -91,8 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(status)
     status.add_argument("--preset", choices=("demo",), help="start from a shipped preset (demo: `emoji-sd demo`'s)")
 
+    gc = sub.add_parser("gc", help="remove what no current key refers to in a data dir (dry run without --yes)")
+    _config_args(gc)
+    gc.add_argument("--preset", choices=("demo",), help="start from a shipped preset (demo: `emoji-sd demo`'s)")
+    gc.add_argument("--keep-runs", type=int, default=None, metavar="N",
+                    help="also keep the N newest training runs (default: train.keep_runs when set, else 0); "
+                         "the run models/unet/latest.json names is always kept")
+    gc.add_argument("--yes", action="store_true", help="delete; without it gc only lists what it would remove")
+
     show = sub.add_parser("config", help="print the effective configuration as TOML")
     _config_args(show, site=False)
+    for p in sub.choices.values():  # `emoji-sd run --debug` as well as `emoji-sd --debug run`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
 
 
@@ -106,6 +129,20 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any]) -> PipelineConfig
             "crawl.max_pages": args.max_pages,
         }
     return load_config(args.config, overrides={**overrides, **site}, sets=args.sets)
+
+
+@contextmanager
+def _run_guard(data_dir: Path, args: argparse.Namespace) -> Iterator[None]:
+    """Hold the data dir for the run, before Prefect starts (a busy dir is refused in a second); stop what
+    a killed earlier run left; and have every process this run starts stopped when it ends, however."""
+    from sd_core.store.catalog import Catalog
+    from sd_core.store.children import guard_children, reap_dead_run
+
+    catalog = Catalog(data_dir)
+    with data_dir_lock(data_dir, wait=args.wait_for_lock):
+        reap_dead_run(catalog.run_file)
+        with guard_children(catalog.run_file):
+            yield
 
 
 def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
@@ -140,24 +177,40 @@ def _demo(args: argparse.Namespace) -> int:
     from sd_core.demo.emoji_art import build_demo_items
     from sd_core.demo.site import DemoSite
 
-    print(f"building the demo site ({args.items} emoji)...", flush=True)
-    items = build_demo_items(args.items, seed=args.seed)
-    with DemoSite(items, port=args.port) as site:
-        cfg = load_config(args.config, base=preset("demo"), sets=args.sets, overrides={
-            "data_dir": str((args.data_dir or DEMO_DATA_DIR).resolve()),
-            "crawl.base_url": site.base_url,
-            "crawl.tag": args.tag or site.tag,
-            "crawl.max_pages": args.max_pages,
-        })
-        print(f"demo site serving at {site.listing_url(1)}", flush=True)
-        return _run_pipeline(cfg, args)
+    overrides = {"data_dir": str((args.data_dir or DEMO_DATA_DIR).resolve()), "crawl.tag": args.tag,
+                 "crawl.max_pages": args.max_pages}
+    cfg = load_config(args.config, base=preset("demo"), sets=args.sets, overrides=overrides)  # errors first
+    with _run_guard(cfg.data_dir, args):
+        print(f"building the demo site ({args.items} emoji)...", flush=True)
+        items = build_demo_items(args.items, seed=args.seed)
+        with DemoSite(items, port=args.port) as site:
+            cfg = load_config(args.config, base=preset("demo"), sets=args.sets, overrides={
+                **overrides, "crawl.base_url": site.base_url, "crawl.tag": args.tag or site.tag})
+            print(f"demo site serving at {site.listing_url(1)}", flush=True)
+            return _run_pipeline(cfg, args)
 
 
 def _status(cfg: PipelineConfig) -> int:
     from sd_core.status import stage_status
+    from sd_core.store.gc import human
 
     for row in stage_status(cfg):
-        print(f"{row.stage:8s} {row.state:8s} {row.detail}")
+        print(f"{row.stage:8s} {row.state:8s} {human(row.bytes):>9s}  {row.detail}")
+    return 0
+
+
+def _gc(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from sd_core.status import gc_plan
+    from sd_core.store.gc import apply_plan, human
+
+    keep = args.keep_runs if args.keep_runs is not None else getattr(cfg.train, "keep_runs", None) or 0
+    with data_dir_lock(cfg.data_dir):
+        plan = gc_plan(cfg, keep_runs=keep)
+        print("\n".join(plan.lines()) or "nothing to remove")
+        if not args.yes:
+            print(f"would free {human(plan.bytes)} in {cfg.data_dir}; pass --yes to delete")
+            return 0
+        print(f"freed {human(apply_plan(plan))} in {cfg.data_dir}")
     return 0
 
 
@@ -170,7 +223,7 @@ def _sample(args: argparse.Namespace) -> int:
     cfg = _load(args, {})
     model = args.model
     if model is None:
-        data_dir = args.data_dir or cfg.data_dir
+        data_dir = check_data_dir(args.data_dir or cfg.data_dir)
         model = Catalog(data_dir).trained_model()
         if model is None:
             raise FileNotFoundError(f"no trained model in {data_dir}: pass --model or run the train stage")
@@ -190,11 +243,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """The train stage alone, recorded as the pipeline records it. Under a launcher (several processes) only the
     main process takes the data-dir lock and writes; the others train their share and wait for it."""
-    import contextlib
-    import os
-
     from sd_core.store.catalog import Catalog
-    from sd_core.store.lock import data_dir_lock
     from sd_core.store.records import mark_running
     from sd_core.training import distributed
     from sd_core.training.stage import train_stage
@@ -203,48 +252,111 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, base=base, sets=args.sets,
                       overrides={"data_dir": str(args.data_dir.resolve()) if args.data_dir else None})
     owns_lock = distributed.is_main_process() and not os.environ.get(distributed.LOCK_HELD)
-    lock = data_dir_lock(cfg.data_dir, wait=args.wait_for_lock) if owns_lock else contextlib.nullcontext()
     catalog = Catalog(cfg.data_dir)
-    marked = mark_running(catalog, "train") if owns_lock else contextlib.nullcontext()
-    with lock, marked:
+    guarded = _run_guard(cfg.data_dir, args) if owns_lock else nullcontext()
+    with guarded, mark_running(catalog, "train") if owns_lock else nullcontext():
         result = train_stage(cfg.train, cfg.encode, catalog, force=args.force, progress=not args.no_progress)
     if result is not None:
         print(result.line())
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "config":
-            print(config_to_toml(_load(args, {})), end="")
-            return 0
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "sample":
-            return _sample(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "status":
-            base = preset(args.preset) if args.preset else None
-            return _status(load_config(args.config, base=base, sets=args.sets, overrides={
-                "data_dir": str(args.data_dir.resolve()) if args.data_dir else None}))
-        cfg = _load(args, {})
-        if args.command == "serve":
-            from flows.serve import serve_pipeline
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT: unwinds the run like an exception, so every ``finally`` and ``with`` exit runs
+    (the browser quits, the demo site and Dask stop, Prefect's temporary server stops at exit)."""
 
-            serve_pipeline(cfg, cron=args.cron, name=args.name, until=args.until)
-            return 0
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread; a second one exits at once
+    (what the run started is then stopped by its reaper, see ``sd_core.store.children``)."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        raise Interrupted(signum)
+
+    try:
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def one_line(text: str) -> str:
+    """A message on one line: ``head:\n  a\n  b`` becomes ``head: a; b``."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return "; ".join(lines)
+
+
+def _error(e: BaseException) -> tuple[int, str]:
+    """Exit code and one-line message of an error."""
+    if not isinstance(e, Exception):  # Interrupted, a plain KeyboardInterrupt, Prefect's TerminationSignal
+        signum = int(getattr(e, "signum", getattr(e, "signal", signal.SIGINT)))
+        return 128 + signum, f"stopped by {signal.Signals(signum).name}; the run's processes were stopped"
+    if isinstance(e, DataDirBusy):
+        return 3, str(e)
+    if isinstance(e, (ConfigError, ValueError)):
+        return 2, str(e)
+    if isinstance(e, (OSError, RuntimeError)):
+        return 1, f"{type(e).__name__}: {e}"
+    return 1, f"{type(e).__name__}: {e} (--debug shows the traceback)"
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        print(config_to_toml(_load(args, {})), end="")
+        return 0
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "sample":
+        return _sample(args)
+    if args.command == "train":
+        return _train(args)
+    if args.command in ("status", "gc"):
+        base = preset(args.preset) if args.preset else None
+        cfg = load_config(args.config, base=base, sets=args.sets, overrides={
+            "data_dir": str(args.data_dir.resolve()) if args.data_dir else None})
+        check_data_dir(cfg.data_dir)
+        return _status(cfg) if args.command == "status" else _gc(cfg, args)
+    cfg = _load(args, {})
+    if args.command == "serve":
+        from flows.serve import serve_pipeline
+
+        serve_pipeline(cfg, cron=args.cron, name=args.name, until=args.until)
+        return 0
+    with _run_guard(cfg.data_dir, args):
         return _run_pipeline(cfg, args)
-    except (ConfigError, ValueError) as e:
-        print(f"emoji-sd: {e}", file=sys.stderr)
-        return 2
-    except DataDirBusy as e:
-        print(f"emoji-sd: {e}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, RuntimeError) as e:
-        print(f"emoji-sd: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Every error ends in one line on stderr and a non-zero exit code; ``--debug`` adds the traceback."""
+    args = build_parser().parse_args(argv)
+    # `serve` keeps Prefect's own signal handling: its runner stops the served runs
+    try:
+        with _signals_unwind() if args.command != "serve" else nullcontext():
+            return _dispatch(args)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001  (Prefect's TerminationSignal is a BaseException too)
+        if args.debug:
+            traceback.print_exc()
+        code, message = _error(e)
+        print(f"emoji-sd: {one_line(message)}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

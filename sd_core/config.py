@@ -7,22 +7,22 @@ instead of being silently ignored.
 from __future__ import annotations
 
 import json
+import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, Field, ValidationError
 
 from sd_core.caption.config import CaptionConfig
 from sd_core.common.strict import StrictModel
-from sd_core.encode.stage import EncodeStageConfig
+from sd_core.encode.config import EncodeStageConfig
 from sd_core.eval.config import EvalConfig
 from sd_core.ingest.convert import ConvertConfig
 from sd_core.ingest.settings import CrawlConfig
 from sd_core.sample.config import SampleConfig
 from sd_core.training.config import TrainStageConfig
-from sd_core.vae.train import VAETrainConfig
+from sd_core.vae.config import VAETrainConfig
 
 STAGES: tuple[str, ...] = ("crawl", "convert", "caption", "vae", "encode", "train", "eval", "sample")
 Stage = Literal["crawl", "convert", "caption", "vae", "encode", "train", "eval", "sample"]
@@ -88,6 +88,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(Path(path).read_text("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 

@@ -1,5 +1,6 @@
 """What each stage has on disk: cached (its record matches the inputs and settings now),
-stale (its settings or something upstream changed), missing (never ran) or unused."""
+stale (its settings or something upstream changed), missing (never ran) or unused, and how many bytes
+its artifacts take; and what no current key refers to any more (``emoji-sd gc``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from sd_core.eval import stage as eval_stage
 from sd_core.ingest import convert
 from sd_core.ingest.ledger import Ledger
 from sd_core.sample import stage as sample_stage
+from sd_core.store import gc
 from sd_core.store.catalog import Catalog
+from sd_core.store.files import sha256_text
+from sd_core.store.metadata import read_metadata
 from sd_core.store.records import load_stage, running_state
 from sd_core.training import stage as train_stage
 from sd_core.vae import stage as vae_stage
@@ -39,6 +43,7 @@ class StageState:
     stage: str
     state: State
     detail: str
+    bytes: int = 0  # size on disk of the stage's artifacts
 
 
 def _verify(stage: str, cfg: PipelineConfig, catalog: Catalog) -> str | None:
@@ -62,6 +67,11 @@ def _verify(stage: str, cfg: PipelineConfig, catalog: Catalog) -> str | None:
 
 def stage_status(cfg: PipelineConfig) -> list[StageState]:
     catalog = Catalog(cfg.data_dir)
+    rows = _stage_states(cfg, catalog)
+    return [StageState(r.stage, r.state, r.detail, gc.sizes(catalog.stage_paths(r.stage))) for r in rows]
+
+
+def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
     rows: list[StageState] = []
     upstream_changed = False
     for stage in STAGES:
@@ -97,3 +107,62 @@ def stage_status(cfg: PipelineConfig) -> list[StageState]:
         else:
             rows.append(StageState(stage, "cached" if fresh else "stale", f"{detail}; {when}"))
     return rows
+
+
+def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
+    """What in ``cfg.data_dir`` no current key refers to: tensor-cache entries of other encoder settings or
+    of images and captions no longer in the dataset, caption logs of other caption settings, downloaded
+    bytes of no ledger image, training runs other than the latest (and the current key's, and the
+    ``keep_runs`` newest), and what killed writes left. A cache whose live keys cannot be worked out
+    (no dataset yet, an encoder that does not load) is left alone, and the plan says so."""
+    catalog = Catalog(cfg.data_dir)
+    plan = gc.GcPlan(catalog.root)
+    plan.removals += gc.leftovers(catalog.root)
+
+    rows = read_metadata(catalog)
+    enc, lbase = None, None  # the resolved encode settings and latent key, when they can be worked out
+    if not rows:
+        plan.kept.append("cache/: no dataset (metadata.csv) to tell live entries from dead ones")
+    else:
+        from sd_core.encode.encoders import EMPTY_PROMPT, latent_key_base, text_key_base
+
+        try:
+            enc = encode_stage.resolve(cfg.encode, catalog)
+            lbase = latent_key_base(enc.vae)
+        except (OSError, RuntimeError, ValueError) as e:
+            plan.kept.append(f"{catalog.latent_store.relative_to(catalog.root)}: VAE does not load: {e}")
+        else:
+            _add(plan, gc.stale_shards(catalog.latent_store, [{**lbase, "md5": r["md5"]} for r in rows]))
+        if enc is None:
+            plan.kept.append(f"{catalog.text_store.relative_to(catalog.root)}: encode settings do not resolve")
+        elif "prompt" not in rows[0]:
+            plan.kept.append(f"{catalog.text_store.relative_to(catalog.root)}: the dataset has no captions yet")
+        else:
+            tbase = text_key_base(enc.text)
+            captions = {*(r["prompt"] for r in rows), EMPTY_PROMPT}
+            _add(plan, gc.stale_shards(catalog.text_store,
+                                       [{**tbase, "caption_sha256": sha256_text(c)} for c in captions]))
+
+    plan.removals += gc.stale_caption_logs(catalog.captions_dir, cfg.caption.cache_digest())
+
+    if catalog.ledger_db.exists():
+        with Ledger(catalog.ledger_db) as ledger:
+            plan.removals += gc.stale_raw(catalog.raw_dir, {rec.md5 for rec in ledger.images()})
+    elif catalog.raw_dir.exists():
+        plan.kept.append(f"{catalog.raw_dir.relative_to(catalog.root)}: no ledger to check it against")
+
+    current = set()  # the run the current settings train into
+    if lbase is not None:
+        try:
+            current.add(f"run-{train_stage.stage_key(cfg.train, enc, catalog)}")
+        except (OSError, RuntimeError, ValueError):
+            pass
+    removals, kept = gc.stale_runs(catalog, current, keep_runs)
+    plan.removals += removals
+    plan.kept += kept
+    return plan
+
+
+def _add(plan: gc.GcPlan, found: tuple[list[gc.Removal], list[gc.ShardRewrite]]) -> None:
+    plan.removals += found[0]
+    plan.rewrites += found[1]

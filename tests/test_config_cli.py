@@ -60,6 +60,74 @@ def test_config_command_prints_loadable_toml(tmp_path, capsys):
 
 
 def test_every_command_has_help():
-    for cmd in ([], ["run"], ["demo"], ["config"], ["sample"], ["status"], ["serve"]):
+    for cmd in ([], ["run"], ["demo"], ["config"], ["sample"], ["status"], ["serve"], ["gc"]):
         r = subprocess.run([sys.executable, "-m", "flows.cli", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: emoji-sd" in r.stdout
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def bad_paths(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    return {"DIR": str(tmp_path), "FILE": str(a_file), "MISSING": str(tmp_path / "nope.toml"), "MODEL": str(empty)}
+
+
+@pytest.mark.parametrize("args, code, names", [
+    (["config", "--config", "DIR"], 2, "config file DIR is a directory"),
+    (["config", "--config", "MISSING"], 2, "config file not found: MISSING"),
+    (["run", "--data-dir", "FILE"], 2, "data_dir = FILE is a file"),
+    (["demo", "--data-dir", "FILE"], 2, "data_dir = FILE is a file"),
+    (["status", "--data-dir", "FILE"], 2, "data_dir = FILE is a file"),
+    (["gc", "--data-dir", "FILE"], 2, "data_dir = FILE is a file"),
+    (["sample", "--model", "MODEL"], 2, "MODEL is neither an emoji-sd export"),
+    (["config", "--set", "crawl.retries=-1"], 2, "invalid configuration: crawl.retries: Input should be"),
+    (["config", "--set", "crawl.max_pagez=3", "--set", "convert.jpeg_quality=101"], 2,
+     "invalid configuration: crawl.max_pagez: unknown field; convert.jpeg_quality: Input should be"),
+    (["config", "--set", "crawl.max_pagez=3"], 2, "crawl.max_pagez: unknown field"),
+    (["config", "--set", "train.model.kind=big"], 2, "train.model.kind: Input should be"),
+    (["config", "--set", "crawl"], 2, "--set expects KEY=VALUE"),
+    (["run", "--until", "nope"], 2, "argument --until: invalid choice: 'nope'"),
+    (["demo", "--force", "nope"], 2, "argument --force: invalid choice: 'nope'"),
+    (["sample", "--scheduler", "nope"], 2, "argument --scheduler: invalid choice: 'nope'"),
+    (["nope"], 2, "argument command: invalid choice: 'nope'"),
+    ([], 2, "the following arguments are required: command"),
+])
+def test_each_user_error_is_one_line_naming_the_file_or_field(args, code, names, bad_paths):
+    def fill(s: str) -> str:
+        for k, v in bad_paths.items():
+            s = s.replace(k, v)
+        return s
+
+    r = cli(*(fill(a) for a in args))
+    assert r.returncode == code, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert fill(names) in r.stderr
+
+
+def test_debug_adds_the_traceback(tmp_path):
+    for args in (["--debug", "config", "--config", str(tmp_path)], ["config", "--config", str(tmp_path), "--debug"]):
+        r = cli(*args)
+        assert r.returncode == 2
+        assert r.stderr.startswith("Traceback") and r.stderr.splitlines()[-1] == (
+            f"emoji-sd: config file {tmp_path} is a directory, not a TOML file")
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    probe = ("import sys\nfrom flows.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'prefect') if m in sys.modules))")
+    for args in ([], ["--help"], ["run", "--help"], ["demo", "--help"], ["sample", "--help"], ["gc", "--help"],
+                 ["status", "--help"], ["run", "--until", "nope"]):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        assert r.stdout.splitlines()[-1] == "[]", (args, r.stdout[-500:])
+
+
+def test_config_loads_without_torch():
+    r = subprocess.run([sys.executable, "-c", "import sys, sd_core.config; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False"

@@ -84,3 +84,30 @@ def test_cli_run_on_a_busy_data_dir_exits_3_with_the_reason(holder, prefect_harn
     err = capsys.readouterr().err
     assert "in use by another emoji-sd run" in err and f"pid {proc.pid}" in err
     assert not (data_dir / "metadata.csv").exists()  # nothing was touched
+
+
+def test_cli_refuses_a_busy_data_dir_before_starting_prefect(holder) -> None:
+    """`emoji-sd run` and `emoji-sd demo` take the lock first: one line, exit 3, and Prefect never imported."""
+    data_dir, proc = holder
+    probe = ("import sys; from flows.cli import main; code = main(sys.argv[1:]); "
+             "print('prefect imported' if 'prefect' in sys.modules else 'no prefect', flush=True); sys.exit(code)")
+    for cmd in (["run", "--only", "convert"], ["demo", "--items", "3"]):
+        r = subprocess.run([sys.executable, "-c", probe, *cmd, "--data-dir", str(data_dir), "--no-progress"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3, r.stderr
+        assert r.stderr.splitlines() == [
+            f"emoji-sd: {data_dir} is in use by another emoji-sd run (pid {proc.pid}); "
+            "wait for it to finish or pass --wait-for-lock"]
+        assert r.stdout.splitlines()[-1] == "no prefect"
+
+
+def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
+    """The CLI holds the lock for the run; the flow's own check in the same process passes."""
+    with data_dir_lock(tmp_path):
+        with data_dir_lock(tmp_path):
+            pass
+        with data_dir_lock(tmp_path / "."):  # the same directory, spelled differently
+            pass
+    r = subprocess.run([sys.executable, "-c", HOLDER, str(tmp_path)], input="\n", capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "holding" in r.stdout  # released after the outer block

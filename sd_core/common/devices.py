@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+from sd_core.common.strict import DType  # noqa: F401  (re-exported)
 
 
 def device() -> torch.device:

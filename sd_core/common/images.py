@@ -14,6 +14,9 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made, so image-only use
 
 from sd_core.store.files import atomic_write_bytes
 
+if TYPE_CHECKING:  # torch is imported where a tensor is made, so config loading stays torch-free
+    import torch
+
 
 def flatten_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """RGB image with any transparency (alpha band or palette transparency) composited on ``background``."""

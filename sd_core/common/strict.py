@@ -1,6 +1,10 @@
 """Base class of every config model: unknown fields are refused, values are immutable."""
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]  # a model's dtype in a config (see common.devices)
 
 
 class StrictModel(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from sd_core.diffusion.config import check_guidance  # noqa: F401  (re-exported)
 from sd_core.diffusion.schedulers import sampler
 
 
@@ -22,12 +23,6 @@ def use_sampler(pipe: Any, name: str | None) -> Any:
     if name is not None:
         pipe.scheduler = sampler(name, pipe.scheduler.config)
     return pipe
-
-
-def check_guidance(scale: float) -> float:
-    if scale < 0 or 0 < scale < 1:
-        raise ValueError(f"guidance scale {scale}: use 0 (no text), 1 (text, no guidance) or more than 1")
-    return scale
 
 
 @torch.no_grad()

@@ -13,63 +13,18 @@ so the trainer, checkpoints and exports never ask which one they hold; only whic
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from sd_core.common.strict import StrictModel
+from sd_core.diffusion.config import LoRAConfig, ModelConfig, ModelKind  # noqa: F401  (re-exported)
 from sd_core.diffusion.schedulers import ScheduleConfig, training_scheduler
-from sd_core.diffusion.unet import UNetConfig
 
 log = logging.getLogger(__name__)
 
-ModelKind = Literal["scratch", "pretrained_attn2", "pretrained_attn2_lora"]
 ATTN2_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 ATTN2_LORA_TARGETS = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
-
-
-class LoRAConfig(StrictModel):
-    """LoRA adapters on the cross-attention projections (``pretrained_attn2_lora``)."""
-
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(8.0, gt=0, description="the update is scaled by alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1)
-
-
-class ModelConfig(StrictModel):
-    """Which denoiser to train, and its shape (the scratch model's) or origin (a pretrained one)."""
-
-    kind: ModelKind = "scratch"
-    unet: UNetConfig | None = None
-    pretrained_model_id: str = "CompVis/stable-diffusion-v1-4"
-    revision: str | None = None
-    lora: LoRAConfig | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        kind = data.get("kind", "scratch")
-        if kind == "scratch" and data.get("unet") is None:
-            data = {**data, "unet": UNetConfig()}
-        if kind == "pretrained_attn2_lora" and data.get("lora") is None:
-            data = {**data, "lora": LoRAConfig()}
-        return data
-
-    @model_validator(mode="after")
-    def _fields_match_kind(self) -> "ModelConfig":
-        if self.kind != "scratch" and self.unet is not None:
-            raise ValueError("unet: only for kind='scratch' (a pretrained UNet's shape comes with it)")
-        if self.kind != "pretrained_attn2_lora" and self.lora is not None:
-            raise ValueError("lora: only for kind='pretrained_attn2_lora'")
-        return self
-
-    @property
-    def pretrained(self) -> bool:
-        return self.kind != "scratch"
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -8,46 +8,11 @@ Training uses ``DDPMScheduler`` (the seed's ``scaled_linear`` betas 0.00085 → 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
-from sd_core.common.strict import StrictModel
-
-SamplerName = Literal["ddpm", "ddim", "dpm++", "euler"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm++", "euler")
-
-
-class ScheduleConfig(StrictModel):
-    """The forward (noising) process a from-scratch model is trained with. A pretrained model keeps its own."""
-
-    num_train_timesteps: int = Field(1000, ge=2)
-    beta_start: float = Field(0.00085, gt=0, lt=1)
-    beta_end: float = Field(0.012, gt=0, lt=1)
-    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
-    prediction_type: Literal["epsilon"] = "epsilon"
-
-    @model_validator(mode="after")
-    def _check_betas(self) -> "ScheduleConfig":
-        if self.beta_end < self.beta_start:
-            raise ValueError(f"beta_end ({self.beta_end}) must be >= beta_start ({self.beta_start})")
-        return self
-
-    def scheduler_config(self) -> dict[str, Any]:
-        """A diffusers scheduler config: the training betas plus Stable Diffusion's inference conventions
-        (leading timestep spacing, ``steps_offset=1``, ``set_alpha_to_one=False``, no sample clipping)."""
-        return {
-            "num_train_timesteps": self.num_train_timesteps,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "beta_schedule": self.beta_schedule,
-            "prediction_type": self.prediction_type,
-            "clip_sample": False,
-            "set_alpha_to_one": False,
-            "steps_offset": 1,
-            "timestep_spacing": "leading",
-        }
+from sd_core.diffusion.config import SAMPLERS, SamplerName, ScheduleConfig  # noqa: F401  (defined beside the other config)
 
 
 def training_scheduler(config: ScheduleConfig | dict[str, Any]) -> Any:

@@ -15,14 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from pydantic import Field
-
-from sd_core.common.strict import StrictModel
+from sd_core.encode.config import EncodeStageConfig, TextEncoderConfig, VAEConfig  # noqa: F401  (re-exported)
 from sd_core.encode.encoders import (
     EMPTY_PROMPT,
     EncodeSummary,
-    TextEncoderConfig,
-    VAEConfig,
     encode_images,
     encode_texts,
     latent_key_base,
@@ -57,15 +53,6 @@ PACKAGED_MODELS = {
 
 class MissingExtra(RuntimeError):
     """A configured feature needs a package of an emoji-sd extra that is not installed."""
-
-
-class EncodeStageConfig(StrictModel):
-    """The image VAE and the text encoder whose outputs are cached for training."""
-
-    vae: VAEConfig = VAEConfig()
-    text: TextEncoderConfig = TextEncoderConfig()
-    shard_size: int = Field(256, ge=1, description="entries per safetensors shard; also the items of one encode "
-                            "job, the unit the flow's task runner fans out")
 
 
 def uses_trained_vae(cfg: EncodeStageConfig) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from sd_core.common.strict import StrictModel
-from sd_core.diffusion.schedulers import SamplerName
+from sd_core.diffusion.config import SamplerName
 
 # score: (better when, tolerance kind). A relative tolerance t lets a new run be t·100 % worse; an
 # absolute one lets a rate in [0, 1] drop by t.

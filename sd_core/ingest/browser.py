@@ -25,6 +25,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
 from sd_core.ingest.settings import CrawlConfig
+from sd_core.store.children import child_popen_kw
 
 BASE_ARGS = (
     "--headless=new",
@@ -99,7 +100,9 @@ def make_driver(cfg: CrawlConfig, service: Service | None = None) -> webdriver.C
     if cfg.user_agent:
         opts.add_argument(f"--user-agent={cfg.user_agent}")
     opts.add_experimental_option("prefs", {"profile.managed_default_content_settings.images": 2})
-    service = service or Service(executable_path=cfg.chromedriver_path)
+    # chromedriver and the Chromium it starts in a process group of their own; the driver gets the
+    # parent-death signal, so a killed run does not leave it behind (see sd_core.store.children)
+    service = service or Service(executable_path=cfg.chromedriver_path, popen_kw=child_popen_kw())
     try:
         driver = webdriver.Chrome(service=service, options=opts)
     except WebDriverException as e:
@@ -175,7 +178,7 @@ class Browser:
     def __init__(self, cfg: CrawlConfig, deadline: float) -> None:
         self.cfg = cfg
         self.deadline = deadline
-        self.service = Service(executable_path=cfg.chromedriver_path)
+        self.service = Service(executable_path=cfg.chromedriver_path, popen_kw=child_popen_kw())
         self.driver: webdriver.Chrome | None = None
         self.killed = False
         self._known: dict[int, int] = {}

@@ -6,8 +6,7 @@ from pydantic import Field, field_validator
 
 from sd_core.caption.template import DEFAULT_PROMPTS
 from sd_core.common.strict import StrictModel
-from sd_core.diffusion.generate import check_guidance
-from sd_core.diffusion.schedulers import SamplerName
+from sd_core.diffusion.config import SamplerName, check_guidance
 
 
 class SampleConfig(StrictModel):

@@ -170,3 +170,26 @@ class Catalog:
     def legacy_stage_manifest(self, stage: str) -> Path:
         """Where data directories written before kept the record (moved on the stage's next record)."""
         return self.state_dir / "stages" / f"{stage}.json"
+
+    @property
+    def run_file(self) -> Path:
+        """The processes the current (or last) run started, so the next run can stop what a killed one left."""
+        return self.state_dir / "run.json"
+
+    @property
+    def captions_dir(self) -> Path:
+        """Where the caption logs (:meth:`caption_log`) and their keys live."""
+        return self.root / "captions"
+
+    def stage_paths(self, stage: str) -> tuple[Path, ...]:
+        """What ``stage`` writes, for its size on disk (``metadata.csv`` counts for convert, which makes it)."""
+        return {
+            "crawl": (self.raw_dir, self.ledger_db, self.listing_json),
+            "convert": (self.images_dir, self.metadata_csv, self.duplicates_csv, self.quarantine_dir,
+                        self.convert_state),
+            "caption": (self.captions_dir,),
+            "vae": (self.vae_dir,),
+            "encode": (self.latent_store, self.text_store),
+            "train": (self.train_dir,),
+            "sample": (self.samples_dir,),
+        }.get(stage, ())

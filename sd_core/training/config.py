@@ -9,8 +9,7 @@ from pydantic import Field, model_validator
 
 from sd_core.caption.template import DEFAULT_PROMPTS
 from sd_core.common.strict import StrictModel
-from sd_core.diffusion.models import ModelConfig
-from sd_core.diffusion.schedulers import ScheduleConfig
+from sd_core.diffusion.config import ModelConfig, ScheduleConfig
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Attention = Literal["sdpa", "math", "xformers"]

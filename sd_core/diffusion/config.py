@@ -1,0 +1,96 @@
+"""Configuration of the denoiser, its noise schedule and its samplers: pydantic models only, no torch,
+so loading a pipeline config (and ``emoji-sd --help``) never imports the model code."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from sd_core.common.strict import StrictModel
+from sd_core.diffusion.unet import UNetConfig
+
+SamplerName = Literal["ddpm", "ddim", "dpm++", "euler"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm++", "euler")
+
+
+class ScheduleConfig(StrictModel):
+    """The forward (noising) process a from-scratch model is trained with. A pretrained model keeps its own."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(0.00085, gt=0, lt=1)
+    beta_end: float = Field(0.012, gt=0, lt=1)
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    prediction_type: Literal["epsilon"] = "epsilon"
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> "ScheduleConfig":
+        if self.beta_end < self.beta_start:
+            raise ValueError(f"beta_end ({self.beta_end}) must be >= beta_start ({self.beta_start})")
+        return self
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """A diffusers scheduler config: the training betas plus Stable Diffusion's inference conventions
+        (leading timestep spacing, ``steps_offset=1``, ``set_alpha_to_one=False``, no sample clipping)."""
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule,
+            "prediction_type": self.prediction_type,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        }
+
+
+def check_guidance(scale: float) -> float:
+    if scale < 0 or 0 < scale < 1:
+        raise ValueError(f"guidance scale {scale}: use 0 (no text), 1 (text, no guidance) or more than 1")
+    return scale
+
+
+ModelKind = Literal["scratch", "pretrained_attn2", "pretrained_attn2_lora"]
+
+
+class LoRAConfig(StrictModel):
+    """LoRA adapters on the cross-attention projections (``pretrained_attn2_lora``)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelConfig(StrictModel):
+    """Which denoiser to train, and its shape (the scratch model's) or origin (a pretrained one)."""
+
+    kind: ModelKind = "scratch"
+    unet: UNetConfig | None = None
+    pretrained_model_id: str = "CompVis/stable-diffusion-v1-4"
+    revision: str | None = None
+    lora: LoRAConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("kind", "scratch")
+        if kind == "scratch" and data.get("unet") is None:
+            data = {**data, "unet": UNetConfig()}
+        if kind == "pretrained_attn2_lora" and data.get("lora") is None:
+            data = {**data, "lora": LoRAConfig()}
+        return data
+
+    @model_validator(mode="after")
+    def _fields_match_kind(self) -> "ModelConfig":
+        if self.kind != "scratch" and self.unet is not None:
+            raise ValueError("unet: only for kind='scratch' (a pretrained UNet's shape comes with it)")
+        if self.kind != "pretrained_attn2_lora" and self.lora is not None:
+            raise ValueError("lora: only for kind='pretrained_attn2_lora'")
+        return self
+
+    @property
+    def pretrained(self) -> bool:
+        return self.kind != "scratch"

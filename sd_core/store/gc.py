@@ -1,0 +1,259 @@
+"""Garbage in a data directory: what no current key refers to, found from the keys that are still live.
+
+This module only knows the storage layout; which keys are live (the current configuration's latent and
+text keys, the caption settings' digest, the ledger's images, the runs to keep) is worked out above it
+(:func:`sd_core.status.gc_plan`) and handed in. A :class:`GcPlan` lists every path it would remove with
+its size; :func:`apply_plan` removes them. Tensor shards that mix live and dead entries are rewritten:
+the live entries go to a new shard (written atomically, as every shard), then the old one is removed and
+the index is rebuilt from the shards, so a gc killed halfway leaves a store that still reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from sd_core.store.catalog import Catalog
+
+_SHARD_RE = re.compile(r"^shard-\d{6,}\.safetensors$")
+_ENTRY_RE = re.compile(r"^[0-9a-f]{32}$")
+LOCK_NAME = ".emoji-sd.lock"
+
+
+def is_leftover(name: str) -> bool:
+    """Names that killed writes leave: atomic-write temp files (``.x.tmp``), staging and trash folders of
+    exports, checkpoints and the VAE (``.tmp-*``, ``.trash-*``, ``.name.partial-*``)."""
+    return name.startswith(".") and name != LOCK_NAME and (
+        name.endswith(".tmp") or name.startswith((".tmp-", ".trash-")) or ".partial-" in name)
+
+
+def size_of(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes of a file, or of every file under a folder (hard links counted once); 0 when absent."""
+    seen = set() if seen is None else seen
+    total = 0
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    if not os.path.isdir(path) or os.path.islink(path):
+        if (st.st_dev, st.st_ino) in seen:
+            return 0
+        seen.add((st.st_dev, st.st_ino))
+        return st.st_size
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            total += size_of(Path(root) / name, seen)
+    return total
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@dataclass(frozen=True)
+class Removal:
+    path: Path
+    bytes: int
+    why: str
+
+
+@dataclass(frozen=True)
+class ShardRewrite:
+    """A shard that holds live and dead entries: its live entries move to a new shard."""
+
+    store: Path
+    shard: Path
+    live_keys: tuple[Mapping[str, object], ...]
+    entries: int
+    bytes: int  # estimated bytes freed: the shard's size times its dead share
+
+
+@dataclass
+class GcPlan:
+    root: Path
+    removals: list[Removal] = field(default_factory=list)
+    rewrites: list[ShardRewrite] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # what was left alone, and why
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.removals) + sum(r.bytes for r in self.rewrites)
+
+    def lines(self) -> list[str]:
+        def rel(p: Path) -> str:
+            try:
+                return str(p.relative_to(self.root))
+            except ValueError:
+                return str(p)
+
+        out = [f"{human(r.bytes):>9}  {rel(r.path)}  ({r.why})" for r in self.removals]
+        out += [f"{human(r.bytes):>9}  {rel(r.shard)}  (rewritten with its {len(r.live_keys)} live of "
+                f"{r.entries} entries)" for r in self.rewrites]
+        out += [f"     kept  {k}" for k in self.kept]
+        return out
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+def leftovers(root: Path) -> list[Removal]:
+    """Temp files and staging/trash folders anywhere under ``root`` (not descending into them)."""
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in sorted(dirs):
+            if is_leftover(name):
+                out.append(Removal(Path(dirpath) / name, size_of(Path(dirpath) / name), "left by an unfinished write"))
+        dirs[:] = [d for d in dirs if not is_leftover(d)]
+        for name in sorted(files):
+            if is_leftover(name):
+                out.append(Removal(Path(dirpath) / name, size_of(Path(dirpath) / name), "left by an unfinished write"))
+    return out
+
+
+def _shard_entry_ids(path: Path) -> list[str] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # damaged: safetensors raises its own error types
+        return None
+    return [k for k in meta if _ENTRY_RE.match(k)]
+
+
+def stale_shards(store_root: Path, live_keys: Iterable[Mapping[str, object]]) -> tuple[list[Removal], list[ShardRewrite]]:
+    """Shards of the tensor store at ``store_root`` with no live entry (removed) or some (rewritten).
+
+    An entry is live when its key is in ``live_keys`` and the store's index points at this copy of it
+    (an older copy of a key stored again later is dead)."""
+    from sd_core.store.tensors import TensorStore, entry_id
+
+    shards_dir = Path(store_root) / "shards"
+    if not shards_dir.is_dir():
+        return [], []
+    store = TensorStore(store_root, sweep=False)  # planning removes nothing
+    where: dict[str, list[Mapping[str, object]]] = {}
+    for key in {entry_id(k): k for k in live_keys}.values():
+        name = store.shard_of(key)
+        if name is not None:
+            where.setdefault(name, []).append(key)
+    removals, rewrites = [], []
+    for path in sorted(p for p in shards_dir.iterdir() if _SHARD_RE.match(p.name)):
+        size = size_of(path)
+        live = where.get(path.name, [])
+        ids = _shard_entry_ids(path)
+        if ids is None:
+            removals.append(Removal(path, size, "unreadable shard"))
+        elif not live:
+            removals.append(Removal(path, size, f"none of its {len(ids)} entries is a current key"))
+        elif len(live) < len(ids):
+            rewrites.append(ShardRewrite(Path(store_root), path, tuple(live), len(ids),
+                                         size * (len(ids) - len(live)) // len(ids)))
+    return removals, rewrites
+
+
+def stale_caption_logs(captions_dir: Path, digest: str) -> list[Removal]:
+    """Caption logs (and their key files) of other caption settings than ``digest``."""
+    if not Path(captions_dir).is_dir():
+        return []
+    return [Removal(p, size_of(p), "caption log of other caption settings")
+            for p in sorted(Path(captions_dir).iterdir())
+            if p.is_file() and not p.name.startswith(f"{digest}.") and not is_leftover(p.name)]
+
+
+def stale_raw(raw_dir: Path, live_md5s: set[str]) -> list[Removal]:
+    """Downloaded bytes (``raw/xx/<md5>``) of no image in the ledger."""
+    out = []
+    if not Path(raw_dir).is_dir():
+        return out
+    for sub in sorted(Path(raw_dir).iterdir()):
+        if not sub.is_dir():
+            continue
+        for p in sorted(sub.iterdir()):
+            if p.name not in live_md5s and not is_leftover(p.name):
+                out.append(Removal(p, size_of(p), "bytes of no image in the ledger"))
+    return out
+
+
+def pointed_runs(catalog: Catalog) -> dict[str, str]:
+    """Runs that a pointer file names (``models/unet/latest.json``, and any other ``{"run": ...}`` JSON
+    beside it or in ``models/``, e.g. a champion pointer): run name → the pointer's name."""
+    out: dict[str, str] = {}
+    for folder in (catalog.train_dir, catalog.train_dir.parent):
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                data = json.loads(f.read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and isinstance(data.get("run"), str):
+                out.setdefault(data["run"], f.name)
+    return out
+
+
+def stale_runs(catalog: Catalog, keep: set[str], keep_newest: int = 0) -> tuple[list[Removal], list[str]]:
+    """Training runs (``models/unet/run-*``) other than those a pointer names (``latest.json``, see
+    :func:`pointed_runs`), those in ``keep`` and the ``keep_newest`` most recent. Nothing is removed when
+    ``latest.json`` does not read."""
+    runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir()),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    if not runs:
+        return [], []
+    if catalog.latest_run() is None:
+        return [], [f"{len(runs)} training runs: {catalog.latest_run_json.name} does not name the latest"]
+    pointed = pointed_runs(catalog)
+    newest = {p.name for p in runs[:keep_newest]}
+    kept, removals = [], []
+    for p in runs:
+        rel = p.relative_to(catalog.root)
+        if p.name in pointed:
+            kept.append(f"{rel}  (named by {pointed[p.name]})")
+        elif p.name in keep:
+            kept.append(f"{rel}  (the current settings' run)")
+        elif p.name in newest:
+            kept.append(f"{rel}  (one of the {keep_newest} newest)")
+        else:
+            removals.append(Removal(p, size_of(p), "training run no key refers to"))
+    return removals, kept
+
+
+# --- applying ---------------------------------------------------------------------------------
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def apply_plan(plan: GcPlan) -> int:
+    """Remove what ``plan`` lists and rewrite its mixed shards; returns the bytes freed (as planned)."""
+    from sd_core.store.tensors import TensorStore
+
+    stores = {r.store for r in plan.rewrites} | {r.path.parent.parent for r in plan.removals
+                                                 if _SHARD_RE.match(r.path.name)}
+    for rw in plan.rewrites:
+        store = TensorStore(rw.store)
+        entries = store.read_many(list(rw.live_keys))
+        store.put(list(zip(rw.live_keys, entries)))  # a new shard, and the index points there
+        rw.shard.unlink(missing_ok=True)
+    for r in sorted(plan.removals, key=lambda r: len(r.path.parts), reverse=True):
+        _remove(r.path)
+    for root in stores:
+        TensorStore(root).rebuild_index()
+    return plan.bytes
+
+
+def sizes(paths: Sequence[Path]) -> int:
+    """Bytes on disk of ``paths`` together (hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    return sum(size_of(p, seen) for p in paths)

@@ -1,0 +1,224 @@
+"""A killed run leaves no process behind: not Prefect's temporary server, not chromedriver and Chromium,
+not Dask workers; on SIGTERM the run unwinds and exits with one line; the next run stops what a run
+killed together with its reaper left."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie has ended: it only waits to be reaped)."""
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def describe(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            out.append(str(p.pid))
+    return out
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    for p in running(procs):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+# --- the reaper, on plain processes (a second or two each) -------------------------------------------
+
+OWNER = """
+import subprocess, sys, time
+from pathlib import Path
+from sd_core.store.children import child_popen_kw, guard_children
+with guard_children(Path(sys.argv[1])):
+    subprocess.Popen(["sleep", "300"])                                          # in our process group
+    subprocess.Popen(["sh", "-c", "sleep 301 & sleep 302 & wait"], **child_popen_kw())  # a group of its own
+    time.sleep(1.5)  # the reaper has recorded them
+    print("ready", flush=True)
+    time.sleep(300)
+"""
+
+
+def start_owner(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path / "run.json")], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "ready"
+    kids = psutil.Process(owner.pid).children(recursive=True)
+    assert len(kids) >= 5, describe(kids)  # the reaper, sleep, sh and its two sleeps
+    return owner, kids
+
+
+def test_children_of_a_killed_process_are_stopped(tmp_path):
+    owner, kids = start_owner(tmp_path)
+    try:
+        owner.kill()
+        owner.wait(10)
+        wait_for(lambda: not running(kids), 15, "the children to stop")
+    finally:
+        kill_all(kids)
+
+
+def test_next_run_stops_what_a_run_killed_with_its_reaper_left(tmp_path):
+    bystander = subprocess.Popen(["sleep", "303"])  # started after the owner's record, not by it
+    owner, kids = start_owner(tmp_path)
+    try:
+        reaper = next(p for p in kids if "sd_core.store.children import main" in " ".join(p.cmdline()))
+        reaper.kill()
+        owner.kill()
+        owner.wait(10)
+        from sd_core.store.children import reap_dead_run
+
+        left = running([p for p in kids if p.pid != reaper.pid])
+        assert left, "nothing was left to clean up"
+        assert reap_dead_run(tmp_path / "run.json", grace_s=2) >= len(left)
+        assert not running(kids)
+        assert bystander.poll() is None  # never signalled
+    finally:
+        kill_all(kids)
+        bystander.kill()
+        bystander.wait()
+
+
+DASK_OWNER = """
+import sys, time
+from pathlib import Path
+from distributed import LocalCluster
+from sd_core.store.children import guard_children
+with guard_children(Path(sys.argv[1])):
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    time.sleep(1.5)
+    print("ready", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_dask_workers_of_a_killed_process_are_stopped(tmp_path):
+    owner = subprocess.Popen([sys.executable, "-c", DASK_OWNER, str(tmp_path / "run.json")], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    kids: list[psutil.Process] = []
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        kids = psutil.Process(owner.pid).children(recursive=True)
+        assert any("spawn_main" in " ".join(k.cmdline()) for k in kids), describe(kids)  # the worker
+        owner.kill()
+        owner.wait(10)
+        wait_for(lambda: not running(kids), 15, "the Dask worker to stop")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        kill_all(kids)
+
+
+def test_a_live_run_is_left_alone(tmp_path):
+    from sd_core.store.children import reap_dead_run
+
+    owner, kids = start_owner(tmp_path)
+    try:
+        assert reap_dead_run(tmp_path / "run.json") == 0
+        assert len(running(kids)) == len(kids)
+    finally:
+        owner.kill()
+        owner.wait(10)
+        wait_for(lambda: not running(kids), 15, "the children to stop")
+        kill_all(kids)
+
+
+# --- the CLI with the temporary Prefect server, Chromium and Dask workers -----------------------------
+
+
+@pytest.fixture()
+def slow_crawl(tmp_path):
+    """`emoji-sd run` on a demo site, pausing 120 s between listing pages with Chromium open; yields
+    (process, its process tree, its stderr file) once Prefect's temporary server and Chromium run."""
+    from sd_core.demo.emoji_art import build_demo_items
+    from sd_core.demo.site import DemoSite
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with DemoSite(build_demo_items(12, seed=3), per_page=4) as site:
+        err = tmp_path / "stderr.txt"
+        with open(tmp_path / "stdout.txt", "w") as out, open(err, "w") as errf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "run", "--data-dir", str(tmp_path / "data"),
+                 "--base-url", site.base_url, "--tag", site.tag, "--until", "crawl", "--no-progress",
+                 "--set", "crawl.page_delay_s=120", "--set", "crawl.max_requests_per_second=0"],
+                cwd=REPO, env=env, stdout=out, stderr=errf, start_new_session=True,
+            )
+        tree: list[psutil.Process] = []
+        try:
+            def ready():
+                if proc.poll() is not None:
+                    raise AssertionError(f"the run ended early:\n{err.read_text()[-3000:]}")
+                kids = psutil.Process(proc.pid).children(recursive=True)
+                lines = [" ".join(k.cmdline()) for k in kids if k.is_running()]
+                if any("uvicorn" in c for c in lines) and any("chromium" in c for c in lines):
+                    time.sleep(1.0)  # the reaper polls twice a second
+                    return psutil.Process(proc.pid).children(recursive=True)
+                return None
+
+            tree = wait_for(ready, 240, "Prefect's server and Chromium", interval=1.0)
+            yield proc, tree, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            kill_all(tree)
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_run_leaves_no_process(slow_crawl):
+    proc, tree, _ = slow_crawl
+    names = describe(tree)
+    assert len(tree) >= 5, names
+    proc.kill()
+    proc.wait(10)
+    time.sleep(8)  # the grace period: the reaper's SIGTERM, then SIGKILL after 3 s
+    assert describe(running(tree)) == [], f"left behind of {names}"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_and_its_processes_with_one_line(slow_crawl):
+    proc, tree, err = slow_crawl
+    names = describe(tree)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    time.sleep(5)
+    assert describe(running(tree)) == [], f"left behind of {names}"
+    # one line of ours; Prefect's own log lines (time-stamped) around it, e.g. its server stopping at exit
+    ours = [line for line in err.read_text().splitlines() if not re.match(r"\d\d:\d\d:\d\d\.\d+ \| ", line)
+            and "docs.prefect.io" not in line]
+    assert ours == ["emoji-sd: stopped by SIGTERM; the run's processes were stopped"]

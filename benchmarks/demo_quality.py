@@ -64,9 +64,13 @@ def run_variant(base: Path, name: str, sets: list[str]) -> dict:
     seconds = time.perf_counter() - start
     if r.returncode:
         return {"name": name, "error": (r.stderr or r.stdout)[-800:]}
-    records = {s: json.loads((dest / "state" / "stages" / f"{s}.json").read_text()) for s in ("vae", "train", "eval")}
-    vae = json.loads((dest / "models" / "vae" / "train_metrics.json").read_text())
-    scores = json.loads((sorted((dest / "models" / "unet").glob("run-*/eval/eval.json"))[-1]).read_text())["scores"]
+    from sd_core.store.catalog import Catalog
+    from sd_core.store.records import load_stage
+
+    cat = Catalog(dest)
+    records = {s: load_stage(cat, s).__dict__ for s in ("vae", "train", "eval")}
+    vae = json.loads((cat.vae_dir / "metrics.json").read_text())
+    scores = json.loads(cat.eval_json(cat.latest_run()).read_text())["scores"]
     return {
         "name": name, "psnr": vae["heldout_psnr_db"], "colours": vae.get("heldout_colours_kept"),
         "vae_s": records["vae"]["seconds"], "train_s": records["train"]["seconds"],

@@ -147,7 +147,7 @@ def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
 
     if catalog.ledger_db.exists():
         with Ledger(catalog.ledger_db) as ledger:
-            plan.removals += gc.stale_raw(catalog.raw_dir, {rec.md5 for rec in ledger.images()})
+            plan.removals += gc.stale_raw(catalog.raw_dir, ledger.fetched_md5s())
     elif catalog.raw_dir.exists():
         plan.kept.append(f"{catalog.raw_dir.relative_to(catalog.root)}: no ledger to check it against")
 

@@ -49,7 +49,7 @@ def stored_keys(store: Path) -> list[str]:
     out = []
     for shard in sorted((store / "shards").glob("shard-*.safetensors")):
         with safe_open(shard, framework="pt") as f:
-            out += [v for k, v in (f.metadata() or {}).items() if k != "format"]
+            out += [v for k, v in (f.metadata() or {}).items() if k not in ("format", "checksums")]
     return out
 
 

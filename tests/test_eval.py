@@ -110,7 +110,7 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
         assert first["eval"].status == "ran" and first["eval"].summary["decision"] == "promoted"
         champion = cat.champion_run()
         assert champion == cat.latest_run() and cat.trained_model() == champion / "model"
-        assert (champion / "eval" / "grid.png").exists()
+        assert (champion / "scores" / "grid.png").exists() and cat.eval_json(champion).exists()
 
         again = run(start="eval")
         assert again["eval"].status == "reused" and again["sample"].status == "reused"
@@ -125,7 +125,7 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
         samples = json.loads((cat.samples_dir / "samples_key.json").read_text())
         assert samples["model"] == str(champion / "model")
         rejected = cat.latest_run()
-        verdict = json.loads((rejected / "eval" / "eval.json").read_text())
+        verdict = json.loads(cat.eval_json(rejected).read_text())
         assert verdict["status"] == "rejected" and verdict["champion_scores"]["held_out_loss"] < \
             verdict["scores"]["held_out_loss"]
         assert "rejected" in cat.report_html.read_text()

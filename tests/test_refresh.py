@@ -18,6 +18,7 @@ from tiny_diffusion import one_torch_thread
 from sd_core.demo.emoji_art import build_demo_items, build_growth_items
 from sd_core.demo.site import DemoSite
 from sd_core.store.catalog import Catalog
+from sd_core.store.records import load_stage
 from sd_core.training import checkpoint as ckpt
 from sd_core.training.metrics import read_metrics
 
@@ -168,8 +169,7 @@ def test_forced_retrain_killed_midway_keeps_the_old_model(tmp_path, prefect_harn
     done = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), *sets], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "finishing an interrupted forced rerun" in json.loads(
-        (cat.state_dir / "stages" / "train.json").read_text())["summary"]["plan"]
+    assert "finishing an interrupted forced rerun" in load_stage(cat, "train").summary["plan"]
     assert not staged.exists() and cat.latest_run() == run and steps_trained(run) == 40
     assert [int(r["step"]) for r in read_metrics(run / "metrics.csv")] == list(range(1, 41))
     # retraining from scratch with the same seed and data reproduces the model file for file

@@ -1,7 +1,7 @@
 """The eval stage: score the newest run on a fixed held-out set, and make it the champion only if it is no
 worse than the current one.
 
-Scores (``<run>/eval/eval.json``, one row per evaluated run in ``models/eval_history.csv``):
+Scores (``<run>/scores/scores.json``, one row per evaluated run in ``models/evaluations.csv``):
 
 * ``held_out_loss``: ε-MSE of the exported (EMA) model on the held-out items, at a fixed grid of
   timesteps with fixed noise, from each latent distribution's mean: two runs compare number for number;
@@ -122,8 +122,8 @@ def held_out_loss(pipe: Any, enc: EncodeStageConfig, catalog: Catalog, items: Ev
 
 
 def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConfig,
-             catalog: Catalog, items: EvalSet, out_dir: Path, captioner: Any = None) -> dict[str, Any]:
-    """Score the export at ``model`` on ``items``; writes ``out_dir/eval.json`` and ``out_dir/grid.png``."""
+             catalog: Catalog, items: EvalSet, captioner: Any = None) -> dict[str, Any]:
+    """Score the export at ``model`` (a run's ``model/``) on ``items``; writes the run's scores and grid."""
     started = time.perf_counter()
     pipe = load_pipeline(model, device=device())
     captioner = captioner or build_captioner(captioner_cfg)
@@ -152,6 +152,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
         **dist,
     }
     per_attribute = {a: {name: f.get(a) for name, f in follow.items()} for a in attributes}
+    out_dir = catalog.eval_dir(Path(model).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.grid_items:
         n = min(cfg.grid_items, len(prompts))
@@ -165,7 +166,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
         "readings": {name: texts[: cfg.grid_items] for name, texts in readings.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    atomic_write_json(out_dir / "eval.json", result)
+    atomic_write_json(catalog.eval_json(Path(model).parent), result)
     return result
 
 
@@ -185,16 +186,14 @@ def compare(new: dict[str, float], champion: dict[str, float], promote_if: dict[
 
 def _scores_for(run: Path, key_of: Any, **kw: Any) -> dict[str, Any]:
     """The run's evaluation on the current set: reused from its ``eval.json`` when the key matches."""
-    model = run / "model"
-    digest = model_digest(model)
-    key = key_of(digest)
-    out = run / "eval"
-    done = read_json(out / "eval.json")
+    catalog: Catalog = kw["catalog"]
+    key = key_of(model_digest(run / "model"))
+    done = read_json(catalog.eval_json(run))
     if done is not None and done.get("key") == key:
         return done
-    result = evaluate(model, out_dir=out, **kw)
+    result = evaluate(run / "model", **kw)
     result["key"] = key
-    atomic_write_json(out / "eval.json", result)
+    atomic_write_json(catalog.eval_json(run), result)
     return result
 
 
@@ -236,11 +235,11 @@ def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConf
         return eval_key(digest, cfg, captioner_cfg, items)
 
     kw = dict(cfg=cfg, captioner_cfg=captioner_cfg, enc=enc, catalog=catalog, items=items)
-    before = read_json(candidate / "eval" / "eval.json")
+    before = read_json(catalog.eval_json(candidate))
     fresh_key = key_of(model_digest(candidate / "model"))
     reused = not force and before is not None and before.get("key") == fresh_key and "status" in before
-    if force and (candidate / "eval" / "eval.json").exists():
-        (candidate / "eval" / "eval.json").unlink()
+    if force:
+        catalog.eval_json(candidate).unlink(missing_ok=True)
     result = _scores_for(candidate, key_of, **kw)
     champion = catalog.champion_run()
     if champion == candidate:
@@ -266,7 +265,7 @@ def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConf
                                                  "scores": result["scores"], "reason": reason,
                                                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     result.update(status=status, reason=reason)
-    atomic_write_json(candidate / "eval" / "eval.json", result)
+    atomic_write_json(catalog.eval_json(candidate), result)
     if not reused:
         _append_history(catalog, candidate, result, status)
     (log.warning if status == "rejected" else log.info)("eval: %s is %s: %s", candidate.name, status, reason)

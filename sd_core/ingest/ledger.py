@@ -230,6 +230,14 @@ class Ledger:
                 raise
             return new
 
+    def fetched_md5s(self) -> set[str]:
+        """Content the ledger keeps bytes of: every image, and every URL fetched fine that waits for its turn."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT md5 FROM images UNION SELECT md5 FROM urls WHERE status = 'ok' AND md5 IS NOT NULL"
+            ).fetchall()
+        return {r[0] for r in rows}
+
     def images(self) -> list[ImageRecord]:
         with self._lock:
             rows = self._db.execute(

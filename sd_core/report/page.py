@@ -65,9 +65,9 @@ SCORE_LABELS = {
 
 
 def _evaluation(catalog: Catalog) -> dict | None:
-    """The latest run's evaluation (eval.json), if it was evaluated."""
+    """The latest run's evaluation (its scores.json), if it was evaluated."""
     run = catalog.latest_run()
-    return read_json(catalog.eval_dir(run) / "eval.json") if run is not None else None
+    return read_json(catalog.eval_json(run)) if run is not None else None
 
 
 def _score_rows(ev: dict) -> list[tuple[str, str, str]]:
@@ -163,7 +163,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def plot_eval_history(catalog: Catalog) -> Path | None:
-    """``models/eval_history.png``: each score across the evaluated runs, rejected runs marked."""
+    """``models/evaluations.png``: each score across the evaluated runs, rejected runs marked."""
     from sd_core.eval.stage import read_history
 
     rows = read_history(catalog)

@@ -138,10 +138,16 @@ class Catalog:
 
     @property
     def eval_history_csv(self) -> Path:
-        return self.root / "models" / "eval_history.csv"
+        """One row per evaluated run. (Not ``eval_history.csv``: ``datasets``' imagefolder reads a file or
+        folder named ``eval…``, ``train…`` or ``test…`` as a split of the dataset.)"""
+        return self.root / "models" / "evaluations.csv"
 
     def eval_dir(self, run: Path) -> Path:
-        return run / "eval"
+        """A run's scores and its grid of held-out prompts (not ``eval/``, for the same reason)."""
+        return run / "scores"
+
+    def eval_json(self, run: Path) -> Path:
+        return self.eval_dir(run) / "scores.json"
 
     def trained_model(self) -> Path | None:
         """The export to sample from: the champion's, or before any evaluation the latest run's."""

@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/demo_quality.py [--data-dir data/demo-quality] [--only NAME ...]
 
-The demo site is crawled, converted and captioned once into ``--data-dir``; each variant then runs the rest of
-the demo (``emoji-sd demo --from vae`` with its ``--set`` overrides) in its own copy, through the real
-pipeline. A table row per variant: the VAE's held-out PSNR and the share of held-out images whose colours
+The demo site is crawled, converted, captioned and encoded once into ``--data-dir`` (with ``--base`` settings);
+each variant then runs the rest of the demo (``emoji-sd demo --from vae`` with its ``--set`` overrides) in its
+own copy, through the real pipeline: the VAE and the caches are reused where a variant leaves them alone. A table row per variant: the VAE's held-out PSNR and the share of held-out images whose colours
 survive it, the train stage's seconds, the held-out ε-MSE, prompt following (pixel attributes, offline
 captioner) at the evaluated guidance and at guidance 0, their gap in points, and the pipeline's seconds
 from vae to sample. Variants are cumulative where their name says ``+``.
@@ -33,10 +33,10 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           text=True)
 
 
-def prepare(data: Path) -> None:
-    if (data / "metadata.csv").exists() and "prompt" in (data / "metadata.csv").read_text().splitlines()[0]:
+def prepare(data: Path, base: list[str]) -> None:
+    if (data / "cache").exists():
         return
-    r = cli("demo", "--data-dir", str(data), "--until", "caption", "--no-progress")
+    r = cli("demo", "--data-dir", str(data), "--until", "encode", "--no-progress", *(a for s in base for a in ("--set", s)))
     if r.returncode:
         raise SystemExit(r.stderr[-2000:])
 
@@ -45,19 +45,19 @@ def copy_base(base: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for name in ("images", "raw", "state", "captions"):
-        if (base / name).exists():
+    for name in ("images", "raw", "state", "captions", "cache", "models/vae"):
+        if (base / name).exists():  # hard links: every file here is replaced, never rewritten in place
             shutil.copytree(base / name, dest / name, copy_function=os.link)
     for name in ("metadata.csv", "duplicates.csv"):
         if (base / name).exists():
             shutil.copy2(base / name, dest / name)
 
 
-def run_variant(base: Path, name: str, sets: list[str]) -> dict:
+def run_variant(base: Path, name: str, sets: list[str], base_sets: list[str]) -> dict:
     dest = base.parent / f"{base.name}-variants" / "".join(c if c.isalnum() else "-" for c in name)[:60]
     copy_base(base, dest)
     args = ["demo", "--data-dir", str(dest), "--from", "vae", "--no-progress"]
-    for s in sets:
+    for s in [*base_sets, *sets]:
         args += ["--set", s]
     start = time.perf_counter()
     r = cli(*args)
@@ -92,16 +92,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, default=ROOT / "data" / "demo-quality")
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
+    ap.add_argument("--base", nargs="*", default=[], help="--set overrides every variant starts from")
     args = ap.parse_args()
     base = args.data_dir.resolve()
-    prepare(base)
+    prepare(base, args.base)
     print("| variant | VAE held-out PSNR | colours kept | vae | train | held-out ε-MSE | prompt following "
           "at w | at w = 0 | gap (points) | vae → sample |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, sets in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        print(row(run_variant(base, name, sets)), flush=True)
+        print(row(run_variant(base, name, sets, args.base)), flush=True)
 
 
 if __name__ == "__main__":

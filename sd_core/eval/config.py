@@ -24,6 +24,8 @@ class EvalConfig(StrictModel):
 
     items: int = Field(48, ge=1, description="held-out items scored (a fixed sample of the validation split)")
     seed: int = Field(0, description="the noise each evaluation image starts from")
+    seeds_per_item: int = Field(2, ge=1, description="images drawn per held-out prompt (seeds seed, seed+1, ...): "
+                                                     "more images, a steadier prompt-following score")
     guidance_scale: float = Field(7.5, ge=1, description="the guidance prompt following is scored at "
                                                          "(and at 0, without the text)")
     steps: int = Field(20, ge=1)

@@ -129,14 +129,19 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
     captioner = captioner or build_captioner(captioner_cfg)
     attributes = _captioner_attributes(captioner_cfg)
     prompts, titles = items.prompts, [r["image_title"] for r in items.rows]
-    seeds = [cfg.seed]
+    seeds = [cfg.seed + j for j in range(cfg.seeds_per_item)]
     common = dict(steps=cfg.steps, sampler_name=cfg.scheduler, batch_size=cfg.batch_size)
-    drawn = [row[0] for row in generate(pipe, prompts, seeds, guidance_scale=cfg.guidance_scale, **common)]
-    free = [row[0] for row in generate(pipe, prompts, seeds, guidance_scale=0.0, **common)]
+    guided = generate(pipe, prompts, seeds, guidance_scale=cfg.guidance_scale, **common)  # [item][seed]
+    unguided = generate(pipe, prompts, seeds, guidance_scale=0.0, **common)
+    drawn, free = [row[0] for row in guided], [row[0] for row in unguided]
     real = [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in items.rows]
-    readings = {"guided": _read(captioner, drawn, titles), "g0": _read(captioner, free, titles),
+    each = [p for p in prompts for _ in seeds]  # one prompt per drawn image, item-major
+    readings = {"guided": _read(captioner, [im for row in guided for im in row], [t for t in titles for _ in seeds]),
+                "g0": _read(captioner, [im for row in unguided for im in row], [t for t in titles for _ in seeds]),
                 "real": _read(captioner, real, titles)}
-    follow = {name: follow_rate(prompts, texts, attributes) for name, texts in readings.items()}
+    follow = {name: follow_rate(each if name != "real" else prompts, texts, attributes)
+              for name, texts in readings.items()}
+
     def dataset() -> list[Image.Image]:  # the reference set of FID/KID: up to 1024 of the dataset's images
         rows = sorted(read_metadata(catalog), key=lambda r: stable_hash({"md5": r["md5"]}))[:1024]
         return [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in rows]
@@ -163,6 +168,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
     result = {
         "model": str(model), "digest": model_digest(model), "items": len(prompts), "attributes": list(attributes),
         "guidance_scale": cfg.guidance_scale, "scores": scores, "per_attribute": per_attribute, "skipped": skipped,
+        "seeds_per_item": cfg.seeds_per_item,
         "readings": {name: texts[: cfg.grid_items] for name, texts in readings.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }

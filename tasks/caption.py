@@ -16,6 +16,7 @@ from sd_core.caption.stage import (
     caption_jobs,
     finish_captions,
     plan_captions,
+    release_captioners,
     shared_captioner,
     stage_key,
 )
@@ -42,6 +43,7 @@ def caption_batch_task(jobs: list[CaptionJob], cfg: CaptionConfig, data_dir: Pat
 def caption_finish_task(cfg: CaptionConfig, data_dir: Path, plan: Plan, calls: list[int]) -> StageResult:
     """Fill metadata.csv's caption columns from the log and record the stage."""
     catalog = Catalog(data_dir)
+    release_captioners()  # the batches run here (sequential runner) are done: free Qwen before encode and train
     summary = finish_captions(cfg, catalog, CaptionSummary(captioned=plan.items, model_calls=sum(calls)))
     result = record_stage(catalog, "caption", key=stage_key(cfg, catalog), summary=summary.as_dict(),
                           seconds=time.time() - plan.started, ran=summary.captioned > 0)

@@ -155,3 +155,21 @@ def test_a_dataset_card_someone_wrote_is_kept(tmp_path):
     cat.dataset_card.write_text("# My emoji\n\nOur own words.\n")
     caption_dataset(CaptionConfig(captioner="offline"), cat, progress=False)
     assert cat.dataset_card.read_text() == "# My emoji\n\nOur own words.\n"
+
+
+def test_captioners_are_released_after_the_stage() -> None:
+    """Before encode and train start, the caption stage lets go of its model (Qwen2.5-VL is ~7.5 GB on a GPU)."""
+    import gc
+    import weakref
+
+    from sd_core.caption.config import CaptionConfig
+    from sd_core.caption.stage import release_captioners, shared_captioner
+
+    cfg = CaptionConfig(captioner="offline")
+    first = shared_captioner(cfg)
+    assert shared_captioner(cfg) is first  # one per process and setting while the stage runs
+    ref = weakref.ref(first)
+    del first
+    release_captioners()
+    gc.collect()
+    assert ref() is None

@@ -121,6 +121,15 @@ def shared_captioner(cfg: CaptionConfig) -> object:
         return _CAPTIONERS[digest]
 
 
+def release_captioners() -> None:
+    """Drop this process's shared captioners and give their GPU memory back (before encode and train)."""
+    from sd_core.common.devices import empty_device_cache
+
+    with _CAPTIONERS_LOCK:
+        _CAPTIONERS.clear()
+    empty_device_cache()
+
+
 def caption_jobs(cfg: CaptionConfig, catalog: Catalog, jobs: list[CaptionJob], captioner: object) -> int:
     """Caption one batch and append it to the log; returns the model calls it took."""
     calls_before = int(getattr(captioner, "calls", 0))

@@ -252,8 +252,11 @@ def shared_text_encoder(text_cfg: TextEncoderConfig) -> tuple[Any, Any]:
 
 def release_shared_models() -> None:
     """Forget the models :func:`shared_vae` and :func:`shared_text_encoder` hold (frees their memory)."""
+    from sd_core.common.devices import empty_device_cache
+
     with _SHARED_LOCK:
         _SHARED.clear()
+    empty_device_cache()
 
 
 # --- images ------------------------------------------------------------------------------------

@@ -22,8 +22,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+EVAL = ["eval.guidance_scale=4", "eval.seeds_per_item=3", "eval.items=48"]
+VAE_8X_900 = ["vae.steps=900"]
+VAE_4X_900 = ["vae.steps=900", "vae.block_out_channels=[16, 32, 64]"]
+UNET_16 = ["train.model.unet.h_dim=32", "train.model.unet.groups=8"]
+TTE = ["train.model.unet.text_time_embedding=true"]
 VARIANTS: dict[str, list[str]] = {
-    "baseline (PR 8 demo preset)": [],
+    "8x VAE, 900 steps": [*EVAL, *VAE_8X_900],
+    "8x VAE, 900 steps + pooled text": [*EVAL, *VAE_8X_900, *TTE],
+    "4x VAE, 900 steps, UNet h_dim 32": [*EVAL, *VAE_4X_900, *UNET_16],
+    "4x VAE, 900 steps, UNet h_dim 32 + pooled text": [*EVAL, *VAE_4X_900, *UNET_16, *TTE],
 }
 
 

@@ -1,9 +1,10 @@
-"""Loss curve from a trainer's ``metrics.csv`` (matplotlib, Agg backend)."""
+"""Plots written as PNG files: a trainer's loss curve, the scores of evaluated runs (matplotlib, Agg)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 from sd_core.store.files import atomic_write_bytes
 
@@ -19,15 +20,30 @@ def _column(rows: list[dict[str, str]], name: str) -> tuple[list[int], list[floa
     return steps, values
 
 
-def plot_loss_curve(metrics_csv: Path, out_png: Path, *, smooth: int = 20) -> Path:
-    """Train loss (raw and a running mean over ``smooth`` rows) and held-out losses against step."""
-    import io
-
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, out_png: Path) -> Path:
+    """Lay out, write as PNG atomically, close."""
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    atomic_write_bytes(Path(out_png), buf.getvalue())
+    return Path(out_png)
+
+
+def plot_loss_curve(metrics_csv: Path, out_png: Path, *, smooth: int = 20) -> Path:
+    """Train loss (raw and a running mean over ``smooth`` rows) and held-out losses against step."""
+    plt = _pyplot()
     with open(metrics_csv, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -48,23 +64,12 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path, *, smooth: int = 20) -> Pa
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(out_png), buf.getvalue())
-    return Path(out_png)
+    return _save(fig, out_png)
 
 
 def plot_history(rows: list[dict[str, str]], scores: list[str], out_png: Path) -> Path:
     """One panel per score, its value for each evaluated run in order; rejected runs drawn as crosses."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(len(scores), 1, figsize=(7, 1.8 * len(scores) + 0.6), dpi=100, squeeze=False,
                              sharex=True)
     x = list(range(1, len(rows) + 1))
@@ -77,9 +82,4 @@ def plot_history(rows: list[dict[str, str]], scores: list[str], out_png: Path) -
         ax.grid(True, alpha=0.3)
     axes[-1, 0].set_xlabel("evaluated run (o promoted or kept, x rejected)")
     axes[-1, 0].set_xticks(x)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(out_png), buf.getvalue())
-    return Path(out_png)
+    return _save(fig, out_png)

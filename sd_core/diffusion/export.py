@@ -15,8 +15,6 @@ instead of crashing deep inside safetensors).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import uuid
@@ -27,7 +25,7 @@ import torch
 
 from sd_core.common.devices import diffusers_dtype_arg
 from sd_core.diffusion.schedulers import ScheduleConfig
-from sd_core.store.files import atomic_write_json, read_json
+from sd_core.store.files import atomic_write_json, read_json, sha256_file, stable_hash
 
 FORMAT = "emoji-sd-model/2"
 MANIFEST = "emoji_sd_model.json"
@@ -44,17 +42,9 @@ class ModelFolderError(ValueError):
 # --- writing --------------------------------------------------------------------------------------
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _inventory(folder: Path) -> dict[str, dict[str, Any]]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files}
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
 def _publish(tmp: Path, folder: Path) -> None:
@@ -69,7 +59,9 @@ def _publish(tmp: Path, folder: Path) -> None:
 
 
 class ExportWriter:
-    """Write an export into a temporary sibling folder, then seal (manifest with checksums) and publish it."""
+    """``with ExportWriter(folder) as w:`` write into ``w.tmp`` (a sibling folder), then ``w.seal(manifest)``
+    writes the manifest with checksums and swaps the folder in; leaving the block without sealing (an error)
+    removes the half-written folder."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -77,15 +69,18 @@ class ExportWriter:
         for old in self.folder.parent.glob(f".tmp-{self.folder.name}-*"):
             shutil.rmtree(old, ignore_errors=True)
         self.tmp = self.folder.with_name(f".tmp-{self.folder.name}-{uuid.uuid4().hex[:8]}")
+
+    def __enter__(self) -> "ExportWriter":
         self.tmp.mkdir()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)  # gone already when sealed
 
     def seal(self, manifest: dict[str, Any]) -> Path:
         atomic_write_json(self.tmp / MANIFEST, {"format": FORMAT, **manifest, "files": _inventory(self.tmp)})
         _publish(self.tmp, self.folder)
         return self.folder
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def assemble_pipeline(unet: Any, vae: Any, tokenizer: Any, text_encoder: Any, scheduler_config: Any) -> Any:
@@ -102,16 +97,12 @@ def write_scratch_export(folder: Path, *, unet: Any, vae_cfg: Any, text_cfg: Any
     """A complete pipeline folder around a trained from-scratch ``unet`` (saved as fp32 safetensors)."""
     from sd_core.encode.encoders import load_text_encoder, load_vae
 
-    writer = ExportWriter(folder)
-    try:
+    with ExportWriter(folder) as writer:
         vae = load_vae(vae_cfg, on="cpu", dtype=torch.float32)
         tokenizer, text_encoder = load_text_encoder(text_cfg, on="cpu", dtype=torch.float32)
         pipe = assemble_pipeline(unet, vae, tokenizer, text_encoder, schedule.scheduler_config())
         pipe.save_pretrained(writer.tmp, safe_serialization=True)
         return writer.seal({"kind": "scratch", **manifest})
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def write_attn2_export(folder: Path, *, weights: dict[str, torch.Tensor], base_model: str, revision: str | None,
@@ -119,17 +110,11 @@ def write_attn2_export(folder: Path, *, weights: dict[str, torch.Tensor], base_m
     """``attn2.safetensors`` (the fine-tuned cross-attention tensors) and the base model's id and revision."""
     from safetensors.torch import save_file
 
-    writer = ExportWriter(folder)
-    try:
+    with ExportWriter(folder) as writer:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()},
                   str(writer.tmp / ATTN2_WEIGHTS))
-        meta = {"kind": "pretrained_attn2", "base_model": base_model, "revision": revision, **manifest}
-        if merged:
-            _merged_pipeline(meta, writer.tmp).save_pretrained(writer.tmp / MERGED, safe_serialization=True)
-        return writer.seal(meta)
-    except BaseException:
-        writer.abort()
-        raise
+        return _seal_fine_tune(writer, {"kind": "pretrained_attn2", "base_model": base_model, "revision": revision,
+                                        **manifest}, merged)
 
 
 def write_lora_export(folder: Path, *, unet: Any, weights: dict[str, torch.Tensor], base_model: str,
@@ -140,28 +125,25 @@ def write_lora_export(folder: Path, *, unet: Any, weights: dict[str, torch.Tenso
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    writer = ExportWriter(folder)
-    try:
+    with ExportWriter(folder) as writer:
         state = get_peft_model_state_dict(unet, state_dict={k: v.detach().float().cpu() for k, v in weights.items()})
         StableDiffusionPipeline.save_lora_weights(
             writer.tmp, unet_lora_layers=convert_state_dict_to_diffusers(state), weight_name=LORA_WEIGHTS,
             safe_serialization=True, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         )
-        meta = {"kind": "pretrained_attn2_lora", "base_model": base_model, "revision": revision, **manifest}
-        if merged:
-            _merged_pipeline(meta, writer.tmp).save_pretrained(writer.tmp / MERGED, safe_serialization=True)
-        return writer.seal(meta)
-    except BaseException:
-        writer.abort()
-        raise
+        return _seal_fine_tune(writer, {"kind": "pretrained_attn2_lora", "base_model": base_model,
+                                        "revision": revision, **manifest}, merged)
 
 
-def _merged_pipeline(meta: dict[str, Any], folder: Path) -> Any:
-    pipe = _from_base(meta, folder, device="cpu", dtype=torch.float32)
-    if meta["kind"] == "pretrained_attn2_lora":
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    return pipe
+def _seal_fine_tune(writer: ExportWriter, meta: dict[str, Any], merged: bool) -> Path:
+    """Seal a fine-tune's export, with ``merged/`` (a complete pipeline holding the fine-tune) when asked."""
+    if merged:
+        pipe = _from_base(meta, writer.tmp, device="cpu", dtype=torch.float32)
+        if meta["kind"] == "pretrained_attn2_lora":
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        pipe.save_pretrained(writer.tmp / MERGED, safe_serialization=True)
+    return writer.seal(meta)
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -187,7 +169,7 @@ def verify_export(folder: Path) -> dict[str, Any]:
         path = folder / rel
         if not path.is_file():
             raise ModelFolderError(f"{path} is missing from the export")
-        if path.stat().st_size != want["bytes"] or file_digest(path) != want["sha256"]:
+        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
             raise ModelFolderError(f"{path} is damaged (its size or checksum differs from {MANIFEST})")
     return manifest
 
@@ -197,9 +179,9 @@ def model_digest(folder: Path) -> str:
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is not None:
-        return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()[:16]
+        return stable_hash(manifest.get("files", {}))
     if (folder / "model_index.json").exists():
-        return hashlib.sha256(json.dumps(_inventory(folder), sort_keys=True).encode()).hexdigest()[:16]
+        return stable_hash(_inventory(folder))
     raise ModelFolderError(f"{folder} is not a model folder")
 
 

@@ -37,6 +37,15 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def stable_hash(obj: Any) -> str:
     """Hash of a JSON-serialisable object, independent of dict ordering."""
     return sha256_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str))[:16]

@@ -17,7 +17,6 @@ previous checkpoint when the newest is damaged, naming the file. Nothing here is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_core.store.files import atomic_write_text
+from sd_core.store.files import atomic_write_text, sha256_file
 
 __all__ = [
     "Checkpoint",
@@ -155,14 +154,6 @@ class CheckpointError(ValueError):
     """A checkpoint folder is damaged or incomplete; the message names the file."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_checkpoint(folder: Path) -> None:
     """Raise :class:`CheckpointError` naming the first file that is missing, truncated or altered."""
     folder = Path(folder)
@@ -174,7 +165,7 @@ def verify_checkpoint(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing")
-        if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
             raise CheckpointError(f"{path} is damaged (its size or checksum differs from {CHECKSUMS})")
 
 
@@ -182,7 +173,7 @@ def commit_checkpoint(root: Path, step: int, keep_last: int | None) -> Path:
     """Seal the finished temporary folder (checksums), rename it into place, point ``latest`` at it, prune."""
     root = Path(root)
     tmp, final = staging_folder(root, step), root / checkpoint_name(step)
-    sums = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    sums = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     _save_json(tmp / CHECKSUMS, sums)
     _fsync_path(tmp)
     if final.exists():  # an earlier run got this far before crashing; this one replaces it

@@ -25,12 +25,6 @@ class VAETrainConfig(StrictModel):
     warmup_steps: int = Field(20, ge=0)
     kl_weight: float = Field(1e-4, ge=0)
     loss: Literal["l1", "mse", "l1+mse"] = "l1+mse"
-    augment: Literal["flip", "colour"] = Field(
-        "flip", description="flip: random horizontal flips; colour: also random RGB channel orders and quarter "
-                            "turns (more colours and poses than a small dataset has)")
-    colour_weight: float = Field(0.0, ge=0, description="weight of an MSE between 8×8-pixel block means of the image "
-                                                        "and its reconstruction: keeps flat colours where the "
-                                                        "per-pixel loss trades them for edges")
     block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
     norm_num_groups: int = Field(16, ge=1)

@@ -70,20 +70,6 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def _augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips; with ``colour``, also a random order of the RGB channels and a random quarter
-    turn per image, so the codec learns colours and shapes it rarely sees in a small dataset."""
-    b = x.shape[0]
-    flip = torch.rand(b, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if kind == "flip":
-        return x
-    perms = torch.stack([torch.randperm(3, generator=generator) for _ in range(b)])  # (B, 3)
-    x = torch.gather(x, 1, perms[:, :, None, None].expand_as(x))
-    turns = torch.randint(0, 4, (b,), generator=generator).tolist()
-    return torch.stack([torch.rot90(img, k, dims=(1, 2)) for img, k in zip(x, turns)])
-
-
 def _rec_loss(kind: str, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if kind == "l1":
         return F.l1_loss(rec, x)
@@ -242,7 +228,9 @@ def train_vae(
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(train), generator=generator).tolist()
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        x = _augment(_to_float(train[idx]), cfg.augment, generator).to(dev)
+        x = _to_float(train[idx])
+        flip = torch.rand(len(idx), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x).to(dev)
         noise = torch.randn((len(idx), cfg.latent_channels, *(s // cfg.downsample() for s in x.shape[2:])),
                             generator=generator).to(dev)
         for group in opt.param_groups:
@@ -251,8 +239,6 @@ def train_vae(
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.mean + dist.std * noise).sample
         rec_loss = _rec_loss(cfg.loss, rec, x)
-        if cfg.colour_weight > 0:
-            rec_loss = rec_loss + cfg.colour_weight * F.mse_loss(F.avg_pool2d(rec, 8), F.avg_pool2d(x, 8))
         kl = dist.kl().mean() / pixels_per_image
         loss = rec_loss + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)

@@ -6,8 +6,8 @@ The demo site is crawled, converted, captioned and encoded once into ``--data-di
 each variant then runs the rest of the demo (``emoji-sd demo --from vae`` with its ``--set`` overrides) in its
 own copy, through the real pipeline: the VAE and the caches are reused where a variant leaves them alone. A table row per variant: the VAE's held-out PSNR and the share of held-out images whose colours
 survive it, the train stage's seconds, the held-out ε-MSE, prompt following (pixel attributes, offline
-captioner) at the evaluated guidance and at guidance 0, their gap in points, and the pipeline's seconds
-from vae to sample. Variants are cumulative where their name says ``+``.
+captioner) at the evaluated guidance and at guidance 0, their gap in points, the same for the skin colour
+alone, and the pipeline's seconds from vae to sample. Variants are cumulative where their name says ``+``.
 """
 
 from __future__ import annotations
@@ -78,12 +78,14 @@ def run_variant(base: Path, name: str, sets: list[str], base_sets: list[str]) ->
     cat = Catalog(dest)
     records = {s: load_stage(cat, s).__dict__ for s in ("vae", "train", "eval")}
     vae = json.loads((cat.vae_dir / "metrics.json").read_text())
-    scores = json.loads(cat.eval_json(cat.latest_run()).read_text())["scores"]
+    ev = json.loads(cat.eval_json(cat.latest_run()).read_text())
+    scores, colour = ev["scores"], ev["per_attribute"]["skin color"]
     return {
         "name": name, "psnr": vae["heldout_psnr_db"], "colours": vae.get("heldout_colours_kept"),
         "vae_s": records["vae"]["seconds"], "train_s": records["train"]["seconds"],
         "loss": scores["held_out_loss"], "pf": scores["prompt_following"], "pf0": scores["prompt_following_g0"],
         "real": scores["prompt_following_real"], "chance": scores["chance"], "seconds": seconds,
+        "colour": colour["guided"], "colour0": colour["g0"],
     }
 
 
@@ -93,7 +95,7 @@ def row(r: dict) -> str:
     colours = "" if r["colours"] is None else f"{100 * r['colours']:.0f}%"
     return (f"| {r['name']} | {r['psnr']:.1f} dB | {colours} | {r['vae_s']:.0f} s | {r['train_s']:.0f} s | "
             f"{r['loss']:.4f} | {100 * r['pf']:.0f}% | {100 * r['pf0']:.0f}% | {100 * (r['pf'] - r['pf0']):+.0f} | "
-            f"{r['seconds']:.0f} s |")
+            f"{100 * r['colour']:.0f}% vs {100 * r['colour0']:.0f}% | {r['seconds']:.0f} s |")
 
 
 def main() -> None:
@@ -105,8 +107,8 @@ def main() -> None:
     base = args.data_dir.resolve()
     prepare(base, args.base)
     print("| variant | VAE held-out PSNR | colours kept | vae | train | held-out ε-MSE | prompt following "
-          "at w | at w = 0 | gap (points) | vae → sample |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "at w | at w = 0 | gap (points) | skin colour at w vs w = 0 | vae → sample |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, sets in VARIANTS.items():
         if args.only and name not in args.only:
             continue

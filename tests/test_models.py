@@ -128,3 +128,10 @@ def test_pretrained_kinds_train_only_cross_attention(tiny_sd: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(lora(x, 10, encoder_hidden_states=ctx).sample,
                                    base(x, 10, encoder_hidden_states=ctx).sample)
+
+
+def test_latent_channels_follow_the_vae_unless_set() -> None:
+    unet = build_unet(ModelConfig(unet=tiny_unet_config()), sample_size=8, latent_channels=16)
+    assert unet.config.in_channels == unet.config.out_channels == 16
+    with pytest.raises(ValueError, match=r"train.model.unet.in_channels = 4, but the VAE's latents have 16 channels"):
+        build_unet(ModelConfig(unet=tiny_unet_config(in_channels=4)), sample_size=8, latent_channels=16)

@@ -58,12 +58,12 @@ def add_attn2_lora(unet: Any, lora: LoRAConfig) -> int:
     return count_parameters(unet, trainable_only=True)
 
 
-def build_unet(config: ModelConfig, *, sample_size: int, seed: int = 0,
+def build_unet(config: ModelConfig, *, sample_size: int, latent_channels: int = 4, seed: int = 0,
                report: Callable[[str], None] | None = None) -> Any:
     """The UNet ``config`` describes, with exactly the parameters that train left trainable.
 
-    A scratch model is initialised from ``seed`` (without touching the global RNG) for latents of side
-    ``sample_size``; a pretrained one is loaded (its own sample size is kept).
+    A scratch model is initialised from ``seed`` (without touching the global RNG) for latents of
+    ``latent_channels`` × side ``sample_size``; a pretrained one is loaded (its own shape is kept).
     """
     from diffusers import UNet2DConditionModel
 
@@ -71,7 +71,7 @@ def build_unet(config: ModelConfig, *, sample_size: int, seed: int = 0,
         assert config.unet is not None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet = UNet2DConditionModel(**config.unet.diffusers_kwargs(sample_size))
+            unet = UNet2DConditionModel(**config.unet.diffusers_kwargs(sample_size, latent_channels))
         if config.unet.zero_init_out:
             nn.init.zeros_(unet.conv_out.weight)
             nn.init.zeros_(unet.conv_out.bias)

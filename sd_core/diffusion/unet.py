@@ -28,8 +28,8 @@ SEED_PARAMETERS = 72_993_540  # the seed's own count (with a 320-wide sinusoid)
 class UNetConfig(StrictModel):
     """Shape of the from-scratch UNet. The defaults are the seed's size (73M parameters)."""
 
-    in_channels: int = Field(4, ge=1)
-    out_channels: int = Field(4, ge=1)
+    in_channels: int | None = Field(None, ge=1, description="latent channels; None: the VAE's (4 for SD's)")
+    out_channels: int | None = Field(None, ge=1, description="None: the same as in_channels")
     h_dim: int = Field(256, ge=1, description="channels of the first level; the second has 2·h_dim")
     n_heads: int = Field(8, ge=1, description="attention heads at every level")
     context_dim: int = Field(512, ge=1, description="width of the text encoder's hidden states")
@@ -51,13 +51,19 @@ class UNetConfig(StrictModel):
             raise ValueError(f"h_dim ({self.h_dim}) must be divisible by groups ({self.groups})")
         return self
 
-    def diffusers_kwargs(self, sample_size: int) -> dict[str, Any]:
-        """Arguments of ``UNet2DConditionModel(**kwargs)`` for latents of side ``sample_size``."""
+    def diffusers_kwargs(self, sample_size: int, latent_channels: int = 4) -> dict[str, Any]:
+        """Arguments of ``UNet2DConditionModel(**kwargs)`` for latents of ``latent_channels`` × side ``sample_size``
+        (channels given in the config must be the latents')."""
+        for name in ("in_channels", "out_channels"):
+            given = getattr(self, name)
+            if given is not None and given != latent_channels:
+                raise ValueError(f"train.model.unet.{name} = {given}, but the VAE's latents have {latent_channels} "
+                                 f"channels: leave it unset (it follows the VAE) or set {latent_channels}")
         h = self.h_dim
         kwargs: dict[str, Any] = dict(
             sample_size=sample_size,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             mid_block_type="UNetMidBlock2DCrossAttn",
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

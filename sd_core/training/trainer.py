@@ -139,7 +139,8 @@ class Trainer:
         self.latent_shape: tuple[int, ...] = tuple(pairs.latent_shape)  # (C, h, w)
         self.scaling_factor = float(pairs.scaling_factor)
 
-        unet = build_unet(config.model, sample_size=self.latent_shape[-1], seed=config.seed, report=acc.print)
+        unet = build_unet(config.model, sample_size=self.latent_shape[-1], latent_channels=self.latent_shape[0],
+                          seed=config.seed, report=acc.print)
         set_attention(unet, config.attention)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -500,7 +501,8 @@ class Trainer:
                 if self.encoders.vae is None or self.encoders.text_encoder is None:
                     log.info("no encoders given: the from-scratch model is not exported")
                 else:
-                    unet = build_unet(m, sample_size=self.latent_shape[-1], report=lambda _: None)
+                    unet = build_unet(m, sample_size=self.latent_shape[-1], latent_channels=self.latent_shape[0],
+                                      report=lambda _: None)
                     load_trainable_state(unet, ema)
                     folder = write_scratch_export(self.export_dir, unet=unet, vae_cfg=self.encoders.vae,
                                                   text_cfg=self.encoders.text_encoder, schedule=cfg.schedule,

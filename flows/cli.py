@@ -345,6 +345,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Every error ends in one line on stderr and a non-zero exit code; ``--debug`` adds the traceback."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):  # the libraries' bars too (model loading), here and in train's workers
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     # `serve` keeps Prefect's own signal handling: its runner stops the served runs
     try:
         with _signals_unwind() if args.command != "serve" else nullcontext():

@@ -15,6 +15,7 @@ instead of crashing deep inside safetensors).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -32,6 +33,13 @@ MANIFEST = "emoji_sd_model.json"
 ATTN2_WEIGHTS = "attn2.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 MERGED = "merged"
+class _OwnTextEncoder(logging.Filter):
+    """Drops diffusers' warning that a pipeline's text encoder is not CLIP: emoji-sd exports any encoder's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Expected types for text_encoder")
+
+
 _PIPELINE_ARGS = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -188,6 +196,9 @@ def model_digest(folder: Path) -> str:
 def _from_pretrained(source: str, *, device: Any, dtype: torch.dtype | None, revision: str | None = None) -> Any:
     from diffusers import StableDiffusionPipeline
 
+    quiet = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    if not any(isinstance(f, _OwnTextEncoder) for f in quiet.filters):
+        quiet.addFilter(_OwnTextEncoder())
     kwargs: dict[str, Any] = dict(_PIPELINE_ARGS, use_safetensors=True)
     kwargs.pop("feature_extractor")
     if revision is not None:

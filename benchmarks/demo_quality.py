@@ -1,6 +1,6 @@
 """What each change to the demo buys: VAE fidelity, prompt following, and time, one change at a time.
 
-    .venv/bin/python benchmarks/demo_quality.py [--data-dir data/demo-quality] [--only NAME ...]
+    .venv/bin/python benchmarks/demo_quality.py [--data-dir data/demo-quality] [--only NAME ...] [--vae-only]
 
 The demo site is crawled, converted, captioned and encoded once into ``--data-dir`` (with ``--base`` settings);
 each variant then runs the rest of the demo (``emoji-sd demo --from vae`` with its ``--set`` overrides) in its
@@ -8,6 +8,7 @@ own copy, through the real pipeline: the VAE and the caches are reused where a v
 survive it, the train stage's seconds, the held-out ε-MSE, prompt following (pixel attributes, offline
 captioner) at the evaluated guidance and at guidance 0, their gap in points, the same for the skin colour
 alone, and the pipeline's seconds from vae to sample. Variants are cumulative where their name says ``+``.
+``--vae-only`` runs the VAE variants through the vae stage alone (held-out PSNR, colours kept, seconds).
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ VAE_8X_900 = ["vae.steps=900"]
 VAE_4X_900 = ["vae.steps=900", "vae.block_out_channels=[16, 32, 64]"]
 UNET_16 = ["train.model.unet.h_dim=32", "train.model.unet.groups=8"]
 TTE = ["train.model.unet.text_time_embedding=true"]
+# the VAE alone (`--vae-only`): what each change does to its held-out fidelity and time
+VAE_VARIANTS: dict[str, list[str]] = {
+    "8x, 450 steps (the old demo)": ["vae.steps=450"],
+    "8x, 450 steps, 16 latent channels": ["vae.steps=450", "vae.latent_channels=16"],
+    "8x, 900 steps": VAE_8X_900,
+    "8x, 900 steps, 16 latent channels": [*VAE_8X_900, "vae.latent_channels=16"],
+    "8x, 1800 steps": ["vae.steps=1800"],
+    "4x, 450 steps": ["vae.steps=450", "vae.block_out_channels=[16, 32, 64]"],
+    "4x, 900 steps": VAE_4X_900,
+}
 VARIANTS: dict[str, list[str]] = {
     "8x VAE, 900 steps": [*EVAL, *VAE_8X_900],
     "8x VAE, 900 steps + pooled text": [*EVAL, *VAE_8X_900, *TTE],
@@ -61,10 +72,12 @@ def copy_base(base: Path, dest: Path) -> None:
             shutil.copy2(base / name, dest / name)
 
 
-def run_variant(base: Path, name: str, sets: list[str], base_sets: list[str]) -> dict:
+def run_variant(base: Path, name: str, sets: list[str], base_sets: list[str], vae_only: bool = False) -> dict:
     dest = base.parent / f"{base.name}-variants" / "".join(c if c.isalnum() else "-" for c in name)[:60]
     copy_base(base, dest)
-    args = ["demo", "--data-dir", str(dest), "--from", "vae", "--no-progress"]
+    if vae_only:
+        shutil.rmtree(dest / "models" / "vae", ignore_errors=True)
+    args = ["demo", "--data-dir", str(dest), "--from", "vae", "--no-progress", *(["--until", "vae"] if vae_only else [])]
     for s in [*base_sets, *sets]:
         args += ["--set", s]
     start = time.perf_counter()
@@ -76,8 +89,11 @@ def run_variant(base: Path, name: str, sets: list[str], base_sets: list[str]) ->
     from sd_core.store.records import load_stage
 
     cat = Catalog(dest)
-    records = {s: load_stage(cat, s).__dict__ for s in ("vae", "train", "eval")}
     vae = json.loads((cat.vae_dir / "metrics.json").read_text())
+    if vae_only:
+        return {"name": name, "psnr": vae["heldout_psnr_db"], "colours": vae.get("heldout_colours_kept"),
+                "vae_s": load_stage(cat, "vae").seconds}
+    records = {s: load_stage(cat, s).__dict__ for s in ("vae", "train", "eval")}
     ev = json.loads(cat.eval_json(cat.latest_run()).read_text())
     scores, colour = ev["scores"], ev["per_attribute"]["skin color"]
     return {
@@ -93,6 +109,8 @@ def row(r: dict) -> str:
     if "error" in r:
         return f"| {r['name']} | failed: {r['error'].splitlines()[-1] if r['error'] else ''} |"
     colours = "" if r["colours"] is None else f"{100 * r['colours']:.0f}%"
+    if "loss" not in r:
+        return f"| {r['name']} | {r['psnr']:.2f} dB | {colours} | {r['vae_s']:.0f} s |"
     return (f"| {r['name']} | {r['psnr']:.1f} dB | {colours} | {r['vae_s']:.0f} s | {r['train_s']:.0f} s | "
             f"{r['loss']:.4f} | {100 * r['pf']:.0f}% | {100 * r['pf0']:.0f}% | {100 * (r['pf'] - r['pf0']):+.0f} | "
             f"{100 * r['colour']:.0f}% vs {100 * r['colour0']:.0f}% | {r['seconds']:.0f} s |")
@@ -103,9 +121,16 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=ROOT / "data" / "demo-quality")
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
     ap.add_argument("--base", nargs="*", default=[], help="--set overrides every variant starts from")
+    ap.add_argument("--vae-only", action="store_true", help="the VAE variants, through the vae stage only")
     args = ap.parse_args()
     base = args.data_dir.resolve()
     prepare(base, args.base)
+    if args.vae_only:
+        print("| VAE | held-out PSNR | colours kept | vae stage |\n| --- | --- | --- | --- |")
+        for name, sets in VAE_VARIANTS.items():
+            if not args.only or name in args.only:
+                print(row(run_variant(base, name, sets, args.base, vae_only=True)), flush=True)
+        return
     print("| variant | VAE held-out PSNR | colours kept | vae | train | held-out ε-MSE | prompt following "
           "at w | at w = 0 | gap (points) | skin colour at w vs w = 0 | vae → sample |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -10,8 +10,8 @@ every step — against a *bare loop*: the same UNet, the same batch size, the sa
 device, only forward, MSE, backward and AdamW. The ratio ``trainer / bare`` is the trainer's share of the
 hardware's speed. Sizes (both are the from-scratch ``UNet2DConditionModel``):
 
-* ``demo``: the demo preset's UNet (h_dim 64, 4 heads, 7.6M parameters), MiniLM-shaped text (48 × 384),
-  batch 24, mirrored latents cached (as the demo does);
+* ``demo``: the demo preset's UNet (h_dim 64, 4 heads, pooled text in the timestep embedding, 8.5M
+  parameters), MiniLM-shaped text (48 × 384), batch 24, mirrored latents cached (as the demo does);
 * ``seed``: the seed's UNet (h_dim 256, 8 heads, 72.9M parameters), CLIP-shaped text (77 × 512), batch 16.
 
 ``encode``: cached pairs against the seed's loop, which re-ran the VAE on the batch's images and the text
@@ -35,7 +35,8 @@ import torch
 
 SIZES = {
     # name: (unet overrides, text tokens, text width, batch, mirrored latents)
-    "demo": ({"h_dim": 64, "n_heads": 4, "groups": 16, "context_dim": 384}, 48, 384, 24, True),
+    "demo": ({"h_dim": 64, "n_heads": 4, "groups": 16, "context_dim": 384, "text_time_embedding": True}, 48, 384, 24,
+             True),
     "seed": ({}, 77, 512, 16, False),
 }
 

@@ -15,7 +15,8 @@ from sd_core.diffusion.models import ModelConfig, build_unet, count_parameters
 from sd_core.diffusion.unet import SEED_PARAMETERS, UNetConfig
 
 SEED_SIZE = 72_911_620  # the seed's 72,993,540 less 81,920: a 256- instead of 320-wide sinusoid into a 1280 Linear
-DEMO_SIZE = 7_572_036  # h_dim 64, 4 heads, MiniLM context 384; the old private UNet: 7,899,716 (320-wide sinusoid)
+DEMO_PLAIN_SIZE = 7_572_036  # h_dim 64, 4 heads, MiniLM context 384; the old private UNet: 7,899,716 (320-wide sinusoid)
+DEMO_SIZE = 8_512_068  # the demo preset: the same with the pooled prompt in the timestep embedding
 
 
 def test_parameter_counts_at_the_seed_and_demo_sizes() -> None:
@@ -28,6 +29,8 @@ def test_parameter_counts_at_the_seed_and_demo_sizes() -> None:
     assert SEED_PARAMETERS - count_parameters(seed) == (320 - 256) * 1280  # only the sinusoid's width differs
     assert seed.time_embedding.linear_1.in_features == 256 and seed.time_embedding.linear_2.out_features == 1280
     assert count_parameters(demo) == DEMO_SIZE
+    plain_cfg = demo_cfg.model_copy(update={"unet": demo_cfg.unet.model_copy(update={"text_time_embedding": False})})
+    assert count_parameters(build_unet(plain_cfg, sample_size=8)) == DEMO_PLAIN_SIZE
     assert count_parameters(seed, trainable_only=True) == SEED_SIZE
 
 

@@ -49,7 +49,8 @@ def main() -> None:
         base = root / "base"
         cfg = load_config(base=preset("demo"), sets=args.sets,
                           overrides={"data_dir": str(base), "crawl.base_url": site.base_url})
-        pipeline(cfg, until="eval", progress=False)
+        if not (base / "models" / "current.json").exists():  # a --keep-dir from an earlier run: reuse its first run
+            pipeline(cfg, until="eval", progress=False)
         first = scores(base)
         print(f"first run: {args.items} items, held-out ε-MSE {first['eval']['held_out_loss']:.4f}", flush=True)
         site.prepend(build_growth_items(max(1, round(args.items * args.grow)), after=args.items))

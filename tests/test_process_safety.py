@@ -14,18 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from polling import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def running(procs: list[psutil.Process]) -> list[psutil.Process]:

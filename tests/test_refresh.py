@@ -62,14 +62,14 @@ def test_refresh_cycles(tmp_path, prefect_harness):
         assert longer["train"].summary["resumed"] and steps_trained(run1) == 12
         assert [int(r["step"]) for r in read_metrics(run1 / "metrics.csv")] == list(range(1, 13))
 
-        # a new emoji: a new run continues from the last one for continue_steps, its EMA warmed up afresh
+        # a new emoji: a new run continues from the last one for continue_steps, its EMA's decay adapted to them
         site.prepend(build_growth_items(1, seed=3, after=30))
         grown = run("train.steps=12")
         t = grown["train"].summary
         assert t["continued_from"] == run1.name and t["steps"] == 4 and grown["encode"].summary["images_encoded"] == 1
         run2 = cat.latest_run()
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run2 / "checkpoints")).trainer_state
-        assert state["ema_updates"] == 4  # re-warmed: counted from the start of the continuation
+        assert state["ema_updates"] == 8 + 4  # adapted, not re-warmed: the count goes on (the decay is capped)
 
         # a wider UNet: trained from scratch, and the record says why
         wider = run("train.steps=12", "train.model.unet.h_dim=64", start="train")

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import requests
+from polling import wait_for
 
 from sd_core.demo.emoji_art import build_demo_items
 from sd_core.demo.site import DemoSite
@@ -21,16 +22,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def api(method: str, url: str, **kw):

@@ -153,6 +153,31 @@ def test_ema_update_rule() -> None:
     assert warm.current_decay() == pytest.approx(0.1)
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, pairs: Pairs) -> Trainer:
+    trainer = Trainer(tiny_train_config(steps=100, ema_decay=0.9, save_every=100), pairs,
+                      tmp_path_factory.mktemp("first"), progress=False)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("mode, updates, decay", [("keep", 100, 0.9), ("rewarm", 0, 0.9), ("adapt", 100, 0.5)])
+def test_a_continuation_keeps_rewarms_or_adapts_the_ema(tmp_path, pairs: Pairs, finished_run: Trainer, mode: str,
+                                                        updates: int, decay: float) -> None:
+    from sd_core.training import checkpoint as ckpt
+
+    old = finished_run.ema.state_dict()
+    nxt = Trainer(tiny_train_config(steps=6, ema_decay=0.9), pairs, tmp_path, progress=False)
+    nxt.init_from(ckpt.latest_checkpoint(finished_run.checkpoint_root), ema=mode)
+    assert nxt.ema.num_updates == updates and nxt.ema.decay == pytest.approx(decay)  # adapt: 1 - 3/6
+    nxt.train()
+    raw = {n: p.detach() for n, p in nxt.net.named_parameters()}
+    share_old = sum(float((nxt.ema.shadow[n] - raw[n]).norm()) for n in raw) / sum(
+        float((old[n] - raw[n]).norm()) for n in raw)
+    # keep: 0.9^6 = 53 % of the average is still the old EMA; rewarm and adapt follow the new weights
+    assert (share_old > 0.4) if mode == "keep" else (share_old < 0.15)
+
+
 def test_min_snr_weights_lower_the_loss_and_noise_offset_runs(tmp_path, pairs: Pairs) -> None:
     def first_loss(**kw: object) -> list[float]:
         out = tmp_path / "_".join(f"{k}{v}" for k, v in kw.items())

@@ -87,10 +87,10 @@ class TrainStageConfig(TrainConfig):
         "continue", description="continue: start from the last run's weights and train continue_steps more; "
                                 "retrain: train from scratch on the whole dataset")
     continue_steps: int = Field(500, ge=1)
-    ema_on_continue: Literal["rewarm", "adapt", "keep"] = Field(
-        "rewarm", description="the EMA of a continuation: rewarm restarts its warm-up (decay (1+n)/(10+n)), adapt "
-                              "caps its decay at 1 - 10/continue_steps, keep carries on (most of the export is then "
-                              "the old weights)")
+    ema_on_continue: Literal["adapt", "rewarm", "keep"] = Field(
+        "adapt", description="the EMA of a continuation: rewarm restarts its warm-up (decay (1+n)/(10+n)), adapt "
+                              "caps its decay at 1 - 3/continue_steps (the old weights end at most 5% of it), keep "
+                              "carries on (with ema_decay 0.999 and 500 steps the export is then 61% the old weights)")
     keep_runs: int = Field(2, ge=1, description="run folders kept in models/unet (the latest is never removed)")
     processes: int = Field(1, ge=1, description="processes the train stage launches through accelerate (one per "
                                                 "GPU); batch_size is per process")

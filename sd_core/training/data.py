@@ -7,8 +7,8 @@ the order of the latent shards, packs consecutive shards into windows that fit t
 the items inside each window; only the window in use (and the next, near a boundary) is in memory. Items
 of one shard then always meet in the same window, so batches mix fewer shards than a full shuffle would.
 
-A background thread assembles the next batches (``index_select`` on the resident tensors, pinned when
-training on CUDA) while the current step runs.
+Batches are ``index_select`` on the resident tensors. A background thread assembles the next ones while
+the current step runs when there is something to overlap (windows read from disk, pinned copies to a GPU).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -91,50 +91,66 @@ class BatchSource:
         self.windows_loaded += 1
         return _Window(self.source, items)
 
-    def _produce(self, epoch: int, position: int, out: "queue.Queue", stop: threading.Event) -> None:
+    def _assemble(self, epoch: int, position: int) -> Iterator[Batch]:
+        """This process's micro-batches from ``(epoch, position)`` on, forever, on the CPU."""
+        while True:
+            windows = self.windows(epoch)
+            flat = [i for w in windows for i in w]
+            owner = {i: k for k, w in enumerate(windows) for i in w}
+            loaded: dict[int, _Window] = {}
+            while position + self.global_batch <= len(flat):
+                start = position + self.rank * self.batch_size
+                mine = flat[start : start + self.batch_size]
+                needed = sorted({owner[i] for i in mine})
+                for k in list(loaded):
+                    if k < needed[0]:
+                        del loaded[k]
+                for k in needed:
+                    if k not in loaded:
+                        loaded[k] = self._window_for(windows[k])
+                parts = []
+                for k in needed:
+                    rows = [loaded[k].row[i] for i in mine if owner[i] == k]
+                    parts.append(loaded[k].pairs.select(rows))
+                tensors = parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+                if self.device.type == "cuda":
+                    tensors = {n: t.pin_memory() for n, t in tensors.items()}
+                position += self.global_batch
+                if position % self.step_items == 0 and position + self.step_items > len(flat):
+                    yield Batch(tensors, epoch + 1, 0)
+                    break
+                yield Batch(tensors, epoch, position)
+            epoch, position = epoch + 1, 0
+
+    def _produce(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            while not stop.is_set():
-                windows = self.windows(epoch)
-                flat = [i for w in windows for i in w]
-                owner = {i: k for k, w in enumerate(windows) for i in w}
-                loaded: dict[int, _Window] = {}
-                while position + self.global_batch <= len(flat) and not stop.is_set():
-                    start = position + self.rank * self.batch_size
-                    mine = flat[start : start + self.batch_size]
-                    needed = sorted({owner[i] for i in mine})
-                    for k in list(loaded):
-                        if k < needed[0]:
-                            del loaded[k]
-                    for k in needed:
-                        if k not in loaded:
-                            loaded[k] = self._window_for(windows[k])
-                    parts = []
-                    for k in needed:
-                        rows = [loaded[k].row[i] for i in mine if owner[i] == k]
-                        parts.append(loaded[k].pairs.select(rows))
-                    tensors = parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
-                    if self.device.type == "cuda":
-                        tensors = {n: t.pin_memory() for n, t in tensors.items()}
-                    position += self.global_batch
-                    step_done = position % self.step_items == 0
-                    if step_done and position + self.step_items > len(flat):
-                        next_epoch, next_position = epoch + 1, 0
-                    else:
-                        next_epoch, next_position = epoch, position
-                    while not stop.is_set():
-                        try:
-                            out.put(Batch(tensors, next_epoch, next_position), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if next_epoch != epoch:
+            for batch in self._assemble(epoch, position):
+                while not stop.is_set():
+                    try:
+                        out.put(batch, timeout=0.1)
                         break
-                epoch, position = epoch + 1, 0
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
         except BaseException as e:  # hand the failure to the consumer
             out.put(e)
 
+    @property
+    def threaded(self) -> bool:
+        """Assemble batches in a background thread where that overlaps real waiting: reading windows from
+        disk, or pinning and copying to a GPU. For a resident split on the CPU a batch is an ``index_select``
+        (well under a millisecond), and a second thread issuing torch ops only competes with the step for
+        the cores (measured here: a demo step took 260 ms with the thread against 150 ms without)."""
+        return self.prefetch > 0 and (not self.resident or self.device.type != "cpu")
+
     def batches(self, epoch: int = 0, position: int = 0) -> Iterator[Batch]:
         """Micro-batches from ``(epoch, position)`` on, forever, each moved to the training device."""
+        if not self.threaded:
+            for item in self._assemble(epoch, position):
+                item.tensors = {n: t.to(self.device) for n, t in item.tensors.items()}
+                yield item
+            return
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         worker = threading.Thread(target=self._produce, args=(epoch, position, out, stop), daemon=True,

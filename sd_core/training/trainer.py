@@ -350,10 +350,10 @@ class Trainer:
         self.step, self.epoch, self.position = st["step"], st["epoch"], st["position"]
         self.elapsed_s = float(st["elapsed_s"])
 
-    def init_from(self, folder: Path, *, ema: str = "rewarm") -> None:
+    def init_from(self, folder: Path, *, ema: str = "adapt") -> None:
         """Start from another run's weights (model and EMA of a checkpoint folder), e.g. to continue training
         on a grown data set; optimizer, LR schedule and data position start fresh. ``ema``: ``rewarm`` restarts
-        the EMA's warm-up, ``adapt`` caps its decay at ``1 - 10 / total_steps``, ``keep`` carries it on."""
+        the EMA's warm-up, ``adapt`` caps its decay at ``1 - 3 / total_steps``, ``keep`` carries it on."""
         c = ckpt.load_checkpoint(folder)
         if c.config["model"] != self.config.model_dump(mode="json")["model"]:
             raise ValueError(f"{folder} holds another model config; cannot continue from it")
@@ -365,8 +365,9 @@ class Trainer:
         self.accelerator.print(f"initialised from {folder} (step {c.step}; EMA {ema}, decay {self.ema.decay:g})")
 
     def adapt_ema(self) -> None:
-        """Cap the EMA decay at ``1 - 10 / total_steps``: its horizon is a tenth of this (short) run."""
-        self.ema.decay = min(self.config.ema_decay, 1.0 - 10.0 / max(self.total_steps, 20))
+        """Cap the EMA decay at ``1 - 3 / total_steps``: after this (short) run the weights it started from
+        are at most e⁻³ ≈ 5 % of the average, and the average still spans a third of the run."""
+        self.ema.decay = min(self.config.ema_decay, 1.0 - 3.0 / max(self.total_steps, 6))
 
     def resume_latest(self) -> bool:
         """Load the newest usable checkpoint (a damaged one is moved aside with a warning naming the file and

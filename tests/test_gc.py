@@ -77,6 +77,8 @@ def data_dir(tmp_path, encoders):
         os.utime(cat.run_dir(run), (1_700_000_000 + i, 1_700_000_000 + i))
     cat.latest_run_json.write_text(json.dumps({"run": "run-latest", "key": "k"}))
     (cat.latent_store / "shards" / ".shard.0123456789ab.tmp").write_bytes(b"partial")
+    (cat.latent_store / "damaged").mkdir()  # moved aside by a failed checksum, its entries since recomputed
+    (cat.latent_store / "damaged" / "shard-000009.safetensors").write_bytes(b"rot")
     (d / "models" / ".vae.partial-1234abcd").mkdir()
     (d / ".metadata.csv.x1y2.tmp").write_text("half")
     return d, sets, {"latents": (live_a, live_b), "texts": live_text}
@@ -98,6 +100,7 @@ def test_gc_lists_then_removes_what_no_key_refers_to(data_dir, capsys):
         "captions/0123456789abcdef.key.json", f"raw/{md5_bytes(b'stray')[:2]}/{md5_bytes(b'stray')}",
         "models/unet/run-old", "models/unet/run-newer", "models/unet/run-latest/.tmp-model-1234abcd",
         "models/.vae.partial-1234abcd", "cache/latents/shards/.shard.0123456789ab.tmp", ".metadata.csv.x1y2.tmp",
+        "cache/latents/damaged/shard-000009.safetensors",
     ]
     for path in expected:
         assert f"  {path}  (" in out, path

@@ -138,15 +138,18 @@ def stale_shards(store_root: Path, live_keys: Iterable[Mapping[str, object]]) ->
     from sd_core.store.tensors import TensorStore, entry_id
 
     shards_dir = Path(store_root) / "shards"
+    damaged = Path(store_root) / "damaged"  # shards moved aside when their checksums failed; already recomputed
+    moved_aside = [Removal(p, size_of(p), "a damaged shard, moved aside (its entries were computed again)")
+                   for p in sorted(damaged.iterdir())] if damaged.is_dir() else []
     if not shards_dir.is_dir():
-        return [], []
+        return moved_aside, []
     store = TensorStore(store_root, sweep=False)  # planning removes nothing
     where: dict[str, list[Mapping[str, object]]] = {}
     for key in {entry_id(k): k for k in live_keys}.values():
         name = store.shard_of(key)
         if name is not None:
             where.setdefault(name, []).append(key)
-    removals, rewrites = [], []
+    removals, rewrites = moved_aside, []
     for path in sorted(p for p in shards_dir.iterdir() if _SHARD_RE.match(p.name)):
         size = size_of(path)
         live = where.get(path.name, [])

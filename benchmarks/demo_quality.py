@@ -4,7 +4,8 @@
 
 The demo site is crawled, converted, captioned and encoded once into ``--data-dir`` (with ``--base`` settings);
 each variant then runs the rest of the demo (``emoji-sd demo --from vae`` with its ``--set`` overrides) in its
-own copy, through the real pipeline: the VAE and the caches are reused where a variant leaves them alone. A table row per variant: the VAE's held-out PSNR and the share of held-out images whose colours
+own copy, through the real pipeline: the VAE and the caches are reused where a variant leaves them alone.
+A table row per variant: the VAE's held-out PSNR and the share of held-out images whose colours
 survive it, the train stage's seconds, the held-out ε-MSE, prompt following (pixel attributes, offline
 captioner) at the evaluated guidance and at guidance 0, their gap in points, the same for the skin colour
 alone, and the pipeline's seconds from vae to sample. Variants are cumulative where their name says ``+``.
@@ -83,7 +84,9 @@ def run_variant(base: Path, name: str, sets: list[str], base_sets: list[str], va
     copy_base(base, dest)
     if vae_only:
         shutil.rmtree(dest / "models" / "vae", ignore_errors=True)
-    args = ["demo", "--data-dir", str(dest), "--from", "vae", "--no-progress", *(["--until", "vae"] if vae_only else [])]
+    args = ["demo", "--data-dir", str(dest), "--from", "vae", "--no-progress"]
+    if vae_only:
+        args += ["--until", "vae"]
     for s in [*base_sets, *sets]:
         args += ["--set", s]
     start = time.perf_counter()

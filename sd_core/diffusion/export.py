@@ -33,6 +33,8 @@ MANIFEST = "emoji_sd_model.json"
 ATTN2_WEIGHTS = "attn2.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 MERGED = "merged"
+
+
 class _OwnTextEncoder(logging.Filter):
     """Drops diffusers' warning that a pipeline's text encoder is not CLIP: emoji-sd exports any encoder's."""
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 

@@ -26,7 +26,7 @@ import torch
 
 from sd_core.common.devices import diffusers_dtype_arg
 from sd_core.diffusion.schedulers import ScheduleConfig
-from sd_core.store.files import atomic_write_json, read_json, sha256_file, stable_hash
+from sd_core.store.files import atomic_write_json, file_checksum, matches_checksum, read_json, stable_hash
 
 FORMAT = "emoji-sd-model/2"
 MANIFEST = "emoji_sd_model.json"
@@ -54,7 +54,7 @@ class ModelFolderError(ValueError):
 
 def _inventory(folder: Path) -> dict[str, dict[str, Any]]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    return {str(p.relative_to(folder)): file_checksum(p) for p in files}
 
 
 def _publish(tmp: Path, folder: Path) -> None:
@@ -179,7 +179,7 @@ def verify_export(folder: Path) -> dict[str, Any]:
         path = folder / rel
         if not path.is_file():
             raise ModelFolderError(f"{path} is missing from the export")
-        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
+        if not matches_checksum(path, want):
             raise ModelFolderError(f"{path} is damaged (its size or checksum differs from {MANIFEST})")
     return manifest
 

@@ -29,7 +29,7 @@ class UNetConfig(StrictModel):
     """Shape of the from-scratch UNet. The defaults are the seed's size (73M parameters)."""
 
     in_channels: int | None = Field(None, ge=1, description="latent channels; None: the VAE's (4 for SD's)")
-    out_channels: int | None = Field(None, ge=1, description="None: the same as in_channels")
+    out_channels: int | None = Field(None, ge=1, description="None: the VAE's latent channels (like in_channels)")
     h_dim: int = Field(256, ge=1, description="channels of the first level; the second has 2·h_dim")
     n_heads: int = Field(8, ge=1, description="attention heads at every level")
     context_dim: int = Field(512, ge=1, description="width of the text encoder's hidden states")

@@ -135,9 +135,9 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
     unguided = generate(pipe, prompts, seeds, guidance_scale=0.0, **common)
     drawn, free = [row[0] for row in guided], [row[0] for row in unguided]
     real = [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in items.rows]
-    each = [p for p in prompts for _ in seeds]  # one prompt per drawn image, item-major
-    readings = {"guided": _read(captioner, [im for row in guided for im in row], [t for t in titles for _ in seeds]),
-                "g0": _read(captioner, [im for row in unguided for im in row], [t for t in titles for _ in seeds]),
+    each, each_title = [p for p in prompts for _ in seeds], [t for t in titles for _ in seeds]  # item-major
+    readings = {"guided": _read(captioner, [im for row in guided for im in row], each_title),
+                "g0": _read(captioner, [im for row in unguided for im in row], each_title),
                 "real": _read(captioner, real, titles)}
     follow = {name: follow_rate(each if name != "real" else prompts, texts, attributes)
               for name, texts in readings.items()}

@@ -46,6 +46,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_checksum(path: Path) -> dict[str, Any]:
+    """A file's size and SHA-256, as manifests record them (``{"bytes": ..., "sha256": ...}``)."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def matches_checksum(path: Path, want: dict[str, Any]) -> bool:
+    """Whether a file still has the size and SHA-256 recorded in ``want`` (the size is checked first)."""
+    return Path(path).stat().st_size == want["bytes"] and sha256_file(path) == want["sha256"]
+
+
 def stable_hash(obj: Any) -> str:
     """Hash of a JSON-serialisable object, independent of dict ordering."""
     return sha256_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str))[:16]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_core.store.files import atomic_write_text, sha256_file
+from sd_core.store.files import atomic_write_text, file_checksum, matches_checksum
 
 __all__ = [
     "Checkpoint",
@@ -165,7 +165,7 @@ def verify_checkpoint(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing")
-        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
+        if not matches_checksum(path, want):
             raise CheckpointError(f"{path} is damaged (its size or checksum differs from {CHECKSUMS})")
 
 
@@ -173,7 +173,7 @@ def commit_checkpoint(root: Path, step: int, keep_last: int | None) -> Path:
     """Seal the finished temporary folder (checksums), rename it into place, point ``latest`` at it, prune."""
     root = Path(root)
     tmp, final = staging_folder(root, step), root / checkpoint_name(step)
-    sums = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    sums = {p.name: file_checksum(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     _save_json(tmp / CHECKSUMS, sums)
     _fsync_path(tmp)
     if final.exists():  # an earlier run got this far before crashing; this one replaces it

@@ -63,14 +63,14 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         base = sd14_shaped(Path(tmp) / "sd14-shaped")
-        print(f"SD 1.4-shaped base pipeline (random weights): {folder_mb(base):,.0f} MB", flush=True)
+        print(f"SD 1.4-shaped base pipeline (random weights): {folder_mb(base):,.0f} MiB", flush=True)
         manifest = {"step": 0}
         full = build_unet(ModelConfig(kind="pretrained_attn2", pretrained_model_id=str(base)), sample_size=64)
         attn2 = trainable_state(full)
         out = write_attn2_export(Path(tmp) / "attn2", weights=attn2, base_model=str(base), revision=None,
                                  manifest=manifest)
         n = sum(v.numel() for v in attn2.values())
-        print(f"attn2 fine-tune export ({n:,} parameters, fp32): {folder_mb(out):,.1f} MB", flush=True)
+        print(f"attn2 fine-tune export ({n:,} parameters, fp32): {folder_mb(out):,.1f} MiB", flush=True)
         del full
         for i, rank in enumerate(args.ranks):
             cfg = ModelConfig(kind="pretrained_attn2_lora", pretrained_model_id=str(base),
@@ -82,9 +82,9 @@ def main() -> None:
                                     revision=None, manifest=manifest, merged=merged)
             n = sum(v.numel() for v in state.values())
             lora_mb = (out / "pytorch_lora_weights.safetensors").stat().st_size / 2**20
-            print(f"LoRA rank {rank} export ({n:,} parameters, fp32): {lora_mb:,.1f} MB", flush=True)
+            print(f"LoRA rank {rank} export ({n:,} parameters, fp32): {lora_mb:,.1f} MiB", flush=True)
             if merged:
-                print(f"merged pipeline export (train.export_merged, fp32): {folder_mb(out / 'merged'):,.0f} MB",
+                print(f"merged pipeline export (train.export_merged, fp32): {folder_mb(out / 'merged'):,.0f} MiB",
                       flush=True)
             del unet
 

@@ -1,6 +1,6 @@
 """Training throughput on the pipeline's own read path, against the simplest correct baselines.
 
-    .venv/bin/python benchmarks/train.py store [--sizes demo seed] [--items 512] [--steps 20] [--warmup 3]
+    .venv/bin/python benchmarks/train.py store [--sizes demo seed] [--items 512] [--steps 20] [--warmup 3] [--rounds 3]
     .venv/bin/python benchmarks/train.py encode [--items 256] [--batch 16] [--steps 10] [--warmup 2]
 
 ``store``: the trainer exactly as the train stage runs it — cached pairs read from the encode stage's
@@ -8,7 +8,10 @@ safetensors shards (``CachedPairs``: keys checked once, tensors loaded into cont
 prefetched in the background, noise and timesteps drawn on the device, EMA, gradient clipping, logging
 every step — against a *bare loop*: the same UNet, the same batch size, the same tensors already on the
 device, only forward, MSE, backward and AdamW. The ratio ``trainer / bare`` is the trainer's share of the
-hardware's speed. Sizes (both are the from-scratch ``UNet2DConditionModel``):
+hardware's speed. The trainer uses torch's fused AdamW; the bare loop runs twice, with torch's default
+AdamW (what a hand-written loop gets) and with the fused one (so the second ratio is the cost of
+everything else the trainer does: loader, EMA, clipping, logging). Rounds alternate between the three
+runs, each in its own process, and the medians are printed. Sizes (both are the from-scratch ``UNet2DConditionModel``):
 
 * ``demo``: the demo preset's UNet (h_dim 64, 4 heads, pooled text in the timestep embedding, 8.5M
   parameters), MiniLM-shaped text (48 × 384), batch 24, mirrored latents cached (as the demo does);
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -85,8 +89,9 @@ def trainer_steps_per_s(size: str, n: int, steps: int, warmup: int) -> dict[str,
     return {"steps_per_s": (len(timed) - 1) / (timed[-1] - timed[0]), "params": params, "batch": batch}
 
 
-def bare_steps_per_s(size: str, steps: int, warmup: int) -> dict[str, Any]:
-    """Forward, MSE, backward, AdamW on tensors already on the device: the simplest correct loop."""
+def bare_steps_per_s(size: str, steps: int, warmup: int, fused: bool) -> dict[str, Any]:
+    """Forward, MSE, backward, AdamW on tensors already on the device: the simplest correct loop, with
+    torch's default AdamW or (``fused``) the fused one the trainer uses."""
     import torch.nn.functional as F
 
     from sd_core.common.devices import device
@@ -97,7 +102,7 @@ def bare_steps_per_s(size: str, steps: int, warmup: int) -> dict[str, Any]:
     unet_kw, tokens, width, batch, _ = SIZES[size]
     dev = device()
     unet = build_unet(ModelConfig(unet=UNetConfig(**unet_kw)), sample_size=8, report=lambda _: None).to(dev)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fused or None)
     noise_sched = training_scheduler(ScheduleConfig())
     g = torch.Generator(device=dev).manual_seed(0)
     x0 = torch.randn(batch, 4, 8, 8, device=dev, generator=g)
@@ -224,6 +229,7 @@ def main() -> None:
     store.add_argument("--items", type=int, default=512)
     store.add_argument("--steps", type=int, default=20)
     store.add_argument("--warmup", type=int, default=3)
+    store.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are printed")
     enc = sub.add_parser("encode", help="cached pairs vs encoding every step (seed-size UNet and encoders)")
     enc.add_argument("--items", type=int, default=256)
     enc.add_argument("--batch", type=int, default=16)
@@ -233,11 +239,19 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     if args.what == "store":
         for size in args.sizes:
-            t = in_child(trainer_steps_per_s, size, args.items, args.steps, args.warmup)
-            b = in_child(bare_steps_per_s, size, args.steps, args.warmup)
-            print(f"{size} UNet ({t['params']:,} parameters), batch {t['batch']}, {dev}: trainer through the store "
-                  f"{t['steps_per_s']:.3f} steps/s, bare loop {b['steps_per_s']:.3f} steps/s, "
-                  f"ratio {t['steps_per_s'] / b['steps_per_s']:.3f}", flush=True)
+            runs: dict[str, list[float]] = {"trainer": [], "bare": [], "bare_fused": []}
+            for r in range(args.rounds):  # alternating, so that a slow spell of the machine hits all three
+                t = in_child(trainer_steps_per_s, size, args.items, args.steps, args.warmup)
+                runs["trainer"].append(t["steps_per_s"])
+                runs["bare"].append(in_child(bare_steps_per_s, size, args.steps, args.warmup, False)["steps_per_s"])
+                runs["bare_fused"].append(in_child(bare_steps_per_s, size, args.steps, args.warmup, True)["steps_per_s"])
+                print(f"  {size} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in runs.items()), flush=True)
+            m = {k: statistics.median(v) for k, v in runs.items()}
+            print(f"{size} UNet ({t['params']:,} parameters), batch {t['batch']}, {dev}, median of {args.rounds} "
+                  f"rounds: trainer through the store {m['trainer']:.3f} steps/s; bare loop with torch's default "
+                  f"AdamW {m['bare']:.3f} steps/s, ratio {m['trainer'] / m['bare']:.3f}; bare loop with the "
+                  f"trainer's fused AdamW {m['bare_fused']:.3f} steps/s, ratio {m['trainer'] / m['bare_fused']:.3f}",
+                  flush=True)
     else:
         c = in_child(encode_vs_cached, "cached", args.items, args.batch, args.steps, args.warmup)
         e = in_child(encode_vs_cached, "encode", args.items, args.batch, args.steps, args.warmup)

@@ -29,8 +29,9 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         d = self.current_decay()
-        for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - d)
+        shadow = list(self.shadow.values())
+        params = [p.detach().float() for p in self.params.values()]  # no copy for float32 parameters
+        torch._foreach_lerp_(shadow, params, 1.0 - d)  # one fused call instead of a Python loop per tensor
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sd_core.common.optim import adamw
 from sd_core.common.strict import StrictModel
 from sd_core.diffusion.export import write_attn2_export, write_lora_export, write_scratch_export
 from sd_core.diffusion.models import (
@@ -145,7 +146,7 @@ class Trainer:
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         params = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+        optimizer = adamw(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
         self.model, self.optimizer = acc.prepare(unet, optimizer)
         self.noise = noise_scheduler(config.model, config.schedule)
         self.num_timesteps = int(self.noise.config.num_train_timesteps)
@@ -189,7 +190,8 @@ class Trainer:
         Returns the loss as a device scalar (the mean over micro-batches, this process only).
         """
         cfg, g, acc, dev = self.config, self.generator, self.accelerator, self.device
-        self.model.train()
+        if not self.net.training:  # held-out loss and sampling switch the UNet to eval (and back)
+            self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_schedule(self.step)
         total = torch.zeros((), device=dev)
@@ -451,7 +453,7 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if metrics is not None:
             metrics.write(self.step, train_loss=loss, val=val, lr=lr, seconds=self.elapsed_s)
-            if val is not None:
+            if val is not None and val != (None, None):  # a new held-out point on the curve
                 metrics.plot(self.out_dir / "loss_curve.png")
         if acc.log_with:
             values = {"train/loss": loss, "train/lr": lr}

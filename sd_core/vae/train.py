@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sd_core.common.images import image_to_tensor, tensor_to_pil
+from sd_core.common.optim import adamw
 from sd_core.vae.config import VAETrainConfig
 
 RECONSTRUCTIONS_PNG = "reconstructions.png"
@@ -215,7 +216,7 @@ def train_vae(
         torch.manual_seed(cfg.seed)
         vae = build_vae(cfg)
     vae.to(dev).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=1e-4, betas=(0.9, 0.99))
+    opt = adamw(vae.parameters(), lr=cfg.lr, weight_decay=1e-4, betas=(0.9, 0.99))
     pixels_per_image = 3 * cfg.resolution**2
 
     losses: list[float] = []

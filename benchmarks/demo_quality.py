@@ -30,6 +30,9 @@ VAE_4X_900 = ["vae.steps=900", "vae.block_out_channels=[16, 32, 64]"]
 UNET_16 = ["train.model.unet.h_dim=32", "train.model.unet.groups=8"]
 TTE = ["train.model.unet.text_time_embedding=true"]
 NO_TTE = ["train.model.unet.text_time_embedding=false"]
+HIGH_NOISE = ["train.timestep_sampling=logit_normal", "train.timestep_logit_mean=0.5"]
+OFFSET = ["train.noise_offset=0.1"]
+NO_OFFSET = ["train.noise_offset=0"]
 # the VAE alone (`--vae-only`): what each change does to its held-out fidelity and time, on 10 % held out
 HOLD = ["vae.holdout=0.1"]
 VAE_VARIANTS: dict[str, list[str]] = {
@@ -42,14 +45,20 @@ VAE_VARIANTS: dict[str, list[str]] = {
     "4x, 900 steps": [*HOLD, *VAE_4X_900],
 }
 VARIANTS: dict[str, list[str]] = {
-    "the old demo (8x VAE, 450 steps)": [*EVAL, "vae.steps=450", *NO_TTE],
-    "8x VAE, 900 steps": [*EVAL, *VAE_8X_900, *NO_TTE],
-    "8x VAE, 900 steps + pooled text (the demo preset)": [*EVAL, *VAE_8X_900, *TTE],
-    "4x VAE, 900 steps, UNet h_dim 32": [*EVAL, *VAE_4X_900, *UNET_16, *NO_TTE],
-    "4x VAE, 900 steps, UNet h_dim 32 + pooled text": [*EVAL, *VAE_4X_900, *UNET_16, *TTE],
-    # from the demo preset (8x VAE at 900 steps, pooled text), one change each
-    "preset + min-SNR γ 5": [*EVAL, *VAE_8X_900, *TTE, "train.min_snr_gamma=5"],
-    "preset + caption dropout 0.1": [*EVAL, *VAE_8X_900, *TTE, "train.caption_dropout=0.1"],
+    "the old demo (8x VAE, 450 steps)": [*EVAL, "vae.steps=450", *NO_TTE, *NO_OFFSET],
+    "8x VAE, 900 steps": [*EVAL, *VAE_8X_900, *NO_TTE, *NO_OFFSET],
+    "8x VAE, 900 steps + pooled text": [*EVAL, *VAE_8X_900, *TTE, *NO_OFFSET],
+    "4x VAE, 900 steps, UNet h_dim 32": [*EVAL, *VAE_4X_900, *UNET_16, *NO_TTE, *NO_OFFSET],
+    "4x VAE, 900 steps, UNet h_dim 32 + pooled text": [*EVAL, *VAE_4X_900, *UNET_16, *TTE, *NO_OFFSET],
+    # from 8x VAE at 900 steps with pooled text, one change each
+    "pooled text + min-SNR γ 5": [*EVAL, *VAE_8X_900, *TTE, *NO_OFFSET, "train.min_snr_gamma=5"],
+    "pooled text + caption dropout 0.1": [*EVAL, *VAE_8X_900, *TTE, *NO_OFFSET, "train.caption_dropout=0.1"],
+    "pooled text + timesteps logit-normal (0.5, 1)": [*EVAL, *VAE_8X_900, *TTE, *NO_OFFSET, *HIGH_NOISE],
+    "pooled text + noise offset 0.1 (the demo preset)": [*EVAL, *VAE_8X_900, *TTE, *OFFSET],
+    "pooled text + noise offset 0.2": [*EVAL, *VAE_8X_900, *TTE, "train.noise_offset=0.2"],
+    # from the demo preset, one change each
+    "preset + timesteps logit-normal (0.5, 1)": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, *HIGH_NOISE],
+    "preset + caption dropout 0.1": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.caption_dropout=0.1"],
 }
 
 

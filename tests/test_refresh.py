@@ -174,3 +174,22 @@ def test_forced_retrain_killed_midway_keeps_the_old_model(tmp_path, prefect_harn
     assert [int(r["step"]) for r in read_metrics(run / "metrics.csv")] == list(range(1, 41))
     # retraining from scratch with the same seed and data reproduces the model file for file
     assert (run / "model" / "emoji_sd_model.json").read_text() == before
+
+
+def test_timestep_sampling_names_a_new_run_only_when_set(tmp_path) -> None:
+    """Runs trained before the setting existed keep their keys (uniform adds nothing); choosing another density
+    is a change that shapes the model, so the plan retrains and says which setting changed."""
+    from tiny_models import build_tiny_clip, build_tiny_vae
+
+    from sd_core.encode.stage import EncodeStageConfig
+    from sd_core.training.config import TrainStageConfig
+    from sd_core.training.plan import SHAPING_FIELDS, _changed, shaping
+
+    enc = EncodeStageConfig.model_validate({"vae": {"model_id": str(build_tiny_vae(tmp_path / "vae"))},
+                                            "text": {"model_id": str(build_tiny_clip(tmp_path / "clip"))}})
+    uniform = shaping(TrainStageConfig(), enc)
+    assert "timesteps" not in uniform and set(SHAPING_FIELDS) <= set(uniform)
+    biased = shaping(TrainStageConfig(timestep_sampling="logit_normal", timestep_logit_mean=0.5), enc)
+    assert biased["timesteps"] == {"timestep_sampling": "logit_normal", "timestep_logit_mean": 0.5,
+                                   "timestep_logit_std": 1.0}
+    assert _changed(uniform, biased) == ["timesteps"]

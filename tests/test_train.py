@@ -129,6 +129,31 @@ def test_mirrored_latents_are_drawn_for_half_the_training_items(tmp_path) -> Non
     assert not held_out.any()  # the held-out loss is measured on the images as they are
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_training_timesteps_follow_the_configured_density(tmp_path, pairs: Pairs, sampling: str) -> None:
+    """Uniform timesteps cover the schedule evenly; logit-normal with mean 1 puts about 84 % of steps in the
+    noisier half (P(N(1, 1) > 0))."""
+    cfg = tiny_train_config(steps=40, val_fraction=0.0, timestep_sampling=sampling, timestep_logit_mean=1.0)
+    trainer = Trainer(cfg, pairs, tmp_path, progress=False)
+    drawn: list[torch.Tensor] = []
+    add_noise = trainer.noise.add_noise
+
+    def recording(x0, noise, t):  # type: ignore[no-untyped-def]
+        drawn.append(t.clone())
+        return add_noise(x0, noise, t)
+
+    trainer.noise.add_noise = recording
+    trainer.train()
+    t = torch.cat(drawn)
+    assert len(t) == 40 * 8 and t.dtype == torch.long and 0 <= t.min() and t.max() < 1000
+    noisier = (t >= 500).float().mean().item()
+    print(f"{sampling}: {noisier:.2f} of {len(t)} timesteps >= 500")
+    if sampling == "uniform":
+        assert 0.4 < noisier < 0.6  # 320 draws: ±0.1 is > 3.5 standard deviations
+    else:
+        assert 0.75 < noisier < 0.93
+
+
 def test_ema_differs_from_raw_weights_and_tracks_them(tmp_path, pairs: Pairs) -> None:
     trainer = Trainer(tiny_train_config(steps=30, ema_decay=0.9), pairs, tmp_path, progress=False)
     init = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}

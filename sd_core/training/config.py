@@ -37,6 +37,12 @@ class TrainConfig(StrictModel):
     ema_warmup: bool = Field(True, description="decay min(ema_decay, (1+n)/(10+n)) after n updates")
     min_snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        "uniform", description="how training timesteps are drawn: uniformly, or t/T = sigmoid(N(timestep_logit_mean, "
+                               "timestep_logit_std)) (SD3's logit-normal; a positive mean trains more at high noise, "
+                               "where an image's colours and layout are decided)")
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = Field(1.0, gt=0)
     seed: int = 0
     val_fraction: float = Field(0.1, ge=0, lt=1)
     split_seed: int = 42

@@ -40,8 +40,11 @@ Kind = Literal["fresh", "continue"]
 def shaping(cfg: TrainStageConfig, enc: EncodeStageConfig) -> dict[str, Any]:
     """What shapes the trained model, and so names its run (``enc`` resolved)."""
     dump = cfg.model_dump(mode="json")
+    key = {f: dump[f] for f in SHAPING_FIELDS}
+    if cfg.timestep_sampling != "uniform":  # named only when set, so that earlier runs keep their keys
+        key["timesteps"] = {f: dump[f] for f in ("timestep_sampling", "timestep_logit_mean", "timestep_logit_std")}
     return {
-        **{f: dump[f] for f in SHAPING_FIELDS},
+        **key,
         "global_batch": cfg.batch_size * cfg.processes * cfg.gradient_accumulation_steps,
         "latents": latent_key_base(enc.vae),
         "text": text_key_base(enc.text),

@@ -209,7 +209,7 @@ class Trainer:
             noise = draw.randn(x0.shape[1:])
             if cfg.noise_offset > 0:
                 noise = noise + cfg.noise_offset * draw.randn((x0.shape[1], 1, 1))
-            t = draw.randint(self.num_timesteps)
+            t = self._timesteps(draw)
             x_t = self.noise.add_noise(x0, noise, t)
             # caption dropout: the empty prompt's states, what classifier-free guidance samples against
             drop = draw.rand() < cfg.caption_dropout
@@ -233,6 +233,13 @@ class Trainer:
         self.ema.update()
         self.step += 1
         return total
+
+    def _timesteps(self, draw: _RankDraws) -> torch.Tensor:
+        cfg, n = self.config, self.num_timesteps
+        if cfg.timestep_sampling == "uniform":
+            return draw.randint(n)
+        u = draw.density(cfg.timestep_sampling, cfg.timestep_logit_mean, cfg.timestep_logit_std)  # in (0, 1)
+        return (u * n).long().clamp_(0, n - 1)
 
     # --- held-out loss ------------------------------------------------------------------------------
     def _build_val_set(self) -> _ValSet | None:
@@ -538,6 +545,14 @@ class _RankDraws:
 
     def randint(self, high: int) -> torch.Tensor:
         return torch.randint(0, high, (self.n,), generator=self.g, device=self.dev)[self.rows]
+
+    def density(self, scheme: str, mean: float, std: float) -> torch.Tensor:
+        """Draws in (0, 1) from diffusers' timestep densities (``logit_normal``: sigmoid of a normal)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(scheme, self.n, logit_mean=mean, logit_std=std, device=self.dev,
+                                                  generator=self.g)
+        return u[self.rows]
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

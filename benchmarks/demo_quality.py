@@ -59,6 +59,7 @@ VARIANTS: dict[str, list[str]] = {
     # from the demo preset, one change each
     "preset + timesteps logit-normal (0.5, 1)": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, *HIGH_NOISE],
     "preset + caption dropout 0.1": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.caption_dropout=0.1"],
+    "preset + 16 latent channels": [*EVAL, *VAE_8X_900, "vae.latent_channels=16", *TTE, *OFFSET],
 }
 
 

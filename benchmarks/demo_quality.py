@@ -60,6 +60,9 @@ VARIANTS: dict[str, list[str]] = {
     "preset + timesteps logit-normal (0.5, 1)": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, *HIGH_NOISE],
     "preset + caption dropout 0.1": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.caption_dropout=0.1"],
     "preset + 16 latent channels": [*EVAL, *VAE_8X_900, "vae.latent_channels=16", *TTE, *OFFSET],
+    "pooled text + noise offset 0.05": [*EVAL, *VAE_8X_900, *TTE, "train.noise_offset=0.05"],
+    "preset + 1200 steps": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.steps=1200"],
+    "preset + lr 5e-4": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.lr=5e-4"],
 }
 
 

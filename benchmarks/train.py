@@ -5,13 +5,14 @@
 
 ``store``: the trainer exactly as the train stage runs it — cached pairs read from the encode stage's
 safetensors shards (``CachedPairs``: keys checked once, tensors loaded into contiguous memory), batches
-prefetched in the background, noise and timesteps drawn on the device, EMA, gradient clipping, logging
-every step — against a *bare loop*: the same UNet, the same batch size, the same tensors already on the
+assembled as the trainer does on this device (a prefetch thread only for windows read from disk or a GPU),
+noise and timesteps drawn on the device, EMA, gradient clipping, logging every step — against a *bare loop*: the same UNet, the same batch size, the same tensors already on the
 device, only forward, MSE, backward and AdamW. The ratio ``trainer / bare`` is the trainer's share of the
 hardware's speed. The trainer uses torch's fused AdamW; the bare loop runs twice, with torch's default
 AdamW (what a hand-written loop gets) and with the fused one (so the second ratio is the cost of
 everything else the trainer does: loader, EMA, clipping, logging). Rounds alternate between the three
-runs, each in its own process, and the medians are printed. Sizes (both are the from-scratch ``UNet2DConditionModel``):
+runs, each in its own process, and the medians are printed (step times on this VM vary by about ±10 %
+from one process to the next). Sizes (both are the from-scratch ``UNet2DConditionModel``):
 
 * ``demo``: the demo preset's UNet (h_dim 64, 4 heads, pooled text in the timestep embedding, 8.5M
   parameters), MiniLM-shaped text (48 × 384), batch 24, mirrored latents cached (as the demo does);

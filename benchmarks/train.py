@@ -6,8 +6,9 @@
 ``store``: the trainer exactly as the train stage runs it — cached pairs read from the encode stage's
 safetensors shards (``CachedPairs``: keys checked once, tensors loaded into contiguous memory), batches
 assembled as the trainer does on this device (a prefetch thread only for windows read from disk or a GPU),
-noise and timesteps drawn on the device, EMA, gradient clipping, logging every step — against a *bare loop*: the same UNet, the same batch size, the same tensors already on the
-device, only forward, MSE, backward and AdamW. The ratio ``trainer / bare`` is the trainer's share of the
+noise and timesteps drawn on the device, EMA, gradient clipping, logging every step — against a *bare
+loop*: the same UNet, the same batch size, the same tensors already on the device, only forward, MSE,
+backward and AdamW. The ratio ``trainer / bare`` is the trainer's share of the
 hardware's speed. The trainer uses torch's fused AdamW; the bare loop runs twice, with torch's default
 AdamW (what a hand-written loop gets) and with the fused one (so the second ratio is the cost of
 everything else the trainer does: loader, EMA, clipping, logging). Rounds alternate between the three

@@ -245,8 +245,8 @@ def main() -> None:
             for r in range(args.rounds):  # alternating, so that a slow spell of the machine hits all three
                 t = in_child(trainer_steps_per_s, size, args.items, args.steps, args.warmup)
                 runs["trainer"].append(t["steps_per_s"])
-                runs["bare"].append(in_child(bare_steps_per_s, size, args.steps, args.warmup, False)["steps_per_s"])
-                runs["bare_fused"].append(in_child(bare_steps_per_s, size, args.steps, args.warmup, True)["steps_per_s"])
+                for name, fused in (("bare", False), ("bare_fused", True)):
+                    runs[name].append(in_child(bare_steps_per_s, size, args.steps, args.warmup, fused)["steps_per_s"])
                 print(f"  {size} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in runs.items()), flush=True)
             m = {k: statistics.median(v) for k, v in runs.items()}
             print(f"{size} UNet ({t['params']:,} parameters), batch {t['batch']}, {dev}, median of {args.rounds} "

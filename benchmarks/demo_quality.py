@@ -63,6 +63,8 @@ VARIANTS: dict[str, list[str]] = {
     "pooled text + noise offset 0.05": [*EVAL, *VAE_8X_900, *TTE, "train.noise_offset=0.05"],
     "preset + 1200 steps": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.steps=1200"],
     "preset + lr 5e-4": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.lr=5e-4"],
+    # the same model scored from other noise: how far a figure moves with the eval's own sampling
+    "preset, eval seeds 100-102": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "eval.seed=100"],
 }
 
 

@@ -18,6 +18,7 @@ from tiny_models import CLIP_HIDDEN, build_tiny_clip, build_tiny_vae
 
 from sd_core.common.images import make_grid
 from sd_core.diffusion.export import MANIFEST, ModelFolderError, load_pipeline, verify_export, write_scratch_export
+from sd_core.diffusion.generate import generate
 from sd_core.diffusion.models import ModelConfig, build_unet
 from sd_core.diffusion.schedulers import ScheduleConfig
 from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
@@ -56,6 +57,12 @@ def config(**kw: object) -> SampleConfig:
 
 def as_array(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img.convert("RGB")))  # (H, W, 3)
+
+
+def same_picture(a: Image.Image, b: Image.Image) -> bool:
+    """Equal up to the level or two that another batch composition changes in a few channel values."""
+    diff = (as_array(a).int() - as_array(b).int()).abs()
+    return bool(diff.max() <= 2 and (diff > 0).float().mean() < 0.01)
 
 
 def test_export_is_a_complete_pipeline_folder(export: Path) -> None:
@@ -111,12 +118,24 @@ def test_same_seed_same_image_whatever_the_batch(export: Path, tmp_path: Path) -
     again = sample_to_folder(pipe, cfg.model_copy(update={"batch_size": 3}), tmp_path / "b").images
     for r in range(2):
         for c in range(2):
-            # Another batch size changes the order of float sums, not the picture: a level or two in a few
-            # channel values at most, never a different image.
-            diff = (as_array(first[r][c]).int() - as_array(again[r][c]).int()).abs()
-            assert diff.max() <= 2 and (diff > 0).float().mean() < 0.01
+            # another batch size changes the order of float sums, not the picture
+            assert same_picture(first[r][c], again[r][c])
     assert not as_array(first[0][0]).equal(as_array(first[1][0]))  # same seed, other prompt
     assert not as_array(first[0][0]).equal(as_array(first[0][1]))  # same prompt, other seed
+
+
+def test_seed_stride_gives_every_image_its_own_noise(export: Path) -> None:
+    """The eval stage draws image j of item i from seed + i·k + j: its unguided images then differ from item to
+    item, where shared seeds draw one text-free image per seed for every prompt."""
+    pipe = load_pipeline(export)
+    kw = dict(guidance_scale=0.0, steps=3)
+    shared = generate(pipe, PROMPTS, [0, 1], **kw)
+    own = generate(pipe, PROMPTS, [0, 1], seed_stride=2, **kw)
+    assert same_picture(shared[0][0], shared[1][0])  # w = 0, shared seeds: both prompts draw the same image
+    assert same_picture(own[0][0], shared[0][0])  # item 0 keeps seeds 0 and 1
+    assert not same_picture(own[1][0], own[0][0])
+    alone = generate(pipe, PROMPTS[1:], [2, 3], **kw)  # item 1 draws from seeds 2 and 3
+    assert same_picture(own[1][0], alone[0][0]) and same_picture(own[1][1], alone[0][1])
 
 
 def test_guidance_zero_ignores_the_text(export: Path, tmp_path: Path) -> None:

@@ -35,8 +35,12 @@ def generate(
     steps: int = 50,
     sampler_name: str | None = None,
     batch_size: int = 16,
+    seed_stride: int = 0,
 ) -> list[list[Image.Image]]:
-    """Images ``[prompt][seed]`` drawn with ``pipe`` (its scheduler swapped for ``sampler_name`` if given)."""
+    """Images ``[prompt][seed]`` drawn with ``pipe`` (its scheduler swapped for ``sampler_name`` if given).
+
+    Image ``[i][j]`` starts from seed ``seeds[j] + i * seed_stride``: with the default 0 every prompt shares
+    the same noises (a grid's columns), with ``len(seeds)`` every image has its own."""
     check_guidance(guidance_scale)
     use_sampler(pipe, sampler_name)
     pipe.set_progress_bar_config(disable=True)
@@ -45,7 +49,7 @@ def generate(
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         texts = [prompts[pi] if guidance_scale > 0 else "" for pi, _ in chunk]
-        generators = [torch.Generator().manual_seed(int(seeds[si])) for _, si in chunk]
+        generators = [torch.Generator().manual_seed(int(seeds[si]) + pi * seed_stride) for pi, si in chunk]
         images = pipe(prompt=texts, num_inference_steps=steps, guidance_scale=max(guidance_scale, 1.0),
                       generator=generators, output_type="pil").images
         for (pi, si), img in zip(chunk, images):

@@ -23,9 +23,10 @@ class EvalConfig(StrictModel):
     """How a trained model is scored, and when a new run replaces the champion."""
 
     items: int = Field(48, ge=1, description="held-out items scored (a fixed sample of the validation split)")
-    seed: int = Field(0, description="the noise each evaluation image starts from")
-    seeds_per_item: int = Field(2, ge=1, description="images drawn per held-out prompt (seeds seed, seed+1, ...): "
-                                                     "more images, a steadier prompt-following score")
+    seed: int = Field(0, description="image j of held-out item i starts from seed + i * seeds_per_item + j (the "
+                                     "guided and the unguided draw alike)")
+    seeds_per_item: int = Field(2, ge=1, description="images drawn per held-out prompt: more images, a steadier "
+                                                     "prompt-following score")
     guidance_scale: float = Field(7.5, ge=1, description="the guidance prompt following is scored at "
                                                          "(and at 0, without the text)")
     steps: int = Field(20, ge=1)

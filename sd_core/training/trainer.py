@@ -456,11 +456,12 @@ class Trainer:
             raise NonFiniteError(f"the gradient norm is {float(norm)} at step {self.step}; the run stopped")
         self.last_loss = loss
         lr = self.lr_schedule(self.step - 1)
-        val = self.evaluate() if self.step % cfg.val_every == 0 or self.step == self.total_steps else None
+        due = self._val is not None and (self.step % cfg.val_every == 0 or self.step == self.total_steps)
+        val = self.evaluate() if due else None  # no held-out split: no held-out point, no replot of the curve
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if metrics is not None:
             metrics.write(self.step, train_loss=loss, val=val, lr=lr, seconds=self.elapsed_s)
-            if val is not None and val != (None, None):  # a new held-out point on the curve
+            if val is not None:
                 metrics.plot(self.out_dir / "loss_curve.png")
         if acc.log_with:
             values = {"train/loss": loss, "train/lr": lr}

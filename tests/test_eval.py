@@ -4,6 +4,7 @@ refresh never replaces the champion unless forced."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 
@@ -15,7 +16,7 @@ from sd_core.caption.offline import OfflineCaptioner
 from sd_core.demo.emoji_art import build_demo_items
 from sd_core.eval.attributes import PIXEL_ATTRIBUTES, agree, chance_rate, follow_rate, parse_attributes
 from sd_core.eval.config import EvalConfig
-from sd_core.eval.stage import compare
+from sd_core.eval.stage import compare, promotion_rules
 from sd_core.ingest.convert import ConvertConfig, to_rgb_jpeg
 
 CAPTION = ("Frog emoji with a round head, simple eyes, plain mouth, neutral expression, green skin color, "
@@ -59,6 +60,13 @@ def test_promotion_rule() -> None:
     assert compare({"prompt_following": 0.9}, champion, tol) == []  # a score one side lacks cannot decide
     with pytest.raises(ValueError, match="unknown scores"):
         EvalConfig(promote_if={"beauty": 0.1})
+    # a v-prediction run's held-out loss is a v-MSE: against an ε champion only the other scores decide
+    v_run = {"prediction_type": "v_prediction", "scores": {"prompt_following": 0.62, "held_out_loss": 0.600}}
+    eps_champion = {"scores": champion}  # recorded before v-prediction existed: ε
+    rules, note = promotion_rules(tol, v_run, eps_champion)
+    assert rules == {"prompt_following": 0.05} and "held_out_loss not compared" in note
+    assert compare(v_run["scores"], champion, rules) == [] and len(compare(v_run["scores"], champion, tol)) == 1
+    assert promotion_rules(tol, {**v_run, "prediction_type": "epsilon"}, eps_champion) == (tol, "")
 
 
 def test_distribution_scores_with_a_tiny_clip(tmp_path) -> None:
@@ -111,6 +119,11 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
         champion = cat.champion_run()
         assert champion == cat.latest_run() and cat.trained_model() == champion / "model"
         assert (champion / "scores" / "grid.png").exists() and cat.eval_json(champion).exists()
+        # the real held-out images are also read after a round trip through the model's VAE (the UNet's ceiling)
+        scored = json.loads(cat.eval_json(champion).read_text())
+        assert 0 <= scored["scores"]["prompt_following_vae"] <= scored["scores"]["prompt_following_real"] == 1.0
+        assert set(scored["per_attribute"]["skin color"]) == {"guided", "g0", "real", "vae"}
+        assert "through the model's VAE" in html.unescape(cat.report_html.read_text())
 
         again = run(start="eval")
         assert again["eval"].status == "reused" and again["sample"].status == "reused"

@@ -176,8 +176,8 @@ def test_forced_retrain_killed_midway_keeps_the_old_model(tmp_path, prefect_harn
     assert (run / "model" / "emoji_sd_model.json").read_text() == before
 
 
-def test_timestep_sampling_names_a_new_run_only_when_set(tmp_path) -> None:
-    """Runs trained before the setting existed keep their keys (uniform adds nothing); choosing another density
+def test_new_training_options_name_a_new_run_only_when_set(tmp_path) -> None:
+    """Runs trained before a setting existed keep their keys (its default adds nothing); choosing another density
     is a change that shapes the model, so the plan retrains and says which setting changed."""
     from tiny_models import build_tiny_clip, build_tiny_vae
 
@@ -193,3 +193,9 @@ def test_timestep_sampling_names_a_new_run_only_when_set(tmp_path) -> None:
     assert biased["timesteps"] == {"timestep_sampling": "logit_normal", "timestep_logit_mean": 0.5,
                                    "timestep_logit_std": 1.0}
     assert _changed(uniform, biased) == ["timesteps"]
+    # the same for the zero-terminal-SNR schedule: the default's key is what it was before the option existed
+    assert set(uniform["schedule"]) == {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                        "prediction_type"}
+    zero_snr = shaping(TrainStageConfig(schedule={"prediction_type": "v_prediction",
+                                                  "rescale_betas_zero_snr": True}), enc)
+    assert _changed(uniform, zero_snr) == ["schedule.prediction_type", "schedule.rescale_betas_zero_snr"]

@@ -77,6 +77,24 @@ def test_export_is_a_complete_pipeline_folder(export: Path) -> None:
     assert image.size == (64, 64)
 
 
+def test_a_zero_terminal_snr_export_samples_from_pure_noise(encoders, tmp_path: Path) -> None:
+    """The export carries its schedule: v-prediction, the rescaled betas, and trailing spacing, so that
+    StableDiffusionPipeline's first step is t = T with no sampler settings of the user's."""
+    unet = build_unet(ModelConfig(unet=tiny_unet_config(context_dim=CLIP_HIDDEN, zero_init_out=False)), sample_size=8)
+    text, vae = encoders
+    schedule = ScheduleConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    folder = write_scratch_export(tmp_path / "model", unet=unet, vae_cfg=vae, text_cfg=text,
+                                  schedule=schedule, manifest={"step": 0})
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    sched = pipe.scheduler.config
+    assert (sched.prediction_type, sched.rescale_betas_zero_snr, sched.timestep_spacing) == (
+        "v_prediction", True, "trailing")
+    pipe.scheduler.set_timesteps(5)
+    assert pipe.scheduler.timesteps.tolist()[0] == 999
+    (a, b), = generate(load_pipeline(folder), [PROMPTS[0]], [0, 1], guidance_scale=5.0, steps=3)
+    assert a.size == (64, 64) and not same_picture(a, b)
+
+
 def test_sample_command_draws_what_the_diffusers_pipeline_draws(export: Path, tmp_path: Path) -> None:
     from flows.cli import main
 

@@ -11,7 +11,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
 from sd_core.diffusion.export import load_pipeline
 from sd_core.diffusion.generate import generate, use_sampler
-from sd_core.diffusion.schedulers import SAMPLERS, ScheduleConfig, min_snr_weights, sampler, training_scheduler
+from sd_core.diffusion.schedulers import (SAMPLERS, ScheduleConfig, min_snr_weights, prediction_target, sampler,
+                                         training_scheduler)
 
 
 def test_training_schedule_is_the_seeds() -> None:
@@ -33,6 +34,33 @@ def test_min_snr_weights_cap_the_easy_timesteps() -> None:
     snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
     assert (w <= 1).all() and torch.all((snr <= 5) == torch.isclose(w, torch.ones_like(w)))
     assert w[0] == pytest.approx(5.0 / snr[0].item(), rel=1e-4)
+
+
+def test_zero_terminal_snr_ends_in_pure_noise_and_predicts_velocity() -> None:
+    cfg = ScheduleConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    s = training_scheduler(cfg)
+    assert s.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)  # the seed's schedule ends at 0.00466
+    # the first timestep keeps the seed's noise level: only the end of the schedule is bent down to zero
+    assert s.alphas_cumprod[0].item() == pytest.approx(training_scheduler(ScheduleConfig()).alphas_cumprod[0].item(),
+                                                       rel=1e-3)
+    x0, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
+    v = prediction_target(s, x0, noise, t)
+    ab = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(v, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+    torch.testing.assert_close(v[2], -x0[2])  # at t = T the velocity is the image itself, negated
+    assert prediction_target(training_scheduler(ScheduleConfig()), x0, noise, t) is noise
+    # min-SNR for v-prediction divides by snr + 1: finite at zero SNR, and 1 wherever snr ≤ γ ... over snr + 1
+    w = min_snr_weights(s, t, 5.0)
+    snr = ab.flatten() / (1 - ab.flatten())
+    torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / (snr + 1))
+    assert torch.isfinite(w).all() and w[2].item() == pytest.approx(0.0, abs=1e-6)
+    # sampling starts from t = T, the pure noise the model was trained to start from, with every sampler
+    for name in SAMPLERS:
+        smp = sampler(name, cfg.scheduler_config())
+        smp.set_timesteps(10)
+        assert int(smp.timesteps[0]) == 999 and smp.config.prediction_type == "v_prediction", name
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr.*v_prediction"):
+        ScheduleConfig(rescale_betas_zero_snr=True)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 from tiny_diffusion import one_torch_thread, synthetic_pairs, tiny_train_config
 
+from sd_core.diffusion.config import ScheduleConfig
 from sd_core.encode.pairs import Pairs, split_ids
 from sd_core.training.config import TrainConfig
 from sd_core.training.ema import EMA
@@ -216,6 +217,20 @@ def test_min_snr_weights_lower_the_loss_and_noise_offset_runs(tmp_path, pairs: P
     assert snr[0] < plain[0]  # same model and draws, weights min(snr, γ)/snr ≤ 1
 
 
+def test_v_prediction_with_zero_terminal_snr_learns(tmp_path, pairs: Pairs) -> None:
+    schedule = ScheduleConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    trainer = Trainer(tiny_train_config(steps=60, val_every=30, schedule=schedule), pairs, tmp_path, progress=False)
+    assert trainer.noise.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)
+    trainer.train()
+    rows = read_metrics(trainer.metrics_csv)
+    train = [float(r["train_loss"]) for r in rows]
+    val = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}  # held-out v-MSE
+    print(f"v-MSE: train first 10 steps {sum(train[:10]) / 10:.3f}, last 10 {sum(train[-10:]) / 10:.3f}; "
+          f"held-out {val}")
+    assert sum(train[-10:]) < 0.9 * sum(train[:10])  # the velocity carries the image, so it falls slower than ε
+    assert sorted(val) == [30, 60] and val[60] < val[30]
+
+
 def test_cosine_lr() -> None:
     lr = CosineLR(1e-4, 1e-5, total=100, warmup=10)
     assert lr(0) == pytest.approx(1e-5)
@@ -234,6 +249,8 @@ def test_config_is_validated() -> None:
         TrainConfig(mixed_precision="fp8")
     assert TrainConfig(mixed_precision="fp16").mixed_precision == "fp16"  # with a gradient scaler on CUDA
     assert TrainConfig(epochs=3).steps is None
+    with pytest.raises(ValidationError, match="schedule: only for model.kind = 'scratch'"):
+        TrainConfig(model={"kind": "pretrained_attn2"}, schedule={"prediction_type": "v_prediction"})
 
 
 def test_epochs_set_the_length(tmp_path, pairs: Pairs) -> None:

@@ -21,17 +21,27 @@ class ScheduleConfig(StrictModel):
     beta_start: float = Field(0.00085, gt=0, lt=1)
     beta_end: float = Field(0.012, gt=0, lt=1)
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
-    prediction_type: Literal["epsilon"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="what the UNet predicts: the noise (the seed's) or the velocity v = √ᾱ·ε − √(1−ᾱ)·x0")
+    rescale_betas_zero_snr: bool = Field(
+        False, description="rescale the betas so that the last timestep is pure noise (Lin et al. 2024); needs "
+                           "v_prediction, and sampling then starts from t = T (trailing timestep spacing)")
 
     @model_validator(mode="after")
     def _check_betas(self) -> "ScheduleConfig":
         if self.beta_end < self.beta_start:
             raise ValueError(f"beta_end ({self.beta_end}) must be >= beta_start ({self.beta_start})")
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError("rescale_betas_zero_snr: needs prediction_type = 'v_prediction' (at zero SNR the "
+                             "noise alone says nothing about the image)")
         return self
 
     def scheduler_config(self) -> dict[str, Any]:
         """A diffusers scheduler config: the training betas plus Stable Diffusion's inference conventions
-        (leading timestep spacing, ``steps_offset=1``, ``set_alpha_to_one=False``, no sample clipping)."""
+        (leading timestep spacing, ``steps_offset=1``, ``set_alpha_to_one=False``, no sample clipping).
+        A zero-terminal-SNR schedule samples with trailing spacing instead, so that its first step is t = T,
+        the pure noise it was trained to start from."""
+        zero_snr = self.rescale_betas_zero_snr
         return {
             "num_train_timesteps": self.num_train_timesteps,
             "beta_start": self.beta_start,
@@ -41,7 +51,8 @@ class ScheduleConfig(StrictModel):
             "clip_sample": False,
             "set_alpha_to_one": False,
             "steps_offset": 1,
-            "timestep_spacing": "leading",
+            "timestep_spacing": "trailing" if zero_snr else "leading",
+            **({"rescale_betas_zero_snr": True} if zero_snr else {}),
         }
 
 

@@ -1,9 +1,9 @@
 """Noise schedules and samplers, all diffusers classes.
 
 Training uses ``DDPMScheduler`` (the seed's ``scaled_linear`` betas 0.00085 → 0.012 over 1000 steps,
-ε-prediction) for ``add_noise`` and ``compute_snr``. Sampling builds any of four samplers with
-``from_config`` from a model's own scheduler config, so a Stable Diffusion folder samples with its own
-``steps_offset``, ``set_alpha_to_one`` and timestep spacing exactly as ``StableDiffusionPipeline`` does.
+ε-prediction by default) for ``add_noise``, ``get_velocity`` and ``compute_snr``. Sampling builds any of four
+samplers with ``from_config`` from a model's own scheduler config, so a Stable Diffusion folder samples with its
+own ``steps_offset``, ``set_alpha_to_one`` and timestep spacing exactly as ``StableDiffusionPipeline`` does.
 """
 
 from __future__ import annotations
@@ -39,9 +39,22 @@ def sampler(name: str, config: Any) -> Any:
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
+def prediction_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output for ``x0`` noised with ``noise`` at ``t``: the noise itself, or the
+    velocity for a ``v_prediction`` schedule."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    raise ValueError(f"prediction_type {kind!r}: training supports 'epsilon' and 'v_prediction'")
+
+
 def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ loss weights for ε-prediction, ``min(snr, γ) / snr`` (≤ 1), from diffusers' ``compute_snr``."""
+    """Min-SNR-γ loss weights from diffusers' ``compute_snr``: ``min(snr, γ) / snr`` (≤ 1) for ε-prediction,
+    ``min(snr, γ) / (snr + 1)`` for v-prediction (whose loss already carries a factor snr + 1)."""
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps)
-    return torch.clamp(snr, max=gamma) / snr
+    base = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return torch.clamp(snr, max=gamma) / base

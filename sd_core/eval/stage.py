@@ -3,13 +3,15 @@ worse than the current one.
 
 Scores (``<run>/scores/scores.json``, one row per evaluated run in ``models/evaluations.csv``):
 
-* ``held_out_loss``: ε-MSE of the exported (EMA) model on the held-out items, at a fixed grid of
-  timesteps with fixed noise, from each latent distribution's mean: two runs compare number for number;
+* ``held_out_loss``: ε-MSE (v-MSE for a v-prediction model) of the exported (EMA) model on the held-out
+  items, at a fixed grid of timesteps with fixed noise, from each latent distribution's mean: two runs with
+  the same prediction target compare number for number (promotion leaves it out between ε and v);
 * ``prompt_following``: images drawn from the held-out captions are described by the configured
   captioner, and the share of the prompt's attributes that come back is counted (skin colour, head shape,
   background; with Qwen2.5-VL also eyes, mouth, expression). Also reported: the same at guidance 0 (what the
-  model draws without the text), for the real held-out images (what the captioner can read at best), and
-  the chance level of the attribute distribution;
+  model draws without the text), for the real held-out images (what the captioner can read at best), for
+  those images after a round trip through the model's VAE (what its latent space can hold: the UNet's
+  ceiling), and the chance level of the attribute distribution;
 * ``fid``, ``kid``, ``clip_score`` where their weights can be loaded (see :mod:`sd_core.eval.distribution`).
 
 Promotion: ``models/current.json`` names the champion. The first evaluated run becomes champion; a later
@@ -36,9 +38,10 @@ from sd_core.caption.captioners import build_captioner, caption_batch
 from sd_core.caption.config import CaptionConfig
 from sd_core.caption.offline import OfflineCaptioner
 from sd_core.common.devices import device
-from sd_core.common.images import make_grid, save_png
+from sd_core.common.images import image_to_tensor, make_grid, save_png
 from sd_core.diffusion.export import load_pipeline, model_digest
 from sd_core.diffusion.generate import generate
+from sd_core.diffusion.schedulers import prediction_target
 from sd_core.encode.pairs import split_ids
 from sd_core.encode.stage import EncodeStageConfig, cached_pairs
 from sd_core.eval.attributes import ALL_ATTRIBUTES, PIXEL_ATTRIBUTES, chance_rate, follow_rate
@@ -96,8 +99,23 @@ def _read(captioner: Any, images: Sequence[Image.Image], titles: Sequence[str]) 
 
 
 @torch.no_grad()
+def vae_round_trip(pipe: Any, paths: Sequence[Path], *, batch_size: int = 16) -> list[Image.Image]:
+    """The images at ``paths`` encoded by the model's VAE (latent means) and decoded, at the model's resolution
+    and with the encode stage's preprocessing: what its latent space keeps of them, the ceiling of what the
+    UNet can draw."""
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    vae, out = pipe.vae, []
+    for s in range(0, len(paths), batch_size):
+        x = torch.stack([image_to_tensor(p, size) for p in paths[s : s + batch_size]])
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
+        out += pipe.image_processor.postprocess(vae.decode(z).sample.float(), output_type="pil")
+    return out
+
+
+@torch.no_grad()
 def held_out_loss(pipe: Any, enc: EncodeStageConfig, catalog: Catalog, items: EvalSet, cfg: EvalConfig) -> float:
-    """ε-MSE at ``cfg.loss_timesteps`` fixed timesteps with fixed noise, from each held-out latent's mean."""
+    """ε-MSE (v-MSE for a v-prediction model) at ``cfg.loss_timesteps`` fixed timesteps with fixed noise, from
+    each held-out latent's mean."""
     from diffusers import DDPMScheduler
 
     pairs = cached_pairs(enc, catalog).load(items.indices)
@@ -116,8 +134,9 @@ def held_out_loss(pipe: Any, enc: EncodeStageConfig, catalog: Catalog, items: Ev
             b = slice(s, s + cfg.batch_size)
             t = torch.full((x0[b].shape[0],), t_value, dtype=torch.long)
             x_t = sched.add_noise(x0[b], noise[j, b], t)
-            eps = unet(x_t.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=text[b].to(dev, unet.dtype)).sample
-            total += torch.nn.functional.mse_loss(eps.float().cpu(), noise[j, b], reduction="sum").item()
+            pred = unet(x_t.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=text[b].to(dev, unet.dtype)).sample
+            target = prediction_target(sched, x0[b], noise[j, b], t)
+            total += torch.nn.functional.mse_loss(pred.float().cpu(), target, reduction="sum").item()
     return total / (k * n * noise[0, 0].numel())
 
 
@@ -138,12 +157,14 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
     guided = generate(pipe, prompts, seeds, guidance_scale=cfg.guidance_scale, **common)  # [item][seed]
     unguided = generate(pipe, prompts, seeds, guidance_scale=0.0, **common)
     drawn, free = [row[0] for row in guided], [row[0] for row in unguided]
-    real = [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in items.rows]
+    paths = [catalog.image_path(r["file_name"]) for r in items.rows]
+    real = [Image.open(p).convert("RGB") for p in paths]
+    kept = vae_round_trip(pipe, paths, batch_size=cfg.batch_size)
     each, each_title = [p for p in prompts for _ in seeds], [t for t in titles for _ in seeds]  # item-major
     readings = {"guided": _read(captioner, [im for row in guided for im in row], each_title),
                 "g0": _read(captioner, [im for row in unguided for im in row], each_title),
-                "real": _read(captioner, real, titles)}
-    follow = {name: follow_rate(each if name != "real" else prompts, texts, attributes)
+                "real": _read(captioner, real, titles), "vae": _read(captioner, kept, titles)}
+    follow = {name: follow_rate(each if name in ("guided", "g0") else prompts, texts, attributes)
               for name, texts in readings.items()}
 
     def dataset() -> list[Image.Image]:  # the reference set of FID/KID: up to 1024 of the dataset's images
@@ -156,6 +177,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
         "prompt_following": follow["guided"]["all"],
         "prompt_following_g0": follow["g0"]["all"],
         "prompt_following_real": follow["real"]["all"],
+        "prompt_following_vae": follow["vae"]["all"],
         "prompt_following_gain": follow["guided"]["all"] - follow["g0"]["all"],
         "chance": chance_rate(prompts, attributes),
         **dist,
@@ -165,14 +187,14 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.grid_items:
         n = min(cfg.grid_items, len(prompts))
-        cells = [[real[i], drawn[i], free[i]] for i in range(n)]
-        grid = make_grid(cells, prompts[:n], ["real", f"w = {cfg.guidance_scale:g}", "w = 0"], cell_size=64,
+        cells = [[real[i], kept[i], drawn[i], free[i]] for i in range(n)]
+        grid = make_grid(cells, prompts[:n], ["real", "VAE", f"w = {cfg.guidance_scale:g}", "w = 0"], cell_size=64,
                          label_width=320)
         save_png(grid, out_dir / "grid.png")
     result = {
         "model": str(model), "digest": model_digest(model), "items": len(prompts), "attributes": list(attributes),
         "guidance_scale": cfg.guidance_scale, "scores": scores, "per_attribute": per_attribute, "skipped": skipped,
-        "seeds_per_item": cfg.seeds_per_item,
+        "seeds_per_item": cfg.seeds_per_item, "prediction_type": pipe.scheduler.config.prediction_type,
         "readings": {name: texts[: cfg.grid_items] for name, texts in readings.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -192,6 +214,17 @@ def compare(new: dict[str, float], champion: dict[str, float], promote_if: dict[
         if (better == "higher" and a < b - slack) or (better == "lower" and a > b + slack):
             worse.append(f"{name} {a:.4g} vs champion {b:.4g} (tolerance {tol:g} {kind})")
     return worse
+
+
+def promotion_rules(promote_if: dict[str, float], new: dict[str, Any],
+                    champion: dict[str, Any]) -> tuple[dict[str, float], str]:
+    """The scores that can decide between two evaluated runs, and a note on any left out: the held-out loss
+    of an ε-prediction model and of a v-prediction one measure different targets."""
+    kinds = [r.get("prediction_type", "epsilon") for r in (new, champion)]  # records before v-prediction: ε
+    if kinds[0] == kinds[1] or "held_out_loss" not in promote_if:
+        return dict(promote_if), ""
+    rules = {k: v for k, v in promote_if.items() if k != "held_out_loss"}
+    return rules, f" (held_out_loss not compared: {kinds[0]} against the champion's {kinds[1]})"
 
 
 def _scores_for(run: Path, key_of: Any, **kw: Any) -> dict[str, Any]:
@@ -260,13 +293,14 @@ def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConf
         status, reason = "promoted", "the first evaluated run"
     else:
         champ = _scores_for(champion, key_of, **kw)
-        worse = compare(result["scores"], champ["scores"], cfg.promote_if)
+        rules, note = promotion_rules(cfg.promote_if, result, champ)
+        worse = compare(result["scores"], champ["scores"], rules)
         if not worse:
-            status, reason = "promoted", f"no worse than {champion.name} on {', '.join(cfg.promote_if)}"
+            status, reason = "promoted", f"no worse than {champion.name} on {', '.join(rules)}{note}"
         elif promote:
-            status, reason = "promoted", f"forced (--promote) although worse: {'; '.join(worse)}"
+            status, reason = "promoted", f"forced (--promote) although worse: {'; '.join(worse)}{note}"
         else:
-            status, reason = "rejected", f"worse than the champion {champion.name}: {'; '.join(worse)}"
+            status, reason = "rejected", f"worse than the champion {champion.name}: {'; '.join(worse)}{note}"
         result["champion_scores"] = champ["scores"]
     if status == "rejected" and promote:
         status, reason = "promoted", f"forced (--promote) after: {reason}"
@@ -284,7 +318,9 @@ def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConf
         "status": "reused" if reused else "ran", "run": candidate.name, "decision": status, "reason": reason,
         "items": result["items"], "held_out_loss": round(s["held_out_loss"], 5),
         "prompt_following": round(s["prompt_following"], 3), "prompt_following_g0": round(s["prompt_following_g0"], 3),
-        "prompt_following_real": round(s["prompt_following_real"], 3), "chance": round(s["chance"], 3),
+        "prompt_following_real": round(s["prompt_following_real"], 3),
+        **({"prompt_following_vae": round(s["prompt_following_vae"], 3)} if "prompt_following_vae" in s else {}),
+        "chance": round(s["chance"], 3),
         **{k: round(s[k], 4) for k in ("fid", "kid", "clip_score") if k in s},
         "skipped": "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()) or None,
         "eval_seconds": result["seconds"],

@@ -57,6 +57,7 @@ SCORE_LABELS = {
     "prompt_following": "prompt following at the configured guidance",
     "prompt_following_g0": "prompt following at guidance 0 (without the text)",
     "prompt_following_real": "prompt following of the real held-out images (the captioner's ceiling)",
+    "prompt_following_vae": "prompt following of those images through the model's VAE (the UNet's ceiling)",
     "chance": "chance level of the prompts' attributes",
     "fid": "FID against the dataset (CLIP image features)",
     "kid": "KID against the dataset (CLIP image features)",

@@ -83,6 +83,9 @@ class TrainConfig(StrictModel):
             raise ValueError("set exactly one of steps and epochs")
         if self.lr_min > self.lr:
             raise ValueError(f"lr_min ({self.lr_min}) must be <= lr ({self.lr})")
+        if self.model.pretrained and self.schedule != ScheduleConfig():
+            raise ValueError(f"schedule: only for model.kind = 'scratch' ({self.model.kind} trains with the base "
+                             "model's own scheduler)")
         return self
 
 

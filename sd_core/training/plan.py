@@ -41,6 +41,8 @@ def shaping(cfg: TrainStageConfig, enc: EncodeStageConfig) -> dict[str, Any]:
     """What shapes the trained model, and so names its run (``enc`` resolved)."""
     dump = cfg.model_dump(mode="json")
     key = {f: dump[f] for f in SHAPING_FIELDS}
+    if not cfg.schedule.rescale_betas_zero_snr:  # named only when set, so that earlier runs keep their keys
+        del key["schedule"]["rescale_betas_zero_snr"]
     if cfg.timestep_sampling != "uniform":  # named only when set, so that earlier runs keep their keys
         key["timesteps"] = {f: dump[f] for f in ("timestep_sampling", "timestep_logit_mean", "timestep_logit_std")}
     return {

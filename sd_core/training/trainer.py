@@ -38,7 +38,7 @@ from sd_core.diffusion.models import (
     set_attention,
     trainable_state,
 )
-from sd_core.diffusion.schedulers import min_snr_weights
+from sd_core.diffusion.schedulers import min_snr_weights, prediction_target
 from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
 from sd_core.encode.pairs import Pairs, PairSource, split_ids
 from sd_core.training import checkpoint as ckpt
@@ -214,12 +214,14 @@ class Trainer:
             # caption dropout: the empty prompt's states, what classifier-free guidance samples against
             drop = draw.rand() < cfg.caption_dropout
             text = torch.where(drop[:, None, None], self.empty_text, batch["text"].float())  # (B, T, D)
-            # predict the noise; gradients are synchronised across processes on the last micro-batch only
+            # predict the noise (or the velocity); gradients are synchronised across processes on the last
+            # micro-batch only
+            target = prediction_target(self.noise, x0, noise, t)
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 with acc.autocast():
-                    eps = self.model(x_t, t, encoder_hidden_states=text).sample
-                per_item = F.mse_loss(eps.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+                    pred = self.model(x_t, t, encoder_hidden_states=text).sample
+                per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
                 if cfg.min_snr_gamma is not None:
                     per_item = per_item * min_snr_weights(self.noise, t, cfg.min_snr_gamma)
                 loss = per_item.mean() / len(micro_batches)
@@ -267,12 +269,14 @@ class Trainer:
             x0 = (batch["mean"] + batch["std"] * v.z[s : s + bs]) * self.scaling_factor
             noise, t = v.noise[s : s + bs], v.t[s : s + bs]
             with self.accelerator.autocast():
-                eps = net(self.noise.add_noise(x0, noise, t), t, encoder_hidden_states=batch["text"].float()).sample
-            total += F.mse_loss(eps.float(), noise, reduction="sum").item() / noise[0].numel()
+                pred = net(self.noise.add_noise(x0, noise, t), t, encoder_hidden_states=batch["text"].float()).sample
+            target = prediction_target(self.noise, x0, noise, t)
+            total += F.mse_loss(pred.float(), target, reduction="sum").item() / noise[0].numel()
         return total / len(v.rows)
 
     def evaluate(self) -> tuple[float | None, float | None]:
-        """Held-out ε-MSE of the raw and the EMA weights, at fixed timesteps and noise (main process)."""
+        """Held-out ε-MSE (v-MSE for v-prediction) of the raw and the EMA weights, at fixed timesteps and noise
+        (main process)."""
         if not self.accelerator.is_main_process:
             return self.last_val
         raw = self._val_loss()

@@ -7,8 +7,9 @@ each variant then runs the rest of the demo (``emoji-sd demo --from vae`` with i
 own copy, through the real pipeline: the VAE and the caches are reused where a variant leaves them alone.
 A table row per variant: the VAE's held-out PSNR and the share of held-out images whose colours
 survive it, the train stage's seconds, the held-out ε-MSE, prompt following (pixel attributes, offline
-captioner) at the evaluated guidance and at guidance 0, their gap in points, the same for the skin colour
-alone, and the pipeline's seconds from vae to sample. Variants are cumulative where their name says ``+``.
+captioner) at the evaluated guidance and at guidance 0, their gap in points, prompt following of the real
+held-out images after the VAE's round trip (the most the UNet can reach), the skin colour alone at the two
+guidances, and the pipeline's seconds from vae to sample. Variants are cumulative where their name says ``+``.
 ``--vae-only`` runs the VAE variants through the vae stage alone (held-out PSNR, colours kept, seconds).
 """
 
@@ -32,6 +33,8 @@ TTE = ["train.model.unet.text_time_embedding=true"]
 NO_TTE = ["train.model.unet.text_time_embedding=false"]
 HIGH_NOISE = ["train.timestep_sampling=logit_normal", "train.timestep_logit_mean=0.5"]
 OFFSET = ["train.noise_offset=0.1"]
+V_PRED = ["train.schedule.prediction_type=v_prediction"]
+ZERO_SNR = [*V_PRED, "train.schedule.rescale_betas_zero_snr=true"]
 NO_OFFSET = ["train.noise_offset=0"]
 # the VAE alone (`--vae-only`): what each change does to its held-out fidelity and time, on 10 % held out
 HOLD = ["vae.holdout=0.1"]
@@ -41,6 +44,8 @@ VAE_VARIANTS: dict[str, list[str]] = {
     "8x, 900 steps": [*HOLD, *VAE_8X_900],
     "8x, 900 steps, 16 latent channels": [*HOLD, *VAE_8X_900, "vae.latent_channels=16"],
     "8x, 1800 steps": [*HOLD, "vae.steps=1800"],
+    "8x, 900 steps, KL weight 1e-5": [*HOLD, *VAE_8X_900, "vae.kl_weight=1e-5"],
+    "8x, 900 steps, KL weight 1e-6": [*HOLD, *VAE_8X_900, "vae.kl_weight=1e-6"],
     "4x, 450 steps": [*HOLD, "vae.steps=450", "vae.block_out_channels=[16, 32, 64]"],
     "4x, 900 steps": [*HOLD, *VAE_4X_900],
 }
@@ -63,9 +68,19 @@ VARIANTS: dict[str, list[str]] = {
     "pooled text + noise offset 0.05": [*EVAL, *VAE_8X_900, *TTE, "train.noise_offset=0.05"],
     "preset + 1200 steps": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.steps=1200"],
     "preset + lr 5e-4": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.lr=5e-4"],
+    "preset + v-prediction": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, *V_PRED],
+    "preset + v-prediction, zero terminal SNR": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, *ZERO_SNR],
+    "preset + v-prediction, zero terminal SNR, no offset": [*EVAL, *VAE_8X_900, *TTE, *NO_OFFSET, *ZERO_SNR],
+    "preset + VAE 1800 steps": [*EVAL, "vae.steps=1800", *TTE, *OFFSET],
+    "preset + UNet h_dim 96": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.model.unet.h_dim=96"],
     # the same model scored from other noise: how far a figure moves with the eval's own sampling
     "preset, eval seeds 100-102": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "eval.seed=100"],
 }
+
+
+HEADER = ("| variant | VAE held-out PSNR | colours kept | vae | train | held-out ε-MSE | prompt following at w "
+          "| at w = 0 | gap (points) | real images through the VAE | skin colour at w vs w = 0 | {last} |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -109,6 +124,11 @@ def run_variant(base: Path, name: str, sets: list[str], base_sets: list[str], va
     seconds = time.perf_counter() - start
     if r.returncode:
         return {"name": name, "error": (r.stderr or r.stdout)[-800:]}
+    return read_results(dest, name, seconds, vae_only)
+
+
+def read_results(dest: Path, name: str, seconds: float, vae_only: bool = False) -> dict:
+    """A table row's figures from a variant's data directory (its VAE, train and eval records)."""
     from sd_core.store.catalog import Catalog
     from sd_core.store.records import load_stage
 
@@ -125,6 +145,7 @@ def run_variant(base: Path, name: str, sets: list[str], base_sets: list[str], va
         "vae_s": records["vae"]["seconds"], "train_s": records["train"]["seconds"],
         "loss": scores["held_out_loss"], "pf": scores["prompt_following"], "pf0": scores["prompt_following_g0"],
         "real": scores["prompt_following_real"], "chance": scores["chance"], "seconds": seconds,
+        "vae": scores.get("prompt_following_vae"),
         "colour": colour["guided"], "colour0": colour["g0"],
     }
 
@@ -133,10 +154,12 @@ def row(r: dict) -> str:
     if "error" in r:
         return f"| {r['name']} | failed: {r['error'].splitlines()[-1] if r['error'] else ''} |"
     colours = "" if r["colours"] is None else f"{100 * r['colours']:.0f}%"
+    ceiling = "" if r.get("vae") is None else f"{100 * r['vae']:.0f}%"
     if "loss" not in r:
         return f"| {r['name']} | {r['psnr']:.2f} dB | {colours} | {r['vae_s']:.0f} s |"
     return (f"| {r['name']} | {r['psnr']:.1f} dB | {colours} | {r['vae_s']:.0f} s | {r['train_s']:.0f} s | "
             f"{r['loss']:.4f} | {100 * r['pf']:.0f}% | {100 * r['pf0']:.0f}% | {100 * (r['pf'] - r['pf0']):+.0f} | "
+            f"{ceiling} | "
             f"{100 * r['colour']:.0f}% vs {100 * r['colour0']:.0f}% | {r['seconds']:.0f} s |")
 
 
@@ -155,9 +178,7 @@ def main() -> None:
             if not args.only or name in args.only:
                 print(row(run_variant(base, name, sets, args.base, vae_only=True)), flush=True)
         return
-    print("| variant | VAE held-out PSNR | colours kept | vae | train | held-out ε-MSE | prompt following "
-          "at w | at w = 0 | gap (points) | skin colour at w vs w = 0 | vae → sample |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(HEADER.format(last="vae → sample"))
     for name, sets in VARIANTS.items():
         if args.only and name not in args.only:
             continue

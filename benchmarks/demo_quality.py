@@ -72,6 +72,8 @@ VARIANTS: dict[str, list[str]] = {
     "preset + v-prediction, zero terminal SNR": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, *ZERO_SNR],
     "preset + v-prediction, zero terminal SNR, no offset": [*EVAL, *VAE_8X_900, *TTE, *NO_OFFSET, *ZERO_SNR],
     "preset + VAE 1800 steps": [*EVAL, "vae.steps=1800", *TTE, *OFFSET],
+    "preset + EMA decay 0.99": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.ema_decay=0.99"],
+    "preset without EMA (decay 0)": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.ema_decay=0"],
     "preset + UNet h_dim 96": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "train.model.unet.h_dim=96"],
     # the same model scored from other noise: how far a figure moves with the eval's own sampling
     "preset, eval seeds 100-102": [*EVAL, *VAE_8X_900, *TTE, *OFFSET, "eval.seed=100"],

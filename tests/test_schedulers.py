@@ -49,7 +49,7 @@ def test_zero_terminal_snr_ends_in_pure_noise_and_predicts_velocity() -> None:
     torch.testing.assert_close(v, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
     torch.testing.assert_close(v[2], -x0[2])  # at t = T the velocity is the image itself, negated
     assert prediction_target(training_scheduler(ScheduleConfig()), x0, noise, t) is noise
-    # min-SNR for v-prediction divides by snr + 1: finite at zero SNR, and 1 wherever snr ≤ γ ... over snr + 1
+    # min-SNR for v-prediction is min(snr, γ) / (snr + 1): finite at zero SNR, where it is 0
     w = min_snr_weights(s, t, 5.0)
     snr = ab.flatten() / (1 - ab.flatten())
     torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / (snr + 1))

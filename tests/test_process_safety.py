@@ -31,14 +31,17 @@ def running(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+def cmdline(p: psutil.Process) -> str:
+    """The command line, or "" for a process that exited or is a zombie by the time it is read (a child of
+    Prefect's or Chromium's start-up can end between listing the tree and reading it)."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def describe(procs: list[psutil.Process]) -> list[str]:
-    out = []
-    for p in procs:
-        try:
-            out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.Error:
-            out.append(str(p.pid))
-    return out
+    return [f"{p.pid} {cmdline(p)[:120]}".rstrip() for p in procs]
 
 
 def kill_all(procs: list[psutil.Process]) -> None:
@@ -87,7 +90,7 @@ def test_next_run_stops_what_a_run_killed_with_its_reaper_left(tmp_path):
     bystander = subprocess.Popen(["sleep", "303"])  # started after the owner's record, not by it
     owner, kids = start_owner(tmp_path)
     try:
-        reaper = next(p for p in kids if "sd_core.store.children import main" in " ".join(p.cmdline()))
+        reaper = next(p for p in kids if "sd_core.store.children import main" in cmdline(p))
         reaper.kill()
         owner.kill()
         owner.wait(10)
@@ -124,7 +127,7 @@ def test_dask_workers_of_a_killed_process_are_stopped(tmp_path):
     try:
         assert owner.stdout.readline().strip() == "ready"
         kids = psutil.Process(owner.pid).children(recursive=True)
-        assert any("spawn_main" in " ".join(k.cmdline()) for k in kids), describe(kids)  # the worker
+        assert any("spawn_main" in cmdline(k) for k in kids), describe(kids)  # the worker
         owner.kill()
         owner.wait(10)
         wait_for(lambda: not running(kids), 15, "the Dask worker to stop")
@@ -175,7 +178,7 @@ def slow_crawl(tmp_path):
                 if proc.poll() is not None:
                     raise AssertionError(f"the run ended early:\n{err.read_text()[-3000:]}")
                 kids = psutil.Process(proc.pid).children(recursive=True)
-                lines = [" ".join(k.cmdline()) for k in kids if k.is_running()]
+                lines = [cmdline(k) for k in kids]
                 if any("uvicorn" in c for c in lines) and any("chromium" in c for c in lines):
                     time.sleep(1.0)  # the reaper polls twice a second
                     return psutil.Process(proc.pid).children(recursive=True)

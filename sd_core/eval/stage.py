@@ -99,14 +99,13 @@ def _read(captioner: Any, images: Sequence[Image.Image], titles: Sequence[str]) 
 
 
 @torch.no_grad()
-def vae_round_trip(pipe: Any, paths: Sequence[Path], *, batch_size: int = 16) -> list[Image.Image]:
-    """The images at ``paths`` encoded by the model's VAE (latent means) and decoded, at the model's resolution
-    and with the encode stage's preprocessing: what its latent space keeps of them, the ceiling of what the
-    UNet can draw."""
+def vae_round_trip(pipe: Any, images: Sequence[Image.Image], *, batch_size: int = 16) -> list[Image.Image]:
+    """``images`` encoded by the model's VAE (latent means) and decoded, at the model's resolution and with the
+    encode stage's preprocessing: what its latent space keeps of them, the ceiling of what the UNet can draw."""
     size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     vae, out = pipe.vae, []
-    for s in range(0, len(paths), batch_size):
-        x = torch.stack([image_to_tensor(p, size) for p in paths[s : s + batch_size]])
+    for s in range(0, len(images), batch_size):
+        x = torch.stack([image_to_tensor(im, size) for im in images[s : s + batch_size]])
         z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
         out += pipe.image_processor.postprocess(vae.decode(z).sample.float(), output_type="pil")
     return out
@@ -157,9 +156,8 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
     guided = generate(pipe, prompts, seeds, guidance_scale=cfg.guidance_scale, **common)  # [item][seed]
     unguided = generate(pipe, prompts, seeds, guidance_scale=0.0, **common)
     drawn, free = [row[0] for row in guided], [row[0] for row in unguided]
-    paths = [catalog.image_path(r["file_name"]) for r in items.rows]
-    real = [Image.open(p).convert("RGB") for p in paths]
-    kept = vae_round_trip(pipe, paths, batch_size=cfg.batch_size)
+    real = [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in items.rows]
+    kept = vae_round_trip(pipe, real, batch_size=cfg.batch_size)  # each image file read once
     each, each_title = [p for p in prompts for _ in seeds], [t for t in titles for _ in seeds]  # item-major
     readings = {"guided": _read(captioner, [im for row in guided for im in row], each_title),
                 "g0": _read(captioner, [im for row in unguided for im in row], each_title),

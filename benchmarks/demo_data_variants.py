@@ -32,9 +32,11 @@ SPLIT = (0.1, 42)  # train.val_fraction and train.split_seed of the demo
 
 
 def _held_out(md5: str) -> bool:
-    from sd_core.encode.pairs import _unit_hash
+    """Whether the training split holds this item out: ``split_ids`` places an item by a hash of its own id
+    (one id alone gets no fallback), so a copy's side is known before it joins the data set."""
+    from sd_core.encode.pairs import split_ids
 
-    return _unit_hash(md5, SPLIT[1]) < SPLIT[0]
+    return bool(split_ids([md5], *SPLIT)[1])
 
 
 def _hue_rotation(degrees: float) -> np.ndarray:

@@ -137,6 +137,31 @@ def test_dask_workers_of_a_killed_process_are_stopped(tmp_path):
         kill_all(kids)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's boot time, as Linux reports it")
+@pytest.mark.parametrize("step_s", [1.0, -1.0])
+def test_a_clock_step_after_the_record_hides_no_process(tmp_path, monkeypatch, step_s):
+    """The kernel derives the boot time, which psutil adds to every start time, from the wall clock: when
+    NTP or a VM's clock sync moves it across a second, every recorded start time looks a second off.
+    (A fresh-clone CI run missed the owner's own `sleep 300` that way.) Reaping must not depend on it."""
+    import psutil._pslinux as pslinux
+
+    from sd_core.store.children import reap_dead_run
+
+    owner, kids = start_owner(tmp_path)
+    try:
+        reaper = next(p for p in kids if "sd_core.store.children import main" in cmdline(p))
+        reaper.kill()
+        owner.kill()
+        owner.wait(10)
+        left = running([p for p in kids if p.pid != reaper.pid])
+        monkeypatch.setattr(pslinux, "boot_time", lambda b=pslinux.boot_time() + step_s: b)
+        assert psutil.Process(left[0].pid).create_time() != left[0].create_time()  # the step is seen
+        assert reap_dead_run(tmp_path / "run.json", grace_s=2) == len(left)
+        assert not running(kids)
+    finally:
+        kill_all(kids)
+
+
 def test_a_live_run_is_left_alone(tmp_path):
     from sd_core.store.children import reap_dead_run
 
@@ -216,3 +241,26 @@ def test_sigterm_stops_the_run_and_its_processes_with_one_line(slow_crawl):
     ours = [line for line in err.read_text().splitlines() if not re.match(r"\d\d:\d\d:\d\d\.\d+ \| ", line)
             and "docs.prefect.io" not in line]
     assert ours == ["emoji-sd: stopped by SIGTERM; the run's processes were stopped"]
+
+
+def test_a_stage_marker_whose_pid_now_names_another_process_reads_interrupted(tmp_path):
+    """After a reboot (or a long time) the pid in a killed stage's marker can name an unrelated process:
+    status must still call the stage interrupted, not running."""
+    from sd_core.store.catalog import Catalog
+    from sd_core.store.files import atomic_write_json, read_json
+    from sd_core.store.records import mark_running, running_marker, running_state
+
+    cat = Catalog(tmp_path / "data")
+    assert running_state(cat, "train") is None
+    with mark_running(cat, "train"):
+        assert running_state(cat, "train") == "running"
+        marker = read_json(running_marker(cat, "train"))
+    other = subprocess.Popen(["sleep", "30"])  # alive, but not the process that marked the stage
+    try:
+        atomic_write_json(running_marker(cat, "train"), {**marker, "pid": other.pid})
+        assert running_state(cat, "train") == "interrupted"
+    finally:
+        other.kill()
+        other.wait()
+    atomic_write_json(running_marker(cat, "train"), {**marker, "pid": other.pid})  # and now gone
+    assert running_state(cat, "train") == "interrupted"

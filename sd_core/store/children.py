@@ -16,7 +16,10 @@ processes, Dask workers. However the run ends (an exception, SIGTERM, SIGKILL), 
   was killed too: it stops what the run file names, if that run's process is gone.
 
 A process is named by its pid *and* start time, and a process group's members are only signalled when they
-started after the run did, so a pid reused by an unrelated process is never signalled.
+started after the run did, so a pid reused by an unrelated process is never signalled. Start times are
+counted from boot (the kernel's clock ticks), not read off the wall clock: psutil's ``create_time()`` adds
+the boot time the kernel derives from the wall clock, which moves by a second when the clock is stepped or
+slewed across a second boundary (NTP, a VM's clock sync), and a run lasts hours.
 """
 
 from __future__ import annotations
@@ -44,25 +47,48 @@ GRACE_S = 3.0
 _PR_SET_PDEATHSIG = 1
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def started(p: psutil.Process) -> float:
+    """When ``p`` started, in seconds since boot (Linux: ``starttime`` of ``/proc/<pid>/stat``, which no
+    clock change moves); elsewhere psutil's wall-clock ``create_time()``. Compare only values of this
+    function with each other."""
+    if sys.platform.startswith("linux"):
+        try:
+            stat = Path(f"/proc/{p.pid}/stat").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            raise psutil.NoSuchProcess(p.pid) from None
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses; starttime is field 22
+        return int(stat[stat.rindex(b")") + 2:].split()[19]) / _CLK_TCK
+    return p.create_time()
+
+
 @dataclass(frozen=True)
 class Proc:
-    """One process, identified by pid and start time."""
+    """One process, identified by pid and start time (``start``: :func:`started`; ``create_time``, the
+    wall-clock time, is kept for people reading the run file)."""
 
     pid: int
     create_time: float
     pgid: int
     name: str = ""
+    start: float | None = None  # None in run files written before it was recorded
 
     @classmethod
     def of(cls, p: psutil.Process) -> "Proc":
         with p.oneshot():
-            return cls(p.pid, p.create_time(), os.getpgid(p.pid), p.name())
+            return cls(p.pid, p.create_time(), os.getpgid(p.pid), p.name(), started(p))
 
     def live(self) -> psutil.Process | None:
         """The process if it still runs (same pid, same start time, not a zombie)."""
         try:
             p = psutil.Process(self.pid)
-            if abs(p.create_time() - self.create_time) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+            if self.start is not None:
+                same = abs(started(p) - self.start) < 0.5 / _CLK_TCK
+            else:
+                same = abs(p.create_time() - self.create_time) <= 0.01
+            if not same or p.status() == psutil.STATUS_ZOMBIE:
                 return None
             return p
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
@@ -115,8 +141,8 @@ def child_popen_kw() -> dict[str, Any]:
 # --- finding and stopping ----------------------------------------------------------------------
 
 
-def _group_members(pgids: set[int], since: float, protect: set[int]) -> list[psutil.Process]:
-    """Processes in ``pgids`` that started at or after ``since`` (so: after the run began)."""
+def _group_members(pgids: set[int], since: Proc, protect: set[int]) -> list[psutil.Process]:
+    """Processes in ``pgids`` that started no earlier than the process ``since`` (so: after the run began)."""
     if not pgids:
         return []
     found = []
@@ -124,7 +150,11 @@ def _group_members(pgids: set[int], since: float, protect: set[int]) -> list[psu
         try:
             if p.pid in protect or p.info["status"] == psutil.STATUS_ZOMBIE or os.getpgid(p.pid) not in pgids:
                 continue
-            if (p.info["create_time"] or 0) + 0.01 >= since:
+            if since.start is not None:
+                after = started(p) + 0.5 / _CLK_TCK >= since.start
+            else:
+                after = (p.info["create_time"] or 0) + 0.01 >= since.create_time
+            if after:
                 found.append(p)
         except (psutil.NoSuchProcess, ProcessLookupError, psutil.AccessDenied):
             pass
@@ -156,22 +186,28 @@ def _protected() -> set[int]:
     return {me.pid, *(p.pid for p in me.parents())}
 
 
+def _proc(d: dict[str, Any]) -> Proc:
+    """A :class:`Proc` read back from a run file."""
+    start = d.get("start")
+    return Proc(int(d["pid"]), float(d["create_time"]), int(d.get("pgid", 0)), d.get("name", ""),
+                None if start is None else float(start))
+
+
 def _leftovers(record: dict[str, Any], protect: set[int]) -> list[psutil.Process]:
     """What a run record names that still runs: recorded processes (same start time) and the members of
     the process groups the run created that started after the run did."""
-    owner = record.get("owner") or {}
-    since = float(owner.get("create_time", time.time()))
+    owner = _proc(record.get("owner") or {"pid": 0, "create_time": time.time(), "pgid": 0})
     own_groups = {int(g) for g in record.get("owner_groups", [])}
     found: dict[int, psutil.Process] = {}
     groups: set[int] = set()
     for c in record.get("children", []):
-        proc = Proc(int(c["pid"]), float(c["create_time"]), int(c["pgid"]), c.get("name", ""))
+        proc = _proc(c)
         if proc.pgid not in own_groups:
             groups.add(proc.pgid)
         p = proc.live()
         if p is not None and p.pid not in protect:
             found[p.pid] = p
-    for p in _group_members(groups - own_groups, since, protect):
+    for p in _group_members(groups - own_groups, owner, protect):
         found.setdefault(p.pid, p)
     return list(found.values())
 
@@ -181,9 +217,7 @@ def reap_dead_run(run_file: Path, grace_s: float = GRACE_S) -> int:
     record = read_json(Path(run_file))
     if not isinstance(record, dict) or not isinstance(record.get("owner"), dict):
         return 0
-    o = record["owner"]
-    owner = Proc(int(o["pid"]), float(o["create_time"]), 0)
-    if owner.live() is not None:
+    if _proc(record["owner"]).live() is not None:
         return 0  # that run is still going
     return stop_processes(_leftovers(record, _protected()), grace_s)
 

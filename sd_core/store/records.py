@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -10,7 +9,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
+import psutil
+
 from sd_core.store.catalog import Catalog
+from sd_core.store.children import started
 from sd_core.store.files import atomic_write_json, read_json
 
 StageStatus = Literal["ran", "reused", "skipped"]
@@ -65,8 +67,9 @@ def running_marker(catalog: Catalog, stage: str) -> Path:
 def mark_running(catalog: Catalog, stage: str) -> Iterator[None]:
     """While a stage runs, ``state/stages/<stage>.running`` names the process; it is removed when the stage
     ends, ran or failed. One left behind by a killed process says the stage was interrupted."""
-    atomic_write_json(running_marker(catalog, stage), {"pid": os.getpid(), "since": datetime.now(timezone.utc)
-                                                       .isoformat(timespec="seconds")})
+    me = psutil.Process()
+    atomic_write_json(running_marker(catalog, stage), {
+        "pid": me.pid, "started": started(me), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     try:
         yield
     finally:
@@ -74,13 +77,16 @@ def mark_running(catalog: Catalog, stage: str) -> Iterator[None]:
 
 
 def running_state(catalog: Catalog, stage: str) -> str | None:
-    """'running' (its process is alive), 'interrupted' (its process is gone) or None (not marked)."""
+    """'running' (its process is alive), 'interrupted' (its process is gone, or its pid now names another
+    process, as after a reboot) or None (not marked)."""
     data = read_json(running_marker(catalog, stage))
     if not data:
         return None
     try:
-        os.kill(int(data["pid"]), 0)
-    except (OSError, ValueError, KeyError):
+        proc = psutil.Process(int(data["pid"]))
+        if "started" in data and abs(started(proc) - float(data["started"])) > 1e-3:
+            return "interrupted"
+    except (psutil.Error, ValueError, KeyError, TypeError):
         return "interrupted"
     return "running"
 

@@ -44,6 +44,14 @@ def describe(procs: list[psutil.Process]) -> list[str]:
     return [f"{p.pid} {cmdline(p)[:120]}".rstrip() for p in procs]
 
 
+def all_stop(procs: list[psutil.Process], names: list[str], timeout_s: float = 30) -> None:
+    """Every process of ``procs`` ends within ``timeout_s``; else fails naming those left."""
+    try:
+        wait_for(lambda: not running(procs), timeout_s, "the processes to stop")
+    except AssertionError:
+        raise AssertionError(f"left behind: {describe(running(procs))} of {names}") from None
+
+
 def kill_all(procs: list[psutil.Process]) -> None:
     for p in running(procs):
         try:
@@ -54,14 +62,36 @@ def kill_all(procs: list[psutil.Process]) -> None:
 
 # --- the reaper, on plain processes (a second or two each) -------------------------------------------
 
-OWNER = """
+RECORDED = """
+import json, time
+from pathlib import Path
+import psutil
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+def wait_recorded(run_file, pids):  # until the reaper's run file names those still running (it polls twice a second)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            recorded = {c["pid"] for c in json.loads(Path(run_file).read_text())["children"]}
+            if all(p in recorded or not alive(p) for p in pids):
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the reaper never recorded " + str(pids))
+"""
+
+OWNER = RECORDED + """
 import subprocess, sys, time
 from pathlib import Path
 from sd_core.store.children import child_popen_kw, guard_children
 with guard_children(Path(sys.argv[1])):
-    subprocess.Popen(["sleep", "300"])                                          # in our process group
-    subprocess.Popen(["sh", "-c", "sleep 301 & sleep 302 & wait"], **child_popen_kw())  # a group of its own
-    time.sleep(1.5)  # the reaper has recorded them
+    a = subprocess.Popen(["sleep", "300"])                                          # in our process group
+    b = subprocess.Popen(["sh", "-c", "sleep 301 & sleep 302 & wait"], **child_popen_kw())  # a group of its own
+    wait_recorded(sys.argv[1], [a.pid, b.pid])
     print("ready", flush=True)
     time.sleep(300)
 """
@@ -107,14 +137,15 @@ def test_next_run_stops_what_a_run_killed_with_its_reaper_left(tmp_path):
         bystander.wait()
 
 
-DASK_OWNER = """
+DASK_OWNER = RECORDED + """
 import sys, time
 from pathlib import Path
 from distributed import LocalCluster
 from sd_core.store.children import guard_children
-with guard_children(Path(sys.argv[1])):
+with guard_children(Path(sys.argv[1])) as reaper:
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
-    time.sleep(1.5)
+    kids = psutil.Process().children(recursive=True)
+    wait_recorded(sys.argv[1], [k.pid for k in kids if k.pid != reaper.pid])
     print("ready", flush=True)
     time.sleep(300)
 """
@@ -225,8 +256,7 @@ def test_sigkill_of_a_run_leaves_no_process(slow_crawl):
     assert len(tree) >= 5, names
     proc.kill()
     proc.wait(10)
-    time.sleep(8)  # the grace period: the reaper's SIGTERM, then SIGKILL after 3 s
-    assert describe(running(tree)) == [], f"left behind of {names}"
+    all_stop(tree, names)  # the reaper's SIGTERM, then SIGKILL after its 3 s grace period
 
 
 @pytest.mark.slow
@@ -235,8 +265,7 @@ def test_sigterm_stops_the_run_and_its_processes_with_one_line(slow_crawl):
     names = describe(tree)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
-    time.sleep(5)
-    assert describe(running(tree)) == [], f"left behind of {names}"
+    all_stop(tree, names)
     # one line of ours; Prefect's own log lines (time-stamped) around it, e.g. its server stopping at exit
     ours = [line for line in err.read_text().splitlines() if not re.match(r"\d\d:\d\d:\d\d\.\d+ \| ", line)
             and "docs.prefect.io" not in line]

@@ -58,8 +58,8 @@ def _encode(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
 
 
 def _eval(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
-    return eval_task(cfg.eval, cfg.caption, cfg.encode, cfg.data_dir, cfg.train.val_fraction, cfg.train.split_seed,
-                     force, opts.promote)
+    return eval_task(cfg.eval, cfg.caption, cfg.data_dir, cfg.train.val_fraction, cfg.train.split_seed, force,
+                     opts.promote)
 
 
 RUNNERS: dict[str, Runner] = {

@@ -9,7 +9,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from sd_core.caption.config import CaptionConfig
-from sd_core.encode.stage import EncodeStageConfig, resolve
 from sd_core.eval.config import EvalConfig
 from sd_core.eval.stage import run_eval, stage_key
 from sd_core.report.page import eval_markdown
@@ -18,13 +17,13 @@ from sd_core.store.records import StageResult, Timer, record_stage
 
 
 @task(name="eval", cache_policy=NO_CACHE)
-def eval_task(cfg: EvalConfig, captioner: CaptionConfig, enc: EncodeStageConfig, data_dir: Path, val_fraction: float,
-              split_seed: int, force: bool = False, promote: bool = False) -> StageResult:
+def eval_task(cfg: EvalConfig, captioner: CaptionConfig, data_dir: Path, val_fraction: float, split_seed: int,
+              force: bool = False, promote: bool = False) -> StageResult:
     """Score the latest run; promote it to champion only when it is no worse (or when forced)."""
     catalog = Catalog(data_dir)
     with Timer() as t:
-        summary = run_eval(cfg, captioner, resolve(enc, catalog), catalog, val_fraction=val_fraction,
-                           split_seed=split_seed, force=force, promote=promote)
+        summary = run_eval(cfg, captioner, catalog, val_fraction=val_fraction, split_seed=split_seed, force=force,
+                           promote=promote)
     status = summary.pop("status")
     key = stage_key(cfg, captioner, catalog, val_fraction=val_fraction, split_seed=split_seed)
     result = record_stage(catalog, "eval", key=key, summary=summary, seconds=t.seconds, ran=status == "ran")

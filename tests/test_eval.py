@@ -67,6 +67,11 @@ def test_promotion_rule() -> None:
     assert rules == {"prompt_following": 0.05} and "held_out_loss not compared" in note
     assert compare(v_run["scores"], champion, rules) == [] and len(compare(v_run["scores"], champion, tol)) == 1
     assert promotion_rules(tol, {**v_run, "prediction_type": "epsilon"}, eps_champion) == (tol, "")
+    # the same between two models whose latents or prompt embeddings come from another VAE or text encoder
+    a, b = ({"held_out_basis": x, "scores": {"prompt_following": 0.6, "held_out_loss": 0.1}} for x in "ab")
+    rules, note = promotion_rules(tol, a, b)
+    assert rules == {"prompt_following": 0.05} and "another VAE, text encoder or noise schedule" in note
+    assert promotion_rules(tol, a, {**b, "held_out_basis": "a"}) == (tol, "")
 
 
 def test_distribution_scores_with_a_tiny_clip(tmp_path) -> None:
@@ -105,7 +110,7 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
 
     from flows.pipeline import pipeline
     from sd_core.demo.site import DemoSite
-    from sd_core.eval.stage import read_history
+    from sd_core.eval.stage import eval_set, evaluate, read_history
     from sd_core.store.catalog import Catalog
 
     cat = Catalog(tmp_path)
@@ -148,7 +153,17 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
         assert forced["eval"].summary["decision"] == "promoted" and "forced" in forced["eval"].summary["reason"]
         assert cat.champion_run() == rejected and forced["sample"].status == "ran"
 
+        # a new VAE: the next run's latents live in another space, so held-out losses no longer compare; each
+        # model is still scored in its own space (the champion's loss, scored again now, is what it was)
+        revae = run("train.steps=2", "train.seed=1", "vae.steps=26", start="vae")
+        assert revae["vae"].status == "ran" and revae["encode"].status == "ran"
+        assert "held_out_loss not compared: the champion has another VAE" in revae["eval"].summary["reason"]
+        cfg = config(site, tmp_path, "train.steps=2", "train.seed=1", "vae.steps=26", "eval.items=6")
+        items = eval_set(cat, cfg.eval, cfg.train.val_fraction, cfg.train.split_seed)
+        again = evaluate(rejected / "model", cfg=cfg.eval, captioner_cfg=cfg.caption, catalog=cat, items=items)
+        assert again["scores"]["held_out_loss"] == pytest.approx(verdict["scores"]["held_out_loss"], rel=1e-5)
+
     history = read_history(cat)
-    assert [r["status"] for r in history] == ["promoted", "rejected", "promoted"]
+    assert [r["status"] for r in history][:3] == ["promoted", "rejected", "promoted"] and len(history) == 4
     assert all(float(r["held_out_loss"]) > 0 for r in history)
     assert (cat.eval_history_csv.with_suffix(".png")).exists()

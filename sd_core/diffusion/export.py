@@ -195,6 +195,23 @@ def model_digest(folder: Path) -> str:
     raise ModelFolderError(f"{folder} is not a model folder")
 
 
+CONDITIONING = ("vae/", "text_encoder/", "tokenizer/")
+
+
+def conditioning_digest(folder: Path) -> str:
+    """A fingerprint of what an export's UNet reads, without the UNet: the VAE (its latent space) and the text
+    encoder with its tokenizer (its prompt embeddings). A fine-tune reads its base model's, which it never
+    changes (only cross-attention weights are trained)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("kind") != "scratch":
+        return stable_hash({"base_model": manifest.get("base_model"), "revision": manifest.get("revision")})
+    if manifest is None and not (folder / "model_index.json").exists():
+        raise ModelFolderError(f"{folder} is not a model folder")
+    files = manifest.get("files", {}) if manifest is not None else _inventory(folder)
+    return stable_hash({rel: f for rel, f in files.items() if rel.startswith(CONDITIONING)})
+
+
 def _from_pretrained(source: str, *, device: Any, dtype: torch.dtype | None, revision: str | None = None) -> Any:
     from diffusers import StableDiffusionPipeline
 

@@ -50,6 +50,15 @@ def prediction_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: 
     raise ValueError(f"prediction_type {kind!r}: training supports 'epsilon' and 'v_prediction'")
 
 
+def denoising_sse(unet: Any, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                  text: torch.Tensor) -> float:
+    """The summed squared error of ``unet``'s prediction for ``x0`` noised with ``noise`` at ``t`` (all on the
+    UNet's device), against :func:`prediction_target`: a held-out loss's numerator."""
+    pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample
+    target = prediction_target(scheduler, x0, noise, t)
+    return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="sum").item()
+
+
 def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-γ loss weights from diffusers' ``compute_snr``: ``min(snr, γ) / snr`` (≤ 1) for ε-prediction,
     ``min(snr, γ) / (snr + 1)`` for v-prediction (whose loss already carries a factor snr + 1)."""

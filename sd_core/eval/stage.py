@@ -4,8 +4,9 @@ worse than the current one.
 Scores (``<run>/scores/scores.json``, one row per evaluated run in ``models/evaluations.csv``):
 
 * ``held_out_loss``: ε-MSE (v-MSE for a v-prediction model) of the exported (EMA) model on the held-out
-  items, at a fixed grid of timesteps with fixed noise, from each latent distribution's mean: two runs with
-  the same prediction target compare number for number (promotion leaves it out between ε and v);
+  items, at a fixed grid of timesteps with fixed noise, from each image's latent mean under the model's own
+  VAE and its prompt under the model's own text encoder: two runs with the same prediction target, VAE, text
+  encoder and noise schedule compare number for number (promotion leaves it out otherwise);
 * ``prompt_following``: images drawn from the held-out captions are described by the configured
   captioner, and the share of the prompt's attributes that come back is counted (skin colour, head shape,
   background; with Qwen2.5-VL also eyes, mouth, expression). Also reported: the same at guidance 0 (what the
@@ -39,11 +40,10 @@ from sd_core.caption.config import CaptionConfig
 from sd_core.caption.offline import OfflineCaptioner
 from sd_core.common.devices import device
 from sd_core.common.images import image_to_tensor, make_grid, save_png
-from sd_core.diffusion.export import load_pipeline, model_digest
+from sd_core.diffusion.export import conditioning_digest, load_pipeline, model_digest
 from sd_core.diffusion.generate import generate
-from sd_core.diffusion.schedulers import prediction_target
+from sd_core.diffusion.schedulers import denoising_sse
 from sd_core.encode.pairs import split_ids
-from sd_core.encode.stage import EncodeStageConfig, cached_pairs
 from sd_core.eval.attributes import ALL_ATTRIBUTES, PIXEL_ATTRIBUTES, chance_rate, follow_rate
 from sd_core.eval.config import SCORES, EvalConfig
 from sd_core.eval.distribution import distribution_scores
@@ -53,7 +53,7 @@ from sd_core.store.metadata import read_metadata
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = 2  # 2: each held-out image starts from its own seed
+CODE_VERSION = 3  # 2: each held-out image starts from its own seed; 3: held-out loss in the model's own spaces
 HISTORY_FIELDS = ("evaluated_at", "run", "status", "dataset_items", "eval_items", "steps", "held_out_loss",
                   "prompt_following", "prompt_following_g0", "prompt_following_real", "chance", "fid", "kid",
                   "clip_score")
@@ -99,48 +99,67 @@ def _read(captioner: Any, images: Sequence[Image.Image], titles: Sequence[str]) 
 
 
 @torch.no_grad()
-def vae_round_trip(pipe: Any, images: Sequence[Image.Image], *, batch_size: int = 16) -> list[Image.Image]:
-    """``images`` encoded by the model's VAE (latent means) and decoded, at the model's resolution and with the
-    encode stage's preprocessing: what its latent space keeps of them, the ceiling of what the UNet can draw."""
+def encode_latents(pipe: Any, images: Sequence[Image.Image], *, batch_size: int = 16) -> torch.Tensor:
+    """The latent means (unscaled, on the CPU) of ``images`` under the model's own VAE, at the model's
+    resolution and with the encode stage's preprocessing."""
     size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     vae, out = pipe.vae, []
     for s in range(0, len(images), batch_size):
         x = torch.stack([image_to_tensor(im, size) for im in images[s : s + batch_size]])
-        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
+        out.append(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def vae_round_trip(pipe: Any, latents: torch.Tensor, *, batch_size: int = 16) -> list[Image.Image]:
+    """``latents`` (of :func:`encode_latents`) decoded: what the model's latent space keeps of the images, the
+    ceiling of what the UNet can draw."""
+    vae, out = pipe.vae, []
+    for s in range(0, len(latents), batch_size):
+        z = latents[s : s + batch_size].to(vae.device, vae.dtype)
         out += pipe.image_processor.postprocess(vae.decode(z).sample.float(), output_type="pil")
     return out
 
 
 @torch.no_grad()
-def held_out_loss(pipe: Any, enc: EncodeStageConfig, catalog: Catalog, items: EvalSet, cfg: EvalConfig) -> float:
+def held_out_loss(pipe: Any, latents: torch.Tensor, prompts: Sequence[str], cfg: EvalConfig) -> float:
     """ε-MSE (v-MSE for a v-prediction model) at ``cfg.loss_timesteps`` fixed timesteps with fixed noise, from
-    each held-out latent's mean."""
+    each held-out image's latent mean (:func:`encode_latents`) and its prompt, both through the model's own VAE
+    and text encoder: each model is scored in the latent space it was trained in, whatever the encode stage
+    is set to now."""
     from diffusers import DDPMScheduler
 
-    pairs = cached_pairs(enc, catalog).load(items.indices)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     unet, dev = pipe.unet, pipe.unet.device
-    n, k = len(items.indices), cfg.loss_timesteps
+    n, k = len(prompts), cfg.loss_timesteps
     total_steps = int(sched.config.num_train_timesteps)
     g = torch.Generator().manual_seed(cfg.loss_seed)
-    noise = torch.randn((k, n, *pairs.latent_shape), generator=g)
-    x0 = pairs.mean * pairs.scaling_factor
-    text = pairs.text.float()
+    noise = torch.randn((k, *latents.shape), generator=g)
+    x0 = latents * float(pipe.vae.config.scaling_factor)
+    text = torch.cat([pipe.encode_prompt(list(prompts[s : s + cfg.batch_size]), dev, 1, False)[0].float().cpu()
+                      for s in range(0, n, cfg.batch_size)])
     total = 0.0
     for j in range(k):
         t_value = int((j + 0.5) * total_steps / k)
         for s in range(0, n, cfg.batch_size):
             b = slice(s, s + cfg.batch_size)
-            t = torch.full((x0[b].shape[0],), t_value, dtype=torch.long)
-            x_t = sched.add_noise(x0[b], noise[j, b], t)
-            pred = unet(x_t.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=text[b].to(dev, unet.dtype)).sample
-            target = prediction_target(sched, x0[b], noise[j, b], t)
-            total += torch.nn.functional.mse_loss(pred.float().cpu(), target, reduction="sum").item()
+            t = torch.full((x0[b].shape[0],), t_value, dtype=torch.long, device=dev)
+            total += denoising_sse(unet, sched, x0[b].to(dev, unet.dtype), noise[j, b].to(dev, unet.dtype), t,
+                                   text[b].to(dev, unet.dtype))
     return total / (k * n * noise[0, 0].numel())
 
 
-def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConfig,
-             catalog: Catalog, items: EvalSet, captioner: Any = None) -> dict[str, Any]:
+def held_out_basis(pipe: Any, model: Path) -> str:
+    """What a held-out loss is measured against, besides the prediction type: the VAE and text encoder (see
+    :func:`~sd_core.diffusion.export.conditioning_digest`) and the noise schedule. Two models' held-out
+    losses compare only when this is the same."""
+    schedule = {k: pipe.scheduler.config.get(k) for k in ("num_train_timesteps", "beta_start", "beta_end",
+                                                          "beta_schedule", "trained_betas", "rescale_betas_zero_snr")}
+    return stable_hash({"conditioning": conditioning_digest(model), "schedule": schedule})
+
+
+def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, catalog: Catalog, items: EvalSet,
+             captioner: Any = None) -> dict[str, Any]:
     """Score the export at ``model`` (a run's ``model/``) on ``items``; writes the run's scores and grid."""
     started = time.perf_counter()
     pipe = load_pipeline(model, device=device())
@@ -157,7 +176,8 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
     unguided = generate(pipe, prompts, seeds, guidance_scale=0.0, **common)
     drawn, free = [row[0] for row in guided], [row[0] for row in unguided]
     real = [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in items.rows]
-    kept = vae_round_trip(pipe, real, batch_size=cfg.batch_size)  # each image file read once
+    latents = encode_latents(pipe, real, batch_size=cfg.batch_size)  # each image file read and encoded once
+    kept = vae_round_trip(pipe, latents, batch_size=cfg.batch_size)
     each, each_title = [p for p in prompts for _ in seeds], [t for t in titles for _ in seeds]  # item-major
     readings = {"guided": _read(captioner, [im for row in guided for im in row], each_title),
                 "g0": _read(captioner, [im for row in unguided for im in row], each_title),
@@ -171,7 +191,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
 
     dist, skipped = distribution_scores(cfg, dataset, drawn, prompts)
     scores = {
-        "held_out_loss": held_out_loss(pipe, enc, catalog, items, cfg),
+        "held_out_loss": held_out_loss(pipe, latents, prompts, cfg),
         "prompt_following": follow["guided"]["all"],
         "prompt_following_g0": follow["g0"]["all"],
         "prompt_following_real": follow["real"]["all"],
@@ -193,6 +213,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, enc:
         "model": str(model), "digest": model_digest(model), "items": len(prompts), "attributes": list(attributes),
         "guidance_scale": cfg.guidance_scale, "scores": scores, "per_attribute": per_attribute, "skipped": skipped,
         "seeds_per_item": cfg.seeds_per_item, "prediction_type": pipe.scheduler.config.prediction_type,
+        "held_out_basis": held_out_basis(pipe, model),
         "readings": {name: texts[: cfg.grid_items] for name, texts in readings.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -216,13 +237,20 @@ def compare(new: dict[str, float], champion: dict[str, float], promote_if: dict[
 
 def promotion_rules(promote_if: dict[str, float], new: dict[str, Any],
                     champion: dict[str, Any]) -> tuple[dict[str, float], str]:
-    """The scores that can decide between two evaluated runs, and a note on any left out: the held-out loss
-    of an ε-prediction model and of a v-prediction one measure different targets."""
+    """The scores that can decide between two evaluated runs, and a note on any left out: held-out losses
+    compare only between models with the same prediction type (ε-MSE against v-MSE), VAE, text encoder and
+    noise schedule (see :func:`held_out_basis`)."""
+    if "held_out_loss" not in promote_if:
+        return dict(promote_if), ""
     kinds = [r.get("prediction_type", "epsilon") for r in (new, champion)]  # records before v-prediction: ε
-    if kinds[0] == kinds[1] or "held_out_loss" not in promote_if:
+    if kinds[0] != kinds[1]:
+        why = f"{kinds[0]} against the champion's {kinds[1]}"
+    elif new.get("held_out_basis") != champion.get("held_out_basis"):
+        why = "the champion has another VAE, text encoder or noise schedule"
+    else:
         return dict(promote_if), ""
     rules = {k: v for k, v in promote_if.items() if k != "held_out_loss"}
-    return rules, f" (held_out_loss not compared: {kinds[0]} against the champion's {kinds[1]})"
+    return rules, f" (held_out_loss not compared: {why})"
 
 
 def _scores_for(run: Path, key_of: Any, **kw: Any) -> dict[str, Any]:
@@ -262,9 +290,9 @@ def read_history(catalog: Catalog) -> list[dict[str, str]]:
         return []
 
 
-def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConfig, catalog: Catalog, *,
-             val_fraction: float, split_seed: int, force: bool = False, promote: bool = False) -> dict[str, Any]:
-    """Evaluate the latest run (``enc`` resolved), compare it with the champion, promote or reject it."""
+def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, catalog: Catalog, *, val_fraction: float,
+             split_seed: int, force: bool = False, promote: bool = False) -> dict[str, Any]:
+    """Evaluate the latest run, compare it with the champion, promote or reject it."""
     candidate = catalog.latest_run()
     if candidate is None or not (candidate / "model").is_dir():
         raise FileNotFoundError(f"no trained model in {catalog.train_dir}: run the train stage")
@@ -275,7 +303,7 @@ def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, enc: EncodeStageConf
     def key_of(digest: str) -> str:
         return eval_key(digest, cfg, captioner_cfg, items)
 
-    kw = dict(cfg=cfg, captioner_cfg=captioner_cfg, enc=enc, catalog=catalog, items=items)
+    kw = dict(cfg=cfg, captioner_cfg=captioner_cfg, catalog=catalog, items=items)
     before = read_json(catalog.eval_json(candidate))
     fresh_key = key_of(model_digest(candidate / "model"))
     reused = not force and before is not None and before.get("key") == fresh_key and "status" in before

@@ -38,7 +38,7 @@ from sd_core.diffusion.models import (
     set_attention,
     trainable_state,
 )
-from sd_core.diffusion.schedulers import min_snr_weights, prediction_target
+from sd_core.diffusion.schedulers import denoising_sse, min_snr_weights, prediction_target
 from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
 from sd_core.encode.pairs import Pairs, PairSource, split_ids
 from sd_core.training import checkpoint as ckpt
@@ -269,9 +269,7 @@ class Trainer:
             x0 = (batch["mean"] + batch["std"] * v.z[s : s + bs]) * self.scaling_factor
             noise, t = v.noise[s : s + bs], v.t[s : s + bs]
             with self.accelerator.autocast():
-                pred = net(self.noise.add_noise(x0, noise, t), t, encoder_hidden_states=batch["text"].float()).sample
-            target = prediction_target(self.noise, x0, noise, t)
-            total += F.mse_loss(pred.float(), target, reduction="sum").item() / noise[0].numel()
+                total += denoising_sse(net, self.noise, x0, noise, t, batch["text"].float()) / noise[0].numel()
         return total / len(v.rows)
 
     def evaluate(self) -> tuple[float | None, float | None]:

@@ -106,6 +106,23 @@ def start_owner(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process]]
     return owner, kids
 
 
+def orphan_children(tmp_path: Path) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """An owner and its reaper both killed: (the owner's process tree, those of it left running)."""
+    owner, kids = start_owner(tmp_path)
+    try:
+        reaper = next(p for p in kids if "sd_core.store.children import main" in cmdline(p))
+        reaper.kill()
+        owner.kill()
+        owner.wait(10)
+        left = running([p for p in kids if p.pid != reaper.pid])
+        assert left, "nothing was left to clean up"
+    except BaseException:
+        owner.kill()
+        kill_all(kids)
+        raise
+    return kids, left
+
+
 def test_children_of_a_killed_process_are_stopped(tmp_path):
     owner, kids = start_owner(tmp_path)
     try:
@@ -117,17 +134,11 @@ def test_children_of_a_killed_process_are_stopped(tmp_path):
 
 
 def test_next_run_stops_what_a_run_killed_with_its_reaper_left(tmp_path):
-    bystander = subprocess.Popen(["sleep", "303"])  # started after the owner's record, not by it
-    owner, kids = start_owner(tmp_path)
-    try:
-        reaper = next(p for p in kids if "sd_core.store.children import main" in cmdline(p))
-        reaper.kill()
-        owner.kill()
-        owner.wait(10)
-        from sd_core.store.children import reap_dead_run
+    from sd_core.store.children import reap_dead_run
 
-        left = running([p for p in kids if p.pid != reaper.pid])
-        assert left, "nothing was left to clean up"
+    bystander = subprocess.Popen(["sleep", "303"])  # started after the owner's record, not by it
+    kids, left = orphan_children(tmp_path)
+    try:
         assert reap_dead_run(tmp_path / "run.json", grace_s=2) >= len(left)
         assert not running(kids)
         assert bystander.poll() is None  # never signalled
@@ -178,13 +189,8 @@ def test_a_clock_step_after_the_record_hides_no_process(tmp_path, monkeypatch, s
 
     from sd_core.store.children import reap_dead_run
 
-    owner, kids = start_owner(tmp_path)
+    kids, left = orphan_children(tmp_path)
     try:
-        reaper = next(p for p in kids if "sd_core.store.children import main" in cmdline(p))
-        reaper.kill()
-        owner.kill()
-        owner.wait(10)
-        left = running([p for p in kids if p.pid != reaper.pid])
         monkeypatch.setattr(pslinux, "boot_time", lambda b=pslinux.boot_time() + step_s: b)
         assert psutil.Process(left[0].pid).create_time() != left[0].create_time()  # the step is seen
         assert reap_dead_run(tmp_path / "run.json", grace_s=2) == len(left)

@@ -9,7 +9,8 @@ from prefect.cache_policies import NO_CACHE
 
 from sd_core.ingest.browser import BrowserError, ListingDeadlineError
 from sd_core.ingest.convert import ConvertConfig, convert_dataset, stage_key
-from sd_core.ingest.crawl import Listing, download_new, list_site
+from sd_core.ingest.crawl import DownloadsFailed, Listing, download_new, list_site
+from sd_core.ingest.ledger import LedgerError
 from sd_core.ingest.settings import CrawlConfig
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import stable_hash
@@ -38,7 +39,15 @@ def list_site_task(cfg: CrawlConfig, data_dir: Path, progress: bool = True) -> P
     return catalog.listing_json
 
 
-@task(name="download-images", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _download_retryable(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
+    """Not a run whose downloads all failed (they are recorded, each waits for its back-off: a retry now would
+    find nothing to fetch and pass), nor a ledger that cannot be used."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, (DownloadsFailed, LedgerError))
+
+
+@task(name="download-images", retries=1, retry_delay_seconds=5, retry_condition_fn=_download_retryable,
+      cache_policy=NO_CACHE)
 def download_task(
     cfg: CrawlConfig, data_dir: Path, listing_path: Path, progress: bool = True, force: bool = False
 ) -> StageResult:

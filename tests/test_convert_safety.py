@@ -103,7 +103,8 @@ def test_titles_are_spreadsheet_safe_and_never_empty(tmp_path):
     from sd_core.store.metadata import read_csv_table, read_metadata, update_metadata
 
     entries = [(t, png(i)) for i, t in enumerate(HOSTILE)] + [("", png(20)), ("   ", png(21))]
-    entries += [("=cmd|' /C calc'!A0", b"<html>not an image</html>"), ("@dup", png(0))]
+    # A broken PNG is quarantined (a body that is no image at all never gets past the download).
+    entries += [("=cmd|' /C calc'!A0", png(22)[: len(png(22)) // 2]), ("@dup", png(0))]
     cat = make_catalog(tmp_path, entries)
     convert_dataset(ConvertConfig(), cat, progress=False)
 

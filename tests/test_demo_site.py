@@ -254,3 +254,33 @@ def test_misbehaving_servers(items60: list[SiteItem]) -> None:
         assert [it["src"] for it in _api(s, 1)["items"]][-1] == "http://127.0.0.1:9/e/away.png"
         wait_for(lambda: s.image_aborted["/e/drip.webp"] == 1, 10, "the server to see the hang-up on the drip")
         assert s.image_done["/e/slow.webp"] == 1 and s.image_done["/e/huge.png"] == 1
+
+
+def test_error_pages_rate_limits_and_an_outage(items60: list[SiteItem]) -> None:
+    body = items60[0].body
+    faults = [
+        SiteItem("/e/page.webp", "Page", body, "image/webp", fault="html-200"),
+        SiteItem("/e/empty.webp", "Empty", body, "image/webp", fault="empty-200"),
+        SiteItem("/e/limited.webp", "Limited", body, "image/webp", fault="429"),
+        SiteItem("/e/once.webp", "Once", body, "image/webp", fault="429-once"),
+        SiteItem("/e/fine.webp", "Fine", body, "image/webp"),
+    ]
+    with DemoSite(faults, retry_after="3600") as s:
+        url = s.base_url
+        page = requests.get(url + "/e/page.webp", timeout=5)
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+        assert page.content.startswith(b"<!DOCTYPE html>")
+        empty = requests.get(url + "/e/empty.webp", timeout=5)
+        assert empty.status_code == 200 and empty.content == b""
+        for _ in range(2):
+            limited = requests.get(url + "/e/limited.webp", timeout=5)
+            assert limited.status_code == 429 and limited.headers["Retry-After"] == "3600"
+        assert requests.get(url + "/e/once.webp", timeout=5).status_code == 429
+        assert requests.get(url + "/e/once.webp", timeout=5).content == body
+        s.image_fault = "html-200"  # an outage: every item answers the same error page
+        assert requests.get(url + "/e/fine.webp", timeout=5).content == page.content
+        s.image_fault = None  # ... and the recovery
+        assert requests.get(url + "/e/fine.webp", timeout=5).content == body
+        assert len(s.image_times["/e/once.webp"]) == 2 and s.image_gets["/e/fine.webp"] == 2
+    with DemoSite(faults[2:3], retry_after=None) as s:
+        assert "Retry-After" not in requests.get(s.base_url + "/e/limited.webp", timeout=5).headers

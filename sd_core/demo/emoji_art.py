@@ -41,9 +41,12 @@ _MARGIN = 0.06
 # 404; 500-once (500, then the image); 500 (always); truncated (half the bytes);
 # slow (the image after ``DemoSite.slow_s``); drip (one byte every ``DemoSite.drip_s``);
 # redirect (302 to ``SiteItem.location``); gzip-bomb (a gzip body that inflates to ``DemoSite.bomb_bytes``);
-# huge (``DemoSite.huge_bytes`` of body); short-body (a Content-Length larger than the body sent).
+# huge (``DemoSite.huge_bytes`` of body); short-body (a Content-Length larger than the body sent);
+# html-200 (200 with an HTML error page, the same for every item); empty-200 (200 with an empty body);
+# 429 (always 429 Too Many Requests with ``Retry-After: DemoSite.retry_after``); 429-once (that, then the image).
 Fault = Literal[
-    "none", "404", "500-once", "500", "truncated", "slow", "drip", "redirect", "gzip-bomb", "huge", "short-body"
+    "none", "404", "500-once", "500", "truncated", "slow", "drip", "redirect", "gzip-bomb", "huge", "short-body",
+    "html-200", "empty-200", "429", "429-once",
 ]
 
 CONTENT_TYPES: dict[str, str] = {

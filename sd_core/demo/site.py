@@ -10,6 +10,7 @@ as written in :attr:`SiteItem.path`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import html
 import io
@@ -24,7 +25,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from .emoji_art import SiteItem
+from .emoji_art import Fault, SiteItem
 
 __all__ = ["DemoSite", "LISTING_PREFIX", "API_PATH", "LOGO_PATH"]
 
@@ -110,6 +111,11 @@ nav.topbar img {{ vertical-align: middle; }}
 """
 
 
+# What a site's front end answers, with 200, for every image while its storage is down.
+_ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Something went wrong</title></head><body>"
+               b"<h1>Something went wrong</h1><p>We are working on it. Please try again later.</p></body></html>\n")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     site: DemoSite
@@ -169,7 +175,9 @@ class DemoSite:
     ``image_aborted`` those the client hung up on (e.g. a ``drip`` it gave up on).
 
     Faults (``SiteItem.fault``) are listed at :data:`~sd_core.demo.emoji_art.Fault`;
-    ``slow_s``, ``drip_s``, ``bomb_bytes`` and ``huge_bytes`` tune them.
+    ``slow_s``, ``drip_s``, ``bomb_bytes``, ``huge_bytes`` and ``retry_after`` (the 429's Retry-After
+    header, None for none) tune them. Setting :attr:`image_fault` gives every item that fault (an outage;
+    None again is the recovery). ``image_times`` holds the ``time.monotonic()`` of each counted image GET.
     """
 
     def __init__(
@@ -184,6 +192,7 @@ class DemoSite:
         drip_s: float = 0.5,
         bomb_bytes: int = 200_000_000,
         huge_bytes: int = 200_000_000,
+        retry_after: str | None = "1",
     ) -> None:
         """``port`` 0 picks a free one; a fixed port keeps image URLs stable between runs (when it is
         taken, a free port is used instead)."""
@@ -197,6 +206,9 @@ class DemoSite:
         self.drip_s = drip_s
         self.bomb_bytes = bomb_bytes
         self.huge_bytes = huge_bytes
+        self.retry_after = retry_after
+        self.image_fault: Fault | None = None
+        self.image_times: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
         self._bomb: bytes | None = None
         self._lock = threading.Lock()
         self._items: list[SiteItem] = []
@@ -303,6 +315,7 @@ class DemoSite:
             self.browser_image_gets.clear()
             self.image_done.clear()
             self.image_aborted.clear()
+            self.image_times.clear()
             self.page_gets = 0
             self.api_gets = 0
 
@@ -404,8 +417,20 @@ class DemoSite:
         with self._lock:
             if not head:
                 (self.browser_image_gets if render_load else self.image_gets)[item.path] += 1
-            status, body = HTTPStatus.OK, item.body
-            if item.fault == "404":
+                if not render_load:
+                    self.image_times[item.path].append(time.monotonic())
+            if self.image_fault is not None:  # an outage: every item misbehaves the same way
+                item = dataclasses.replace(item, fault=self.image_fault)
+            status, body, ctype = HTTPStatus.OK, item.body, item.content_type
+            if item.fault == "429" or (item.fault == "429-once" and item.path not in self._failed_once):
+                status, body = HTTPStatus.TOO_MANY_REQUESTS, b"Too Many Requests"
+                if item.fault == "429-once" and not head and not render_load:
+                    self._failed_once.add(item.path)
+            elif item.fault == "html-200":
+                body, ctype = _ERROR_PAGE, "text/html; charset=utf-8"
+            elif item.fault == "empty-200":
+                body = b""
+            elif item.fault == "404":
                 status, body = HTTPStatus.NOT_FOUND, b"Not Found"
             elif item.fault == "500" or (item.fault == "500-once" and item.path not in self._failed_once):
                 status, body = HTTPStatus.INTERNAL_SERVER_ERROR, b"Internal Server Error"
@@ -413,10 +438,14 @@ class DemoSite:
                     self._failed_once.add(item.path)
             elif item.fault == "truncated":
                 body = item.body[: len(item.body) // 2]
-        ctype = item.content_type if status == HTTPStatus.OK else "text/plain; charset=utf-8"
+        ctype = ctype if status == HTTPStatus.OK else "text/plain; charset=utf-8"
         extra = {"Cache-Control": "no-store"}
+        if status == HTTPStatus.TOO_MANY_REQUESTS and self.retry_after is not None:
+            extra["Retry-After"] = self.retry_after
         try:
-            if head or status != HTTPStatus.OK or item.fault in ("none", "500-once", "truncated"):
+            if head or status != HTTPStatus.OK or item.fault in (
+                "none", "500-once", "truncated", "html-200", "empty-200", "429-once"
+            ):
                 req.reply(status, body, ctype, head=head, extra=extra)
             elif item.fault == "slow":
                 time.sleep(self.slow_s)

@@ -12,6 +12,7 @@ Nothing here can block for ever: page loads and scripts have the browser's own t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -70,6 +71,64 @@ class BrowserError(RuntimeError):
 
 class ListingDeadlineError(BrowserError):
     """The listing did not finish within ``listing_deadline_s`` (the browser was killed)."""
+
+
+class SiteUnreachable(BrowserError):
+    """A listing page could not be loaded at all (refused, no such host, TLS, ...); one line naming the URL."""
+
+
+# Chromium's network error codes (net/base/net_error_list.h in Chromium's source), in words
+_NET_ERRORS = {
+    "ERR_CONNECTION_REFUSED": "connection refused",
+    "ERR_NAME_NOT_RESOLVED": "host not found",
+    "ERR_NAME_RESOLUTION_FAILED": "host not found",
+    "ERR_ADDRESS_UNREACHABLE": "address unreachable",
+    "ERR_INTERNET_DISCONNECTED": "no network",
+    "ERR_CONNECTION_TIMED_OUT": "timed out connecting",
+    "ERR_TIMED_OUT": "timed out",
+    "ERR_CONNECTION_RESET": "connection reset",
+    "ERR_CONNECTION_CLOSED": "connection closed by the server",
+    "ERR_EMPTY_RESPONSE": "empty answer from the server",
+    "ERR_SSL_PROTOCOL_ERROR": "TLS error",
+    "ERR_CERT_AUTHORITY_INVALID": "TLS certificate not trusted",
+    "ERR_CERT_COMMON_NAME_INVALID": "TLS certificate for another host",
+    "ERR_CERT_DATE_INVALID": "TLS certificate expired",
+    "ERR_TOO_MANY_REDIRECTS": "too many redirects",
+    "ERR_UNSAFE_PORT": "port refused by the browser as unsafe",
+}
+
+
+_ERROR_PAGE_JS = """
+return document.documentURI.startsWith("chrome-error://")
+  ? ((document.querySelector(".error-code") || {}).textContent || "ERR_FAILED") : null;
+"""
+
+
+def load_page(driver: webdriver.Chrome, url: str, cfg: CrawlConfig) -> None:
+    """``driver.get(url)``; a page that does not load raises one line naming the URL and the field.
+
+    chromedriver raises for some network errors (with its stack frames in the message) and shows Chromium's
+    own error page for others (a port Chromium deems unsafe): both become :class:`SiteUnreachable`, whose
+    chained exception keeps the frames for ``--debug``.
+    """
+    try:
+        driver.get(url)
+    except TimeoutException:
+        raise BrowserError(f"listing page {url} did not load within {cfg.page_timeout_s}s") from None
+    except WebDriverException as e:
+        raise _unreachable(url, cfg, e.msg or str(e)) from e
+    code = driver.execute_script(_ERROR_PAGE_JS)
+    if code:
+        raise _unreachable(url, cfg, f"net::{code.strip()}")
+
+
+def _unreachable(url: str, cfg: CrawlConfig, text: str) -> SiteUnreachable:
+    code = re.search(r"net::(ERR_[A-Z_]+)", text)
+    if code:
+        what = f"{_NET_ERRORS.get(code.group(1), code.group(1).lower().replace('_', ' '))} ({code.group(0)})"
+    else:
+        what = (text.strip().splitlines() or ["unknown error"])[0][:200]
+    return SiteUnreachable(f"listing page {url} could not be loaded: {what}; check crawl.base_url = {cfg.base_url}")
 
 
 @dataclass(frozen=True)
@@ -270,10 +329,7 @@ def read_page(
     wait_s = cfg.page_timeout_s
     if deadline is not None:
         wait_s = max(min(wait_s, deadline - time.monotonic()), 0.1)
-    try:
-        driver.get(url)
-    except TimeoutException:
-        raise BrowserError(f"listing page {url} did not load within {cfg.page_timeout_s}s") from None
+    load_page(driver, url, cfg)
     loaded_at: float | None = None
     last_count = -1
 

@@ -26,6 +26,7 @@ from sd_core.common.strict import StrictModel
 from sd_core.ingest.frames import scan_frames
 from sd_core.ingest.isolate import Worker, WorkerCrashed, WorkerTimeout
 from sd_core.ingest.ledger import ImageRecord, Ledger
+from sd_core.ingest.recover import open_ledger
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import (
     atomic_write_bytes,
@@ -92,6 +93,32 @@ def sniff_format(data: bytes) -> str:
     return next((name for magic, name in _MAGIC if data.startswith(magic)), "image")
 
 
+def _open(data: bytes) -> Image.Image:
+    """Pillow's lazy open: the format identified from the header, no pixel decoded. The first step of
+    :func:`to_rgb_jpeg`, and all of :func:`not_an_image`."""
+    if not data:
+        raise QuarantineError("empty file")
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise QuarantineError("not an image (unidentified format)") from None
+
+
+def not_an_image(data: bytes) -> str | None:
+    """Why ``data`` is no image at all (empty, or in no format the decoder knows: an HTML error page, text,
+    JSON), or None. Only the header is read, so this is cheap enough for every download; an image whose
+    pixels are broken or too many is still an image here (convert quarantines it with its reason)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _open(data).close()
+    except QuarantineError as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - identified but broken (a bomb, a bad header field): convert decides
+        return None
+    return None
+
+
 def to_rgb_jpeg(data: bytes, cfg: ConvertConfig) -> Converted:
     """Decode ``data`` (first frame if animated) and encode it as an RGB JPEG.
 
@@ -110,7 +137,7 @@ def to_rgb_jpeg(data: bytes, cfg: ConvertConfig) -> Converted:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = _open(data)
             w, h = img.size
             if w * h > cfg.max_image_pixels:
                 raise QuarantineError(f"decompression bomb: {w}x{h} exceeds {cfg.max_image_pixels} pixels")
@@ -119,8 +146,6 @@ def to_rgb_jpeg(data: bytes, cfg: ConvertConfig) -> Converted:
             img.load()  # the first frame only: the others are never decoded
     except QuarantineError:
         raise
-    except UnidentifiedImageError:
-        raise QuarantineError("not an image (unidentified format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise QuarantineError(f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -180,9 +205,18 @@ class ConvertWorker:
         self.close()
 
 
+FILE_TAG_CHARS = 64  # of the tag in a dataset file name: names stay far below any file system's limit
+
+
 def file_name_for(rec: ImageRecord) -> str:
-    """Dataset file name from the tag and the image's sequence number (never from its title)."""
-    tag = re.sub(r"[^A-Za-z0-9_-]+", "_", rec.tag).strip("_") or "emoji"
+    """Dataset file name from the tag and the image's sequence number (never from its title).
+
+    The tag is reduced to ``A-Z a-z 0-9 _ -`` (other runs become ``_``), never starts with ``-`` or ``_``, and
+    is cut to FILE_TAG_CHARS characters, so a name is at most 80 bytes whatever the tag; the sequence number
+    alone keeps names unique. A tag of letters, digits, ``_`` and ``-`` up to that length keeps the name it
+    always had (``Blobs_0000001.jpg``).
+    """
+    tag = re.sub(r"[^A-Za-z0-9_-]+", "_", rec.tag).lstrip("_-")[:FILE_TAG_CHARS].rstrip("_") or "emoji"
     return f"{tag}_{rec.seq:07d}.jpg"
 
 
@@ -221,7 +255,8 @@ def convert_dataset(
     ``max_seconds_per_image`` each.
     """
     sweep_temp_files(catalog.root)
-    with Ledger(catalog.ledger_db) as ledger:
+    ledger, _rebuilt = open_ledger(catalog)  # a damaged ledger is rebuilt from the dataset, with a warning
+    with ledger:
         records = ledger.images()
         duplicates = ledger.duplicates()
     key = config_key(cfg)
@@ -249,7 +284,7 @@ def convert_dataset(
                 out = worker.convert(data)
             except QuarantineError as e:
                 atomic_write_bytes(catalog.quarantine_dir / rec.md5, data)
-                items[rec.md5] = {"quarantined": str(e)}
+                items[rec.md5] = {"quarantined": str(e), "seq": rec.seq}  # seq: for a ledger rebuild
             else:
                 atomic_write_bytes(catalog.image_path(name), out.jpeg)
                 items[rec.md5] = {

@@ -9,17 +9,19 @@ from __future__ import annotations
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from sd_core.ingest.browser import Browser, ListingDeadlineError, walk_listing
+from sd_core.ingest.convert import not_an_image
 from sd_core.ingest.fetch import Fetcher, FetchResult
 from sd_core.ingest.interrupt import sigterm_raises
 from sd_core.ingest.ledger import RETRIED_LATER, Ledger, UrlState
-from sd_core.ingest.settings import CrawlConfig
+from sd_core.ingest.recover import NOT_AN_IMAGE_REASONS, convert_items, open_ledger, quarantine_verdicts
+from sd_core.ingest.settings import CrawlConfig, origin_of
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_bytes, atomic_write_json, read_json, sweep_temp_files
 
@@ -101,10 +103,21 @@ class DownloadSummary:
     new_images: int = 0
     duplicates: int = 0
     gets: int = 0
-    failed: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)  # this run's failed URLs, counted per reason
+    retried_poisoned: int = 0  # URLs an earlier run took for an image or a duplicate of a bad one, fetched again
+    ledger_rebuilt: str | None = None  # the damaged ledger was rebuilt (what, from what, where it went)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+class DownloadsFailed(RuntimeError):
+    """The download half did nothing useful: every URL this run tried failed, or no image is left at all.
+    The message is one line with the counts per reason; ``summary`` is the run's :class:`DownloadSummary`."""
+
+    def __init__(self, message: str, summary: DownloadSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 def _needs_fetch(state: UrlState | None, cfg: CrawlConfig, force: bool, now: datetime) -> bool:
@@ -118,9 +131,15 @@ def _needs_fetch(state: UrlState | None, cfg: CrawlConfig, force: bool, now: dat
 
 
 def _reason(res: FetchResult) -> str:
-    if res.http_status is not None and res.http_status != 200:
-        return f"HTTP {res.http_status}"
-    return (res.error or "error").split(":")[0]
+    return reason_of(res.http_status, res.error)
+
+
+def reason_of(http_status: int | None, error: str | None) -> str:
+    """The reason a download failed, as counted in summaries: ``HTTP 503``, ``connection refused``, ``not an
+    image (unidentified format)``, ``deadline``, ..."""
+    if http_status is not None and http_status != 200:
+        return f"HTTP {http_status}"
+    return (error or "error").split(":")[0]
 
 
 class _Recorder:
@@ -133,18 +152,29 @@ class _Recorder:
     """
 
     def __init__(self, cfg: CrawlConfig, catalog: Catalog, ledger: Ledger, summary: DownloadSummary,
-                 order: list[str], fetching: set[str]) -> None:
+                 order: list[str], fetching: set[str], quarantined: dict[str, str] | None = None) -> None:
         self.cfg, self.catalog, self.ledger, self.summary = cfg, catalog, ledger, summary
         self.order, self.fetching = order, fetching
         self.outcome: dict[str, str] = {}
         self.failed: Counter[str] = Counter()
+        self.examples: dict[str, tuple[str, str]] = {}  # reason -> (a URL that failed so, its full error)
+        self.retry_after: list[float] = []
         self._next = 0
+        # Bytes convert quarantined (md5 -> (reason, the URL they were first fetched from)): the same bytes
+        # from another URL are no duplicate of an image but a failure, tried again after its back-off.
+        firsts = ledger.image_urls()
+        self.quarantined = {m: (r, firsts[m]) for m, r in (quarantined or {}).items() if m in firsts}
 
     def record(self, res: FetchResult) -> None:
         if res.status == "cancelled" or res.url in self.outcome:
             return
         self.summary.gets += res.attempts
         md5 = res.md5
+        bad = self.quarantined.get(md5 or "")
+        if res.status == "ok" and bad is not None and bad[1] != res.url:
+            res = replace(res, status="failed", body=None,
+                          error=f"same bytes as a quarantined image: {bad[0]} (first fetched from {bad[1]})"[:300])
+            md5 = None
         if res.status == "ok" and md5 is not None:
             path = self.catalog.raw_path(md5)
             if not path.exists():
@@ -152,6 +182,9 @@ class _Recorder:
             self.summary.downloaded += 1
         else:
             self.failed[_reason(res)] += 1
+            self.examples.setdefault(_reason(res), (res.url, res.error or _reason(res)))
+            if res.retry_after_s:
+                self.retry_after.append(res.retry_after_s)
         self.ledger.record_fetch(
             res.url,
             res.status,
@@ -163,6 +196,7 @@ class _Recorder:
             error=res.error,
             backoff_s=self.cfg.failed_backoff_s,
             backoff_max_s=self.cfg.failed_backoff_max_s,
+            not_before_s=res.retry_after_s or 0.0,
         )
         self.outcome[res.url] = res.status
         self.promote_ready()
@@ -190,19 +224,31 @@ def download_new(
     """Download every listed URL the ledger has not fetched yet; store new content by md5.
 
     A URL fetched (or found gone) in an earlier run is not requested again (unless ``force``);
-    a URL that failed is tried again once its back-off has passed; a refused one is checked again
-    against this run's host policy. Bytes equal to an
+    a URL that failed is tried again once its back-off has passed (and not before the time a 429/503's
+    Retry-After asked for, up to ``max_retry_after_s``); a refused one is checked again
+    against this run's host policy. A body that is no image (an HTML error page answered with 200, an
+    empty body) is a failure, never an image. Bytes equal to an
     image already stored under another URL are recorded as a duplicate and not stored twice.
     Each download is recorded as soon as it finishes. On Ctrl-C or SIGTERM the downloads not started
     are cancelled, those in flight stopped, and every finished one recorded before the exception
     propagates.
+
+    A ledger SQLite cannot read is rebuilt from the dataset first (:mod:`sd_core.ingest.recover`), and
+    entries an earlier version poisoned are undone (:func:`heal_ledger`). Raises :class:`DownloadsFailed`,
+    after recording everything, when the run did nothing useful (see :func:`_check_downloads`).
     """
     summary = DownloadSummary(listed=len(listing.items))
     urls = listing.unique_urls
     summary.unique_urls = len(urls)
     sweep_temp_files(catalog.root)
-    with sigterm_raises(), Ledger(catalog.ledger_db) as ledger:
+    with sigterm_raises():
+        ledger, rebuilt = open_ledger(catalog)
+    with sigterm_raises(), ledger:
+        if rebuilt is not None:
+            summary.ledger_rebuilt = rebuilt.line()
         ledger.note_listed(list(listing.items), listing.tag)
+        quarantined = quarantine_verdicts(catalog)
+        summary.retried_poisoned = len(heal_ledger(ledger, catalog, quarantined))
         states = ledger.states(urls)
         now = datetime.now(timezone.utc)
         # Oldest first (the listing is newest first): sequence numbers, and so file names, then
@@ -219,12 +265,108 @@ def download_new(
         waiting = set(leftover)
         order = [u for u in reversed(urls) if u in fetching or u in waiting]
         order += [u for u in leftover if u not in listed]
-        recorder = _Recorder(cfg, catalog, ledger, summary, order, fetching)
+        recorder = _Recorder(cfg, catalog, ledger, summary, order, fetching, quarantined)
         recorder.promote_ready()
         if todo:
             _fetch_all(cfg, listing, todo, recorder, progress)
         summary.failed = dict(recorder.failed)
+        retries = {u for u in todo if (st := states.get(u)) is not None and st.status in ("failed", "gone", "refused")}
+        _check_downloads(cfg, ledger, summary, urls, recorder, first_tries=len(set(recorder.outcome) - retries))
     return summary
+
+
+def heal_ledger(ledger: Ledger, catalog: Catalog, quarantined: dict[str, str] | None = None) -> list[str]:
+    """Undo what earlier versions, which did not check a body before taking it for an image, recorded: the URLs
+    of an "image" that is none (an error page) and the URLs recorded as "duplicates" of a body convert
+    quarantined become failed and due now. Returns those URLs (this run fetches them again).
+
+    Which bytes are no image comes from convert's verdicts (``quarantined``: md5 -> reason) and, once per
+    ledger written before the check existed, from reading the raw bytes of images convert has not seen.
+    """
+    quarantined = quarantine_verdicts(catalog) if quarantined is None else quarantined
+    bad = {m: r for m, r in quarantined.items() if r.startswith(NOT_AN_IMAGE_REASONS)}
+    if not ledger.content_checked:
+        seen = convert_items(catalog)  # converted or quarantined: convert's verdict stands
+        for md5 in ledger.image_urls():
+            if md5 in seen:
+                continue
+            try:
+                data = catalog.raw_path(md5).read_bytes()
+            except OSError:
+                continue  # convert will say
+            why = not_an_image(data)
+            if why is not None:
+                bad[md5] = why
+    retried = ledger.forget_images({m: f"{why} (an earlier run took it for an image)" for m, why in bad.items()})
+    firsts = ledger.image_urls()
+    retried += ledger.retry_duplicates({
+        m: f"same bytes as a quarantined image: {why} (first fetched from {firsts[m]})"
+        for m, why in quarantined.items() if m in firsts and m not in bad
+    })
+    if not ledger.content_checked:
+        ledger.mark_content_checked()
+    return retried
+
+
+def _check_downloads(
+    cfg: CrawlConfig, ledger: Ledger, summary: DownloadSummary, urls: list[str], recorder: "_Recorder",
+    first_tries: int,
+) -> None:
+    """Raise :class:`DownloadsFailed` when the run did nothing useful:
+
+    - it tried URLs for the first time (new ones, or all of them under ``force``) and not one download
+      succeeded (a rerun that only tried again URLs that failed before, and failed again, is not a failure:
+      its summary counts them), or
+    - the ledger holds no image at all once the run is over (nothing to build a dataset from), whether this run
+      tried anything or every listed URL waits for its back-off.
+
+    A rerun with nothing to fetch, and a run with some successes, pass; their summary counts the failures.
+    """
+    tried = sum(recorder.failed.values()) + summary.downloaded
+    no_image = bool(urls) and ledger.counts()["images"] == 0
+    if not ((first_tries and tried and not summary.downloaded) or no_image):
+        return
+    parts: list[str] = []
+    if tried and not summary.downloaded:
+        n = f"{tried} URL{'s' * (tried != 1)} tried"
+        if set(recorder.failed) == {"HTTP 429"}:
+            parts.append(f"crawl: the site answered 429 Too Many Requests to every image ({n})")
+        else:
+            counts = ", ".join(f"{r}: {k}" for r, k in recorder.failed.most_common())
+            parts.append(f"crawl: every download failed ({n}; {counts})")
+        url, error = next(iter(recorder.examples.values()))
+        parts.append(f"e.g. {error}" if url in error else f"e.g. {url}: {error}")
+        failed_urls = [u for u, st in recorder.outcome.items() if st != "ok"]
+    else:
+        reasons: Counter[str] = Counter()
+        listed = set(urls)
+        for url, status, http_status, error in ledger.failures():
+            if url in listed:
+                reasons[reason_of(http_status, error)] += 1
+        counts = ", ".join(f"{r}: {k}" for r, k in reasons.most_common())
+        parts.append(f"crawl: no image downloaded yet: the {len(urls)} listed URLs failed in earlier runs ({counts})")
+        failed_urls, url = urls, ""
+    if recorder.retry_after:
+        parts.append(f"the site asked to wait {max(recorder.retry_after):.0f}s (Retry-After, honoured up to "
+                     f"crawl.max_retry_after_s = {cfg.max_retry_after_s:g}s)")
+    when = ledger.next_try(failed_urls)
+    if when is not None:
+        parts.append(f"they are tried again from {when.isoformat(timespec='seconds')}")
+    if url and _same_origin(url, cfg.base_url) and any(r in _NETWORK for r in recorder.failed):
+        parts.append(f"check crawl.base_url = {cfg.base_url}")
+    raise DownloadsFailed("; ".join(parts), summary)
+
+
+_NETWORK = frozenset({"connection refused", "host not found", "network unreachable", "no route to host",
+                      "timed out connecting", "timed out reading", "connection reset", "TLS error",
+                      "connection closed by the server"})
+
+
+def _same_origin(a: str, b: str) -> bool:
+    try:
+        return origin_of(a) == origin_of(b)
+    except ValueError:
+        return False
 
 
 def _fetch_all(cfg: CrawlConfig, listing: Listing, todo: list[str], recorder: _Recorder, progress: bool) -> None:

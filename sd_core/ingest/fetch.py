@@ -30,6 +30,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from sd_core.ingest.convert import not_an_image
 from sd_core.ingest.settings import CrawlConfig, origin_of, parse_host_rule
 from sd_core.store.files import md5_bytes
 
@@ -44,7 +45,9 @@ Status = Literal["ok", "gone", "failed", "refused", "cancelled"]
 @dataclass(frozen=True)
 class FetchResult:
     """One URL's outcome. ``refused``: the host policy said no (nothing was stored); ``cancelled``: the
-    crawl was interrupted before it finished (not recorded, so the next run fetches it)."""
+    crawl was interrupted before it finished (not recorded, so the next run fetches it). ``retry_after_s``:
+    how long the server asked us to wait (Retry-After, capped by ``crawl.max_retry_after_s``) when it
+    answered 429/503 last."""
 
     url: str
     status: Status
@@ -53,6 +56,7 @@ class FetchResult:
     body: bytes | None = None
     content_type: str | None = None
     error: str | None = None
+    retry_after_s: float | None = None
 
     @property
     def md5(self) -> str | None:
@@ -354,6 +358,34 @@ def _retry_after(resp: requests.Response) -> float:
         return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
+def network_error(e: requests.RequestException) -> str:
+    """A connection-level failure in a few words (``connection refused``, ``host not found``, ...): the
+    cause, not requests' and urllib3's nested reprs."""
+    text = str(e)
+    if isinstance(e, requests.exceptions.SSLError):
+        return "TLS error"
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return "timed out connecting"
+    if isinstance(e, requests.Timeout):
+        return "timed out reading"
+    for needle, words in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "host not found"),
+        ("nodename nor servname", "host not found"),
+        ("Failed to resolve", "host not found"),
+        ("Temporary failure in name resolution", "host not found"),
+        ("No address associated", "host not found"),
+        ("Network is unreachable", "network unreachable"),
+        ("No route to host", "no route to host"),
+        ("Connection reset", "connection reset"),
+        ("Connection aborted", "connection closed by the server"),
+        ("RemoteDisconnected", "connection closed by the server"),
+    ):
+        if needle in text:
+            return words
+    return type(e).__name__
+
+
 class Fetcher:
     """Thread-safe image downloader. ``cancel()`` (from any thread) stops every download in flight."""
 
@@ -447,7 +479,7 @@ class Fetcher:
             except (requests.ConnectionError, requests.Timeout) as e:
                 if scope.stopped:
                     raise _Aborted(scope.stopped) from None
-                error = f"{type(e).__name__}: {e}"[:300]
+                error = f"{network_error(e)}: {current}"[:300]
                 wait = self.cfg.backoff_s * 2**attempt
                 continue
             except requests.RequestException as e:
@@ -455,11 +487,13 @@ class Fetcher:
                     raise _Aborted(scope.stopped) from None
                 return FetchResult(url, "failed", scope.requests, error=f"{type(e).__name__}: {e}"[:300])
             if resp.status_code in RETRY_STATUSES and attempt < self.cfg.retries:
-                wait = max(self.cfg.backoff_s * 2**attempt, _retry_after(resp))
+                asked = self._retry_after(resp)
+                wait = max(self.cfg.backoff_s * 2**attempt, asked or 0.0)
                 resp.close()
                 if wait >= scope.remaining():  # the server asks for a pause past the deadline: give up now
                     return FetchResult(url, "failed", scope.requests, resp.status_code,
-                                       error=f"HTTP {resp.status_code} (asked to retry after {wait:.0f}s)")
+                                       error=f"HTTP {resp.status_code} (asked to retry after {wait:.0f}s)",
+                                       retry_after_s=asked)
                 continue
             return resp
         return FetchResult(url, "failed", scope.requests, error=error)
@@ -469,7 +503,8 @@ class Fetcher:
         if status in GONE_STATUSES:
             return FetchResult(url, "gone", scope.requests, status, error=f"HTTP {status}")
         if status != 200:
-            return FetchResult(url, "failed", scope.requests, status, error=f"HTTP {status}")
+            asked = self._retry_after(resp) if status in RETRY_STATUSES else None
+            return FetchResult(url, "failed", scope.requests, status, error=f"HTTP {status}", retry_after_s=asked)
         too_big = f"larger than {self.cfg.max_image_bytes} bytes"
         declared = resp.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self.cfg.max_image_bytes:
@@ -485,7 +520,17 @@ class Fetcher:
         if body is None:
             return FetchResult(url, "failed", scope.requests, 200, error=too_big)
         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip() or None
+        why = not_an_image(body)  # content before identity: an error page must never become an image
+        if why is not None:
+            return FetchResult(url, "failed", scope.requests, 200, content_type=ctype,
+                               error=f"{why}: HTTP 200, {ctype or 'no Content-Type'}, {len(body)} bytes")
         return FetchResult(url, "ok", scope.requests, 200, body=body, content_type=ctype)
+
+    def _retry_after(self, resp: requests.Response) -> float | None:
+        """The answer's Retry-After in seconds, at most ``crawl.max_retry_after_s``; None without one."""
+        if not resp.headers.get("Retry-After") or self.cfg.max_retry_after_s <= 0:
+            return None
+        return min(_retry_after(resp), self.cfg.max_retry_after_s)
 
     def _read_capped(self, resp: requests.Response) -> bytes | None:
         chunks: list[bytes] = []

@@ -11,6 +11,11 @@ killed is promoted by the next run, at its place in the order.
 A URL that failed is tried again only after a back-off that doubles with each further failure
 (``failures``, ``next_try``); ledgers written before these columns existed are migrated on open.
 A refused URL (host policy) is checked again on every run, against the policy of that run.
+
+A ledger that SQLite cannot read (garbled, truncated) raises :class:`LedgerDamaged` naming the file; the
+crawl then rebuilds it from the dataset (:mod:`sd_core.ingest.recover`). ``PRAGMA user_version`` says
+whether the ledger's images were checked to be images (ledgers written before downloads were checked
+may hold an error page recorded as an image; the crawl checks those once, see ``crawl.heal_ledger``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,23 @@ from typing import Iterator, Literal
 
 FetchStatus = Literal["ok", "gone", "failed", "refused"]
 RETRIED_LATER = ("failed",)  # statuses that wait for a back-off
+CONTENT_CHECKED = 1  # user_version of a ledger whose images are all known to be images
+_DAMAGE = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+
+
+class LedgerError(RuntimeError):
+    """The crawl ledger cannot be used; the message names the file and what to do."""
+
+
+class LedgerDamaged(LedgerError):
+    """SQLite cannot read the ledger: it is not a database (garbled) or its pages are corrupt (truncated)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"the crawl ledger {path} is damaged ({why}); the next crawl (emoji-sd run) moves it aside and "
+            "rebuilds it from metadata.csv, or restore it from a backup"
+        )
+        self.path, self.why = path, why
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS urls (
@@ -105,14 +127,33 @@ class Ledger:
     """Thread-safe access to the crawl ledger (one connection, one lock)."""
 
     def __init__(self, path: Path) -> None:
-        path = Path(path)
+        path = self.path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
+        except sqlite3.Error as e:
+            raise LedgerError(f"the crawl ledger {path} cannot be opened: {e}") from e
+        try:
+            new = self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            if not new:
+                problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
+                if problems != ["ok"]:
+                    raise LedgerDamaged(path, "; ".join(problems)[:200])
+            self._db.executescript(_SCHEMA)
+            self._migrate()
+            if new:
+                self._db.execute(f"PRAGMA user_version = {CONTENT_CHECKED}")
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            if e.sqlite_errorname in _DAMAGE:
+                raise LedgerDamaged(path, str(e)) from e
+            raise LedgerError(f"the crawl ledger {path} cannot be used: {e}") from e
+        except BaseException:
+            self._db.close()
+            raise
 
     def _migrate(self) -> None:
         with self._lock:
@@ -124,6 +165,16 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @property
+    def content_checked(self) -> bool:
+        """Whether every image in the ledger is known to be an image (see the module's docstring)."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0]) >= CONTENT_CHECKED
+
+    def mark_content_checked(self) -> None:
+        with self._lock:
+            self._db.execute(f"PRAGMA user_version = {CONTENT_CHECKED}")
 
     def __enter__(self) -> "Ledger":
         return self
@@ -172,9 +223,11 @@ class Ledger:
         error: str | None = None,
         backoff_s: float = 0.0,
         backoff_max_s: float = 0.0,
+        not_before_s: float = 0.0,
     ) -> None:
         """Record one fetch outcome (its own transaction). A failed URL waits
-        ``backoff_s * 2**(failures - 1)`` seconds (at most ``backoff_max_s``) before its next try."""
+        ``backoff_s * 2**(failures - 1)`` seconds (at most ``backoff_max_s``), and at least ``not_before_s``
+        (what the server asked for in Retry-After), before its next try."""
         now = datetime.now(timezone.utc)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -183,7 +236,7 @@ class Ledger:
                 if status in RETRIED_LATER:
                     row = self._db.execute("SELECT failures FROM urls WHERE url=?", (url,)).fetchone()
                     failures = int(row[0] or 0) + 1 if row else 1
-                    wait = min(backoff_s * 2 ** min(failures - 1, 40), backoff_max_s)
+                    wait = max(min(backoff_s * 2 ** min(failures - 1, 40), backoff_max_s), not_before_s)
                     next_try = (now + timedelta(seconds=wait)).isoformat(timespec="seconds") if wait > 0 else None
                 self._db.execute(
                     "UPDATE urls SET status=?, md5=?, http_status=?, error=?, attempts=attempts+?, fetched_at=?, "
@@ -195,6 +248,55 @@ class Ledger:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def next_try(self, urls: list[str]) -> datetime | None:
+        """The latest ``next_try`` among ``urls`` (when all of them may be tried again), or None."""
+        when = [st.next_try for st in self.states(urls).values() if st.next_try is not None]
+        return max(when, default=None)
+
+    def image_urls(self) -> dict[str, str]:
+        """md5 -> the URL each image was first fetched from."""
+        with self._lock:
+            return dict(self._db.execute("SELECT md5, url FROM images").fetchall())
+
+    def forget_images(self, reasons: dict[str, str]) -> list[str]:
+        """Undo images that are not images (``reasons``: md5 -> why): their rows leave ``images`` (their
+        sequence numbers are not reused) and every URL that gave those bytes, the first one and its
+        "duplicates", becomes failed and due now, so this run fetches it again. Returns those URLs."""
+        return self._mark_failed(reasons, forget=True)
+
+    def retry_duplicates(self, reasons: dict[str, str]) -> list[str]:
+        """URLs recorded as duplicates of the images ``reasons`` names (md5 -> why) become failed and due now:
+        a duplicate of a body that was quarantined is no evidence of an image. Returns those URLs."""
+        return self._mark_failed(reasons, forget=False)
+
+    def _mark_failed(self, reasons: dict[str, str], *, forget: bool) -> list[str]:
+        if not reasons:
+            return []
+        done: list[str] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for md5, why in reasons.items():
+                    first = self._db.execute("SELECT url FROM images WHERE md5=?", (md5,)).fetchone()
+                    if first is None:
+                        continue
+                    which = "" if forget else " AND url != ?"
+                    urls = [r[0] for r in self._db.execute(
+                        f"SELECT url FROM urls WHERE md5=? AND status='ok'{which}", (md5, *(() if forget else first)))]
+                    self._db.executemany(
+                        "UPDATE urls SET status='failed', error=?, md5=NULL, size=NULL, failures=0, next_try=NULL "
+                        "WHERE url=?",
+                        [(why[:300], u) for u in urls],
+                    )
+                    if forget:
+                        self._db.execute("DELETE FROM images WHERE md5=?", (md5,))
+                    done += urls
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return done
 
     def unpromoted(self) -> list[str]:
         """URLs fetched fine whose content is not in ``images`` yet (a run was stopped before their turn)."""

@@ -3,7 +3,8 @@ Selectors default to the discords.com layout."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+import unicodedata
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -15,12 +16,22 @@ from sd_core.common.strict import StrictModel
 # CDN, which is what an `img` without the proxy points at.
 DISCORD_CDN = "https://cdn.discordapp.com"
 
+MAX_TAG_CHARS = 200  # a real tag is a word or two; file names take at most FILE_TAG_CHARS of it (convert)
+
 
 class CrawlConfig(StrictModel):
     """Where to crawl and how politely. Selectors default to the discords.com layout."""
 
-    base_url: str = "https://discords.com"
-    tag: str = "Blobs"
+    base_url: str = Field(
+        "https://discords.com",
+        description="site root: http:// or https://, a host, optionally a path; no query, fragment, blanks or "
+        "control characters",
+    )
+    tag: str = Field(
+        "Blobs",
+        description=f"the listing's tag; URL-encoded into listing_path. 1 to {MAX_TAG_CHARS} characters, no "
+        "control characters, no leading or trailing blanks",
+    )
     listing_path: str = "/emoji-list/tag/{tag}?page={page}"
     container_selector: str = "div.FS5UE28h.container"
     item_selector: str = "div.LQY5mtmC div.aLnnpRah.text-center"
@@ -64,6 +75,12 @@ class CrawlConfig(StrictModel):
         "on a later run only after this long, doubled after each further failure; 0 retries it on every run",
     )
     failed_backoff_max_s: float = Field(7 * 24 * 3600.0, ge=0, description="cap of that back-off")
+    max_retry_after_s: float = Field(
+        24 * 3600.0, ge=0,
+        description="a 429/503 answer's Retry-After is honoured up to this many seconds: within the run when "
+        "it fits in download_deadline_s, and as the URL's next try (never earlier than its back-off) when it "
+        "does not; 0 ignores Retry-After",
+    )
     allowed_hosts: tuple[str, ...] = Field(
         (DISCORD_CDN,),
         description="image origins allowed besides the listing's own: 'https://host[:port]' (exactly that "
@@ -75,9 +92,12 @@ class CrawlConfig(StrictModel):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        return check_base_url(v)
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, v: str) -> str:
+        return check_tag(v)
 
     @field_validator("listing_path")
     @classmethod
@@ -103,7 +123,57 @@ class CrawlConfig(StrictModel):
         return self
 
     def listing_url(self, page: int) -> str:
-        return self.base_url + self.listing_path.format(tag=self.tag, page=page)
+        """The listing page's URL; the tag is percent-encoded (``/``, ``?``, ``#``, blanks included)."""
+        return self.base_url + self.listing_path.format(tag=quote(self.tag, safe=""), page=page)
+
+
+
+def _control_chars(text: str) -> list[str]:
+    """Control and format characters (C0, DEL, C1, zero-width and direction marks) in ``text``, as ``U+XXXX``."""
+    return sorted({f"U+{ord(c):04X}" for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")})
+
+
+def check_base_url(v: str) -> str:
+    """An http(s) site root with a host, optionally a path; no query, fragment, credentials, blanks or control
+    characters. Returned without a trailing slash. A ValueError says what is wrong (pydantic adds the field)."""
+    bad = _control_chars(v)
+    if bad:
+        raise ValueError(f"contains control characters ({', '.join(bad)}): {v!r}")
+    if any(c.isspace() for c in v):
+        raise ValueError(f"contains blanks: {v!r}")
+    try:
+        parts = urlsplit(v)
+    except ValueError as e:  # e.g. an unclosed IPv6 bracket
+        raise ValueError(f"is not a URL ({e}): {v!r}") from None
+    if parts.scheme.lower() not in ("http", "https") or not v.lower().startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://: {v!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        raise ValueError(f"has an invalid port: {v!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"names no host: {v!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"must not carry a user name or password: {v!r}")
+    if parts.query or parts.fragment or "?" in v or "#" in v:
+        raise ValueError(f"must be a site root without '?' or '#' (the listing's query belongs in "
+                         f"crawl.listing_path): {v!r}")
+    return v.rstrip("/")
+
+
+def check_tag(v: str) -> str:
+    """A listing tag: 1..MAX_TAG_CHARS characters, no control characters, no leading or trailing blanks.
+    Any other character is allowed: it is percent-encoded in the listing URL and made safe in file names."""
+    if not v.strip():
+        raise ValueError("must not be empty")
+    bad = _control_chars(v)
+    if bad:
+        raise ValueError(f"contains control characters ({', '.join(bad)}): {v!r}")
+    if v != v.strip():
+        raise ValueError(f"has leading or trailing blanks: {v!r}")
+    if len(v) > MAX_TAG_CHARS:
+        raise ValueError(f"is {len(v)} characters long; at most {MAX_TAG_CHARS}")
+    return v
 
 
 def origin_of(url: str) -> tuple[str, str, int]:

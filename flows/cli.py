@@ -289,12 +289,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     from sd_core.publish import served_model
-    from sd_core.publish.hub import push
+    from sd_core.publish.hub import hub_token, push
     from sd_core.store.catalog import Catalog
 
+    token = None if args.dry_run else hub_token()  # first: no token, one line, before anything is looked up
     catalog = Catalog(check_data_dir(args.data_dir))
     lines = push(catalog, served_model(catalog), repo_id=args.repo_id, dataset_repo_id=args.dataset_repo_id,
-                 private=args.private, dry_run=args.dry_run)
+                 private=args.private, dry_run=args.dry_run, token=token)
     print("\n".join(lines))
     return 0
 

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
 from sd_core.diffusion.config import SAMPLERS
 from sd_core.publish import served_model
 from sd_core.store.catalog import Catalog
@@ -155,8 +159,8 @@ class Busy(RuntimeError):
 class DatasetIndex:
     """metadata.csv's rows, read again when the file changes; search by caption or title."""
 
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
+    def __init__(self, catalog: Catalog, page_size: int = PAGE_SIZE) -> None:
+        self.catalog, self.page_size = catalog, page_size
         self._stamp: tuple[float, int] | None = None
         self._rows: list[dict[str, str]] = []
         self._files: set[str] = set()
@@ -181,9 +185,9 @@ class DatasetIndex:
         words = query.lower().split()
         rows = self.rows()
         hits = [r for r in rows if all(w in f"{r.get('prompt', '')} {r.get('image_title', '')}".lower() for w in words)]
-        pages = max(1, math.ceil(len(hits) / PAGE_SIZE))
+        pages = max(1, math.ceil(len(hits) / self.page_size))
         page = min(max(1, page), pages)
-        return hits[(page - 1) * PAGE_SIZE : page * PAGE_SIZE], len(hits), pages
+        return hits[(page - 1) * self.page_size : page * self.page_size], len(hits), pages
 
     def image(self, file_name: str) -> Path | None:
         """The image file of a dataset row (None for anything that is not one)."""
@@ -305,14 +309,14 @@ def data_page(index: DatasetIndex, catalog: Catalog, query: str, page: int) -> s
 {evaluations}""")
 
 
-def create_app(catalog: Catalog, *, device: str = "auto", limits: Limits = Limits(), model: Path | None = None) -> Any:
-    """The FastAPI application serving ``catalog``'s champion (``model``: another export, for tests and tools)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-
+def create_app(catalog: Catalog, *, device: str = "auto", limits: Limits = Limits(), model: Path | None = None,
+               page_size: int = PAGE_SIZE) -> Any:
+    """The FastAPI application serving ``catalog``'s champion (``model``: another export, for tests and tools);
+    ``page_size``: dataset rows a page."""
     drawer = Drawer(model or served_model(catalog), device=device, limits=limits)
-    index = DatasetIndex(catalog)
+    index = DatasetIndex(catalog, page_size)
     app = FastAPI(title="emoji-sd", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.drawer, app.state.index = drawer, index
 
     @app.get("/", response_class=HTMLResponse)
     def home() -> str:
@@ -320,8 +324,6 @@ def create_app(catalog: Catalog, *, device: str = "auto", limits: Limits = Limit
 
     @app.post("/api/draw")
     async def draw(request: Request) -> Response:
-        from starlette.concurrency import run_in_threadpool
-
         try:
             body = await request.json()
         except ValueError:

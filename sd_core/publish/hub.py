@@ -176,9 +176,11 @@ def upload(uploads: list[Upload], *, token: str, private: bool = False, endpoint
 
 
 def push(catalog: Catalog, export: Path, *, repo_id: str, dataset_repo_id: str | None = None, private: bool = False,
-         dry_run: bool = False) -> list[str]:
-    """Upload the export at ``export`` (and the dataset when ``dataset_repo_id`` is given); lines to print."""
-    token = None if dry_run else hub_token()  # before any work: no token, one line
+         dry_run: bool = False, token: str | None = None) -> list[str]:
+    """Upload the export at ``export`` (and the dataset when ``dataset_repo_id`` is given); lines to print.
+    ``token``: the Hub token (default :func:`hub_token`, checked before anything is staged)."""
+    if not dry_run and token is None:
+        token = hub_token()
     with staged(catalog, export, repo_id=repo_id, dataset_repo_id=dataset_repo_id) as uploads:
         if dry_run:
             return [f"{up.repo_type} {up.repo_id}: {len(up.files)} files: {', '.join(up.files[:8])}"

@@ -53,6 +53,18 @@ def resolve_device(name: str) -> Any:
     return torch.device(name)
 
 
+def check_size_early(folder: Path, cfg: SampleConfig) -> None:
+    """Refuse a width or height the folder's own VAE cannot draw before the model is loaded (a folder with its
+    VAE: scratch exports and diffusers folders; a fine-tune's is its base model's, checked once loaded)."""
+    vae = read_json(Path(folder) / "vae" / "config.json")
+    if isinstance(vae, dict) and vae.get("block_out_channels"):
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        for name, value in (("width", cfg.width), ("height", cfg.height)):
+            if value is not None and value % factor:
+                raise ValueError(f"sample.{name} (--{name}) = {value} is not a positive multiple of the VAE's factor "
+                                 f"{factor}")
+
+
 def model_split(model: Path | None) -> tuple[float, int]:
     """The training split (``val_fraction``, ``split_seed``) an export was trained with (its manifest's training
     config; the trainer's defaults for a folder that does not say)."""
@@ -107,6 +119,8 @@ def sample_to_folder(model: Path | Any, cfg: SampleConfig, out_dir: Path, *, cat
     them, the grid, the guidance sweep and ``samples.json`` in ``out_dir``. Without configured prompts, held-out
     captions of ``catalog`` are drawn (see :func:`resolve_prompts`)."""
     folder = Path(model) if isinstance(model, (str, Path)) else None
+    if folder is not None:
+        check_size_early(folder, cfg)
     pipe = load_pipeline(folder, device=resolve_device(cfg.device)) if folder is not None else model
     if digest is None and folder is not None:
         digest = model_digest(folder)

@@ -36,6 +36,14 @@ REFERENCES = (("", "model (guided)"), ("_g0", "unguided (w = 0)"), ("_real", "re
               ("_vae", "real images through the VAE"))
 
 
+def _card_json(path: Path) -> Any:
+    """A JSON file of the card's (``sample_grid.json``); None when missing or damaged: it is redrawn, not trusted."""
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def hub_id(name: str | None) -> str | None:
     """``name`` when it reads as a Hub repository id (``owner/name``) and is not a folder on this machine."""
     if not name or not HUB_ID.match(name) or Path(name).exists():
@@ -45,7 +53,7 @@ def hub_id(name: str | None) -> str | None:
 
 def _split_counts(run: Path, train_cfg: dict[str, Any]) -> tuple[list[str], int, int]:
     """The md5s the run trained on (its plan's item set), and its train / held-out sizes."""
-    plan = read_json(run / "plan.json") or {}
+    plan = _card_json(run / "plan.json") or {}
     md5s = [item[0] for item in plan.get("items") or []]
     if not md5s:
         return [], 0, 0
@@ -159,7 +167,7 @@ def load_snippet(manifest: dict[str, Any], where: str, prompt: str) -> str:
 def _grid_section(folder: Path) -> str:
     if not (folder / CARD_GRID).exists():
         return "No sample grid yet: the sample stage adds one (`emoji-sd run --only sample`).\n"
-    about = read_json(folder / CARD_SAMPLES) or {}
+    about = _card_json(folder / CARD_SAMPLES) or {}
     config = about.get("config") or {}
     seeds = [image.get("seed") for image in about.get("images", [])]
     detail = ""
@@ -173,7 +181,7 @@ def _grid_section(folder: Path) -> str:
 
 
 def _first_prompt(folder: Path, fallback: str) -> str:
-    about = read_json(folder / CARD_SAMPLES) or {}
+    about = _card_json(folder / CARD_SAMPLES) or {}
     images = about.get("images") or []
     return images[0]["prompt"] if images and images[0].get("prompt") else fallback
 
@@ -276,9 +284,12 @@ Model digest (of `{MANIFEST}`'s checksums): `{digest}`.
 
 
 def write_model_card(folder: Path, *, catalog: Catalog | None = None) -> Path:
-    """Write ``README.md`` beside the export at ``folder`` (atomically; outside its checksums)."""
+    """Write ``README.md`` beside the export at ``folder`` (atomically, and only when its text changed; outside the
+    export's checksums)."""
     path = Path(folder) / CARD
-    atomic_write_text(path, str(model_card(folder, catalog=catalog)))
+    text = str(model_card(folder, catalog=catalog))
+    if not path.is_file() or path.read_text("utf-8") != text:
+        atomic_write_text(path, text)
     return path
 
 
@@ -287,7 +298,10 @@ def attach_sample_grid(catalog: Catalog, run: Path, grid: Path, samples_json: Pa
     folder = Path(run) / "model"
     if read_manifest(folder) is None:
         return None
-    atomic_write_bytes(folder / CARD_GRID, Path(grid).read_bytes())
-    if samples_json is not None and Path(samples_json).exists():
-        atomic_write_json(folder / CARD_SAMPLES, read_json(samples_json))
+    data = Path(grid).read_bytes()
+    if not (folder / CARD_GRID).is_file() or (folder / CARD_GRID).read_bytes() != data:
+        atomic_write_bytes(folder / CARD_GRID, data)
+    settings = read_json(samples_json) if samples_json is not None else None
+    if settings is not None and _card_json(folder / CARD_SAMPLES) != settings:
+        atomic_write_json(folder / CARD_SAMPLES, settings)
     return write_model_card(folder, catalog=catalog)

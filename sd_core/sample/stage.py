@@ -10,6 +10,7 @@ content fingerprint and the prompts drawn, so a retrained model is always sample
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from sd_core.common.images import make_grid, save_png
 from sd_core.diffusion.export import load_pipeline, model_digest, read_manifest
 from sd_core.diffusion.generate import draw_grid, generate, image_size
 from sd_core.encode.held_out import held_out_prompts
-from sd_core.sample.config import SampleConfig
+from sd_core.sample.config import DEVICE_PATTERN, SampleConfig
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_json, read_json, stable_hash
 
@@ -46,6 +47,8 @@ def resolve_device(name: str) -> Any:
 
     if name == "auto":
         return device()
+    if not re.match(DEVICE_PATTERN, name):
+        raise ValueError(f"sample.device (--device) = {name!r}: expected auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"sample.device (--device) = {name}: no CUDA device is available here")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

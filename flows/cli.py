@@ -54,6 +54,36 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    """``emoji-sd sample``'s flags: each setting is the ``[sample]`` field of the same name (dashes for
+    underscores); what a flag does not give comes from the config."""
+    p.add_argument("--preset", choices=("demo",), help="start from a shipped preset (demo: `emoji-sd demo`'s)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="draw from this data dir's champion; its held-out captions are the default prompts")
+    p.add_argument("--model", type=Path, help="a model folder (an emoji-sd export or a diffusers SD folder)")
+    p.add_argument("--prompt", "--prompts", dest="prompts", action="append",
+                   help="text to draw (repeatable; default: [sample] prompts, else held-out captions of --data-dir)")
+    p.add_argument("--prompts-file", type=Path, help="a text file of prompts, one a line (added to --prompt)")
+    p.add_argument("--held-out-prompts", type=int, help="held-out captions drawn when no prompt is given")
+    p.add_argument("--negative-prompt", help="what to steer away from (classifier-free guidance > 1)")
+    p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
+                   help="classifier-free guidance scale: 0 without the text, 1 text without guidance")
+    p.add_argument("--steps", type=int, help="sampler steps")
+    p.add_argument("--scheduler", choices=SAMPLERS, help="sampler")
+    p.add_argument("--seed", type=int, help="first seed; image j of a prompt draws from seed + j")
+    p.add_argument("--images-per-prompt", "--n", dest="images_per_prompt", type=int, help="images per prompt")
+    p.add_argument("--width", type=int, help="image width in pixels, a multiple of the VAE's factor (8 for SD)")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of the VAE's factor")
+    p.add_argument("--guidance-sweep", "--sweep", dest="guidance_sweep", type=float, nargs="*",
+                   help="also a grid over these guidance scales (default: none)")
+    p.add_argument("--batch-size", type=int, help="images per pipeline call")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--cell-size", type=int, help="grid cell side in pixels")
+    p.add_argument("--label-width", type=int, help="width of the grid's prompt column in pixels")
+    p.add_argument("--out", type=Path, default=Path("grid.png"),
+                   help="grid PNG; the images and samples.json go in a folder of the same name beside it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="emoji-sd", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -77,18 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="scheduled", help="deployment name")
     serve.add_argument("--until", choices=STAGES, default=STAGES[-1])
 
-    sample = sub.add_parser("sample", help="draw emoji from a trained model")
+    sample = sub.add_parser("sample", help="draw emoji from a trained model (flags share the names of [sample])")
     _config_args(sample, site=False)
-    sample.add_argument("--data-dir", type=Path, default=None, help="use this data dir's latest trained model")
-    sample.add_argument("--model", type=Path, help="a model folder (scratch export or diffusers SD folder)")
-    sample.add_argument("--prompt", action="append", help="text to draw (repeatable; default: [sample] prompts)")
-    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: [sample])")
-    sample.add_argument("--steps", type=int, help="sampler steps (default: [sample])")
-    sample.add_argument("--scheduler", choices=SAMPLERS, help="sampler (default: [sample])")
-    sample.add_argument("--seed", type=int, help="first seed (default: [sample])")
-    sample.add_argument("--n", type=int, help="images per prompt (default: [sample])")
-    sample.add_argument("--sweep", type=float, nargs="*", help="also a grid over these guidance scales")
-    sample.add_argument("--out", type=Path, default=Path("grid.png"), help="grid PNG (images go beside it)")
+    _sample_args(sample)
 
     train = sub.add_parser("train", help="train from a data dir's cached pairs, without Prefect "
                                          "(also under `accelerate launch --multi_gpu --num_processes N -m flows.cli train`)")
@@ -111,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also keep the N newest training runs (default: train.keep_runs when set, else 0); "
                          "the run models/unet/latest.json names is always kept")
     gc.add_argument("--yes", action="store_true", help="delete; without it gc only lists what it would remove")
+
+    push = sub.add_parser("push", help="upload the champion's export (and the dataset) to the Hugging Face Hub")
+    push.add_argument("--data-dir", type=Path, required=True, help="the data directory whose champion to upload")
+    push.add_argument("--repo-id", required=True, help="the model repository, USER/NAME (created when missing)")
+    push.add_argument("--dataset-repo-id", help="also upload the dataset with its card to this dataset repository")
+    push.add_argument("--private", action="store_true", help="create the repositories private")
+    push.add_argument("--dry-run", action="store_true", help="stage and list what would be uploaded; upload nothing")
+
+    app = sub.add_parser("app", help="a local web page that draws from the champion and shows the dataset")
+    app.add_argument("--data-dir", type=Path, required=True, help="the data directory whose champion to serve")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    app.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free one)")
+    app.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    app.add_argument("--max-steps", type=int, default=None, help="most sampler steps one request may ask for")
+    app.add_argument("--max-images", type=int, default=None, help="most images one request may ask for")
 
     show = sub.add_parser("config", help="print the effective configuration as TOML")
     _config_args(show, site=False)
@@ -214,29 +250,63 @@ def _gc(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLE_FIELDS = ("prompts", "held_out_prompts", "negative_prompt", "guidance_scale", "steps", "scheduler", "seed",
+                 "images_per_prompt", "width", "height", "guidance_sweep", "batch_size", "device", "cell_size",
+                 "label_width")
+
+
 def _sample(args: argparse.Namespace) -> int:
     import shutil
 
-    from sd_core.sample.stage import sample_to_folder
+    from sd_core.sample.stage import prompts_from_file, sample_to_folder
     from sd_core.store.catalog import Catalog
 
-    cfg = _load(args, {})
-    model = args.model
-    if model is None:
+    prompts = tuple(args.prompts or ())
+    if args.prompts_file is not None:
+        prompts += prompts_from_file(args.prompts_file)
+    given = {f"sample.{f}": getattr(args, f) for f in SAMPLE_FIELDS}
+    given["sample.prompts"] = list(prompts) or None
+    # the command draws a guidance sweep only when asked (the sample stage draws [sample] guidance_sweep)
+    given["sample.guidance_sweep"] = list(args.guidance_sweep or ())
+    base = preset(args.preset) if args.preset else None
+    cfg = load_config(args.config, base=base, sets=args.sets, overrides=given)
+    model, catalog = args.model, None
+    if args.data_dir is not None or model is None:
         data_dir = check_data_dir(args.data_dir or cfg.data_dir)
-        model = Catalog(data_dir).trained_model()
+        catalog = Catalog(data_dir)
         if model is None:
-            raise FileNotFoundError(f"no trained model in {data_dir}: pass --model or run the train stage")
-    given = {"prompts": tuple(args.prompt) if args.prompt else None, "guidance_scale": args.guidance,
-             "steps": args.steps, "scheduler": args.scheduler, "seed": args.seed, "images_per_prompt": args.n,
-             "guidance_sweep": tuple(args.sweep) if args.sweep is not None else ()}
-    sample_cfg = cfg.sample.model_validate({**cfg.sample.model_dump(), **{k: v for k, v in given.items()
-                                                                          if v is not None}})
+            model = catalog.trained_model()
+            if model is None:
+                raise FileNotFoundError(f"no trained model in {data_dir}: pass --model or run the train stage")
     out_dir = args.out.with_suffix("")
-    result = sample_to_folder(model, sample_cfg, out_dir)
+    result = sample_to_folder(model, cfg.sample, out_dir, catalog=catalog)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.grid, args.out)
-    print(f"grid: {args.out}\nimages: {out_dir / 'images'}" + (f"\nsweep: {result.guidance_sweep}" if result.guidance_sweep else ""))
+    print(f"grid: {args.out}\nimages: {out_dir / 'images'}\nsettings: {out_dir / 'samples.json'}"
+          + (f"\nsweep: {result.guidance_sweep}" if result.guidance_sweep else ""))
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from sd_core.publish import served_model
+    from sd_core.publish.hub import hub_token, push
+    from sd_core.store.catalog import Catalog
+
+    token = None if args.dry_run else hub_token()  # first: no token, one line, before anything is looked up
+    catalog = Catalog(check_data_dir(args.data_dir))
+    lines = push(catalog, served_model(catalog), repo_id=args.repo_id, dataset_repo_id=args.dataset_repo_id,
+                 private=args.private, dry_run=args.dry_run, token=token)
+    print("\n".join(lines))
+    return 0
+
+
+def _app(args: argparse.Namespace) -> int:
+    from sd_core.app.server import Limits, serve_forever
+    from sd_core.store.catalog import Catalog
+
+    catalog = Catalog(check_data_dir(args.data_dir))
+    caps = {k: v for k, v in (("max_steps", args.max_steps), ("max_images", args.max_images)) if v is not None}
+    serve_forever(catalog, host=args.host, port=args.port, device=args.device, limits=Limits(**caps))
     return 0
 
 
@@ -326,6 +396,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _sample(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "push":
+        return _push(args)
+    if args.command == "app":
+        return _app(args)
     if args.command in ("status", "gc"):
         base = preset(args.preset) if args.preset else None
         cfg = load_config(args.config, base=base, sets=args.sets, overrides={

@@ -60,7 +60,7 @@ def test_config_command_prints_loadable_toml(tmp_path, capsys):
 
 
 def test_every_command_has_help():
-    for cmd in ([], ["run"], ["demo"], ["config"], ["sample"], ["status"], ["serve"], ["gc"]):
+    for cmd in ([], ["run"], ["demo"], ["config"], ["sample"], ["status"], ["serve"], ["gc"], ["push"], ["app"]):
         r = subprocess.run([sys.executable, "-m", "flows.cli", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: emoji-sd" in r.stdout
 
@@ -122,7 +122,7 @@ def test_help_and_argument_errors_do_not_import_torch():
     probe = ("import sys\nfrom flows.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'prefect') if m in sys.modules))")
     for args in ([], ["--help"], ["run", "--help"], ["demo", "--help"], ["sample", "--help"], ["gc", "--help"],
-                 ["status", "--help"], ["run", "--until", "nope"]):
+                 ["status", "--help"], ["push", "--help"], ["app", "--help"], ["run", "--until", "nope"]):
         r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
         assert r.stdout.splitlines()[-1] == "[]", (args, r.stdout[-500:])
 

@@ -10,7 +10,7 @@ import sd_core
 
 ROOT = Path(sd_core.__file__).parent
 LAYERS = ["store", "common", "demo", "ingest", "caption", "vae", "encode", "diffusion", "training", "sample",
-          "eval", "report", "presets", "config", "status"]
+          "eval", "report", "publish", "presets", "config", "status", "app"]
 
 
 def modules() -> dict[str, Path]:

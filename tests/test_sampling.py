@@ -5,6 +5,7 @@ foreign folder is refused with its name."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +18,8 @@ from tiny_diffusion import one_torch_thread, tiny_unet_config
 from tiny_models import CLIP_HIDDEN, build_tiny_clip, build_tiny_vae
 
 from sd_core.common.images import make_grid
-from sd_core.diffusion.export import MANIFEST, ModelFolderError, load_pipeline, verify_export, write_scratch_export
+from sd_core.diffusion.export import (MANIFEST, ModelFolderError, load_pipeline, model_digest, verify_export,
+                                      write_scratch_export)
 from sd_core.diffusion.generate import generate
 from sd_core.diffusion.models import ModelConfig, build_unet
 from sd_core.diffusion.schedulers import ScheduleConfig
@@ -225,3 +227,108 @@ def test_trainer_draws_validation_grids_without_touching_its_randomness(encoders
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     # with its encoders, the trainer exports a pipeline the sample stage draws from
     assert verify_export(tmp_path / "a" / "model")["step"] == 4
+
+
+def test_sample_flags_and_config_fields_share_their_names() -> None:
+    from flows.cli import build_parser
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    dests = {a.dest for a in sample._actions} - {"help", "debug"}
+    not_settings = {"config", "sets", "preset", "data_dir", "model", "prompts_file", "out"}
+    assert dests - not_settings == set(SampleConfig.model_fields)
+    flags = {o for a in sample._actions for o in a.option_strings}
+    for field in SampleConfig.model_fields:
+        assert f"--{field.replace('_', '-')}" in flags, field
+    assert {"--n", "--guidance", "--sweep", "--prompt"} <= flags  # the old names still work
+
+
+def test_negative_prompt_size_prompts_file_and_samples_json(export: Path, tmp_path: Path) -> None:
+    from flows.cli import main
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text(f"# two prompts\n{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(export), "--prompts-file", str(prompts_file), "--negative-prompt",
+                 "sad expression", "--width", "80", "--height", "48", "--images-per-prompt", "2", "--seed", "3",
+                 "--steps", "3", "--guidance-scale", "5", "--batch-size", "3", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    record = json.loads((tmp_path / "grid" / "samples.json").read_text())
+    images = record["images"]
+    assert [(i["prompt"], i["seed"]) for i in images] == [(p, s) for p in PROMPTS for s in (3, 4)]
+    first = images[0]
+    assert {k: first[k] for k in ("negative_prompt", "guidance_scale", "steps", "scheduler", "width", "height")} == {
+        "negative_prompt": "sad expression", "guidance_scale": 5.0, "steps": 3, "scheduler": "ddim", "width": 80,
+        "height": 48}
+    assert first["model_digest"] == record["model_digest"] == model_digest(export)
+    assert "--negative-prompt 'sad expression'" in first["command"] and "--width 80" in first["command"]
+    drawn = Image.open(tmp_path / "grid" / images[3]["file"])
+    assert drawn.size == (80, 48)
+    # the recorded settings draw the image again; without the negative prompt it is another image
+    last = images[3]
+    pipe = load_pipeline(export)
+    again = generate(pipe, [last["prompt"]], [last["seed"]], guidance_scale=last["guidance_scale"], steps=last["steps"],
+                     sampler_name=last["scheduler"], negative_prompt=last["negative_prompt"], width=last["width"],
+                     height=last["height"])[0][0]
+    assert same_picture(drawn, again)
+    plain = generate(pipe, [last["prompt"]], [last["seed"]], guidance_scale=5.0, steps=3, sampler_name="ddim",
+                     width=80, height=48)[0][0]
+    assert not same_picture(drawn, plain)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--width", "100"], "sample.width (--width) = 100 is not a positive multiple of the VAE's factor 8"),
+    (["--height", "4"], "sample.height: Input should be greater than or equal to 8"),
+    (["--steps", "0"], "sample.steps: Input should be greater than or equal to 1"),
+    (["--device", "gpu"], "sample.device: String should match pattern"),
+    (["--prompts-file", "MISSING"], "--prompts-file MISSING: no such file"),
+])
+def test_bad_sample_flags_are_one_line_naming_the_flag(export: Path, tmp_path: Path, args: list[str], says: str,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import main
+
+    missing = str(tmp_path / "none.txt")
+    args = [missing if a == "MISSING" else a for a in args]
+    rc = main(["sample", "--model", str(export), "--steps", "2", "--n", "1", *args, "--out", str(tmp_path / "g.png")]
+              if "--steps" not in args else ["sample", "--model", str(export), *args, "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert says.replace("MISSING", missing) in err
+
+
+def test_without_prompts_the_held_out_captions_are_drawn(export: Path, tmp_path: Path) -> None:
+    from sd_core.caption.template import DEFAULT_PROMPTS
+    from sd_core.eval.config import EvalConfig
+    from sd_core.eval.stage import eval_set
+    from sd_core.sample.stage import resolve_prompts
+    from sd_core.store.catalog import Catalog
+    from sd_core.store.metadata import update_metadata, write_metadata
+
+    catalog = Catalog(tmp_path / "data")
+    rows = [{"file_name": f"images/e{i}.jpg", "image_url": "", "image_title": f"e{i}", "tag": "t",
+             "md5": f"{i:032x}", "width": 64, "height": 64, "source_format": "PNG", "animated": False}
+            for i in range(60)]
+    write_metadata(catalog, rows)
+    update_metadata(catalog, {r["md5"]: {"prompt": f"Emoji number {i} with a round head"} for i, r in enumerate(rows)})
+    cfg = SampleConfig(held_out_prompts=4)
+    # the model's own split (its manifest names none: the trainer's defaults), picked as the eval stage picks
+    held = resolve_prompts(cfg, catalog, export)
+    assert held == tuple(eval_set(catalog, EvalConfig(items=4), 0.1, 42).prompts)
+    assert resolve_prompts(cfg, None, export) == DEFAULT_PROMPTS  # a model without a data directory
+    assert resolve_prompts(cfg.model_copy(update={"prompts": ("x",)}), catalog, export) == ("x",)
+    out = sample_to_folder(export, config(prompts=(), images_per_prompt=1, guidance_sweep=()), tmp_path / "s",
+                           catalog=catalog)
+    assert out.prompts == held and len(out.images) == len(held) >= 3
+
+
+def test_validation_grids_draw_held_out_captions_when_no_prompt_is_set(encoders, tmp_path: Path) -> None:
+    from sd_core.encode.stage import EncodeStageConfig
+    from sd_core.training.stage import validation_sampler
+
+    text, vae = encoders
+    unet = build_unet(ModelConfig(unet=tiny_unet_config(context_dim=CLIP_HIDDEN, zero_init_out=False)), sample_size=8)
+    sampler = validation_sampler(EncodeStageConfig(vae=vae, text=text), ScheduleConfig().scheduler_config(), steps=1,
+                                 held_out=PROMPTS[:1])
+    sampler(unet, (), [0, 1], tmp_path / "held.png")  # the trainer passes its (empty) sample_prompts
+    sampler(unet, PROMPTS, [0, 1], tmp_path / "given.png")
+    assert Image.open(tmp_path / "held.png").size == (220 + 2 * 64, 18 + 64)  # one row: the held-out caption
+    assert Image.open(tmp_path / "given.png").size == (220 + 2 * 64, 18 + 2 * 64)

@@ -2,7 +2,9 @@
 
 Every export folder holds ``emoji_sd_model.json``: its format, kind, training step, and the size and
 SHA-256 of every file in it (checked when the folder is read, so a truncated or damaged export is named
-instead of crashing deep inside safetensors).
+instead of crashing deep inside safetensors). The model card (``README.md``, ``sample_grid.png``,
+``sample_grid.json``; see :mod:`sd_core.diffusion.card`) is written beside the model and is not among them: it
+is rewritten when the run is evaluated and sampled, and the model's checksums and digest stay as exported.
 
 * ``scratch``: a complete ``StableDiffusionPipeline`` folder (unet, vae, text_encoder, tokenizer,
   scheduler, no safety checker) that ``StableDiffusionPipeline.from_pretrained(folder)`` runs as it is.
@@ -33,6 +35,12 @@ MANIFEST = "emoji_sd_model.json"
 ATTN2_WEIGHTS = "attn2.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 MERGED = "merged"
+# The model card and what it shows, written beside the model after the export and rewritten when the run is
+# evaluated or sampled: outside the manifest's checksums, so the model's identity (its digest) never moves.
+CARD = "README.md"
+CARD_GRID = "sample_grid.png"
+CARD_SAMPLES = "sample_grid.json"
+CARD_FILES = (CARD, CARD_GRID, CARD_SAMPLES)
 
 
 class _OwnTextEncoder(logging.Filter):
@@ -53,7 +61,9 @@ class ModelFolderError(ValueError):
 
 
 def _inventory(folder: Path) -> dict[str, dict[str, Any]]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Size and SHA-256 of every file of the model: all but the manifest and the card's files at the top."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+                   and not (p.parent == folder and p.name in CARD_FILES))
     return {str(p.relative_to(folder)): file_checksum(p) for p in files}
 
 

@@ -25,6 +25,18 @@ def use_sampler(pipe: Any, name: str | None) -> Any:
     return pipe
 
 
+def image_size(pipe: Any, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` in pixels: the given ones, each a multiple of the VAE's factor (refused naming
+    ``sample.width`` / ``--width`` otherwise), or the model's own size."""
+    factor = int(pipe.vae_scale_factor)
+    native = int(pipe.unet.config.sample_size) * factor
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and (value < factor or value % factor):
+            raise ValueError(f"sample.{name} (--{name}) = {value} is not a positive multiple of the VAE's factor "
+                             f"{factor} (the model's own size is {native})")
+    return width or native, height or native
+
+
 @torch.no_grad()
 def generate(
     pipe: Any,
@@ -36,12 +48,18 @@ def generate(
     sampler_name: str | None = None,
     batch_size: int = 16,
     seed_stride: int = 0,
+    negative_prompt: str = "",
+    width: int | None = None,
+    height: int | None = None,
 ) -> list[list[Image.Image]]:
     """Images ``[prompt][seed]`` drawn with ``pipe`` (its scheduler swapped for ``sampler_name`` if given).
 
     Image ``[i][j]`` starts from seed ``seeds[j] + i * seed_stride``: with the default 0 every prompt shares
-    the same noises (a grid's columns), with ``len(seeds)`` every image has its own."""
+    the same noises (a grid's columns), with ``len(seeds)`` every image has its own. ``negative_prompt``
+    replaces the empty prompt of classifier-free guidance (``guidance_scale > 1`` only); ``width`` and
+    ``height`` default to the model's own size (see :func:`image_size`)."""
     check_guidance(guidance_scale)
+    width, height = image_size(pipe, width, height)
     use_sampler(pipe, sampler_name)
     pipe.set_progress_bar_config(disable=True)
     jobs = [(pi, si) for pi in range(len(prompts)) for si in range(len(seeds))]
@@ -50,8 +68,9 @@ def generate(
         chunk = jobs[start : start + batch_size]
         texts = [prompts[pi] if guidance_scale > 0 else "" for pi, _ in chunk]
         generators = [torch.Generator().manual_seed(int(seeds[si]) + pi * seed_stride) for pi, si in chunk]
-        images = pipe(prompt=texts, num_inference_steps=steps, guidance_scale=max(guidance_scale, 1.0),
-                      generator=generators, output_type="pil").images
+        negative = [negative_prompt] * len(chunk) if negative_prompt and guidance_scale > 1 else None
+        images = pipe(prompt=texts, negative_prompt=negative, num_inference_steps=steps, width=width, height=height,
+                      guidance_scale=max(guidance_scale, 1.0), generator=generators, output_type="pil").images
         for (pi, si), img in zip(chunk, images):
             out[pi][si] = img
     return out  # type: ignore[return-value]
@@ -59,12 +78,13 @@ def generate(
 
 def draw_grid(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, guidance_scale: float, steps: int,
               sampler_name: str | None = None, batch_size: int = 16, cell_size: int | None = None,
-              label_width: int = 220) -> tuple[list[list[Image.Image]], Image.Image]:
-    """The images ``[prompt][seed]`` and a labelled grid of them (a row per prompt, a column per seed)."""
+              label_width: int = 220, **kw: Any) -> tuple[list[list[Image.Image]], Image.Image]:
+    """The images ``[prompt][seed]`` and a labelled grid of them (a row per prompt, a column per seed); ``kw``
+    goes to :func:`generate` (``negative_prompt``, ``width``, ``height``)."""
     from sd_core.common.images import make_grid
 
     images = generate(pipe, prompts, seeds, guidance_scale=guidance_scale, steps=steps, sampler_name=sampler_name,
-                      batch_size=batch_size)
+                      batch_size=batch_size, **kw)
     grid = make_grid(images, list(prompts), [f"seed {s}" for s in seeds], cell_size=cell_size,
                      label_width=label_width)
     return images, grid

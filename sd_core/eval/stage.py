@@ -40,6 +40,7 @@ from sd_core.caption.config import CaptionConfig
 from sd_core.caption.offline import OfflineCaptioner
 from sd_core.common.devices import device
 from sd_core.common.images import image_to_tensor, make_grid, save_png
+from sd_core.diffusion.card import write_model_card
 from sd_core.diffusion.export import conditioning_digest, load_pipeline, model_digest
 from sd_core.diffusion.generate import generate
 from sd_core.diffusion.schedulers import denoising_sse
@@ -336,6 +337,7 @@ def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, catalog: Catalog, *,
                                                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     result.update(status=status, reason=reason)
     atomic_write_json(catalog.eval_json(candidate), result)
+    write_model_card(candidate / "model", catalog=catalog)  # the card shows the scores (outside the checksums)
     if not reused:
         _append_history(catalog, candidate, result, status)
     (log.warning if status == "rejected" else log.info)("eval: %s is %s: %s", candidate.name, status, reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from typing import Any
 from urllib.parse import urlsplit
 
 from sd_core.store.catalog import IMAGES, Catalog
@@ -44,38 +45,45 @@ def _sites(rows: list[dict[str, str]]) -> list[str]:
     return [h for h, _ in hosts.most_common()]
 
 
-def _yaml_str(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def dataset_summary(catalog: Catalog, md5s: set[str] | None = None) -> dict[str, Any]:
+    """What the data directory holds (only the rows of ``md5s`` when given): counts, sources and captioners."""
+    rows = [r for r in read_metadata(catalog) if md5s is None or r.get("md5") in md5s]
+    return {
+        "images": len(rows),
+        "tags": sorted({r.get("tag", "") for r in rows} - {""}),
+        "sites": _sites(rows),
+        "captioners": dict(Counter(r.get("captioner") or "unknown" for r in rows).most_common()),
+        "flagged": sum(1 for r in rows if r.get("caption_flagged") == "True"),
+        "duplicates": _count_rows(catalog.duplicates_csv),
+        "quarantined": _count_rows(catalog.quarantine_csv),
+    }
 
 
-def dataset_card(catalog: Catalog, *, captioner: str) -> str:
-    """The card's Markdown for the dataset as metadata.csv, duplicates.csv and the quarantine list it now."""
-    rows = read_metadata(catalog)
-    tags = sorted({r.get("tag", "") for r in rows} - {""})
-    sites = _sites(rows)
-    duplicates = _count_rows(catalog.duplicates_csv)
-    quarantined = _count_rows(catalog.quarantine_csv)
-    flagged = sum(1 for r in rows if r.get("caption_flagged") == "True")
+def dataset_card(catalog: Catalog, *, captioner: str | None = None, repo_id: str | None = None) -> str:
+    """The card's Markdown for the dataset as metadata.csv, duplicates.csv and the quarantine list hold it now
+    (its YAML header is ``huggingface_hub``'s ``DatasetCardData``; ``repo_id``: the Hub repository it is pushed to,
+    for the loading snippet)."""
+    from huggingface_hub import DatasetCardData
+
+    facts = dataset_summary(catalog)
+    tags, sites = facts["tags"], facts["sites"]
+    duplicates, quarantined, flagged = facts["duplicates"], facts["quarantined"], facts["flagged"]
     tag_text = ", ".join(f"`{t}`" for t in tags) or "(none)"
     site_text = ", ".join(sites) or "(unknown)"
     title = f"{' / '.join(tags) or 'Emoji'} emoji from {sites[0] if sites else 'the web'}"
+    by_captioner = ", ".join(f"{name}: {n}" for name, n in facts["captioners"].items()) or "none yet"
+    captioner = captioner or ", ".join(facts["captioners"]) or "no captioner yet"
+    header = DatasetCardData(
+        pretty_name=title, license="other", license_name="source-site-terms", task_categories=["text-to-image"],
+        tags=["emoji", "emoji-sd"], size_categories=[_size_category(facts["images"])],
+        configs=[{"config_name": "default", "data_files": [{"split": "train",
+                                                            "path": ["metadata.csv", f"{IMAGES}/*.jpg"]}]}],
+    ).to_yaml()
+    where = repo_id or "path/to/this/folder"
+    loader = (f'ds = load_dataset("{repo_id}", split="train")  # columns: image, prompt, ...' if repo_id else
+              f'ds = load_dataset("imagefolder", data_dir="{where}", split="train")  # columns: image, prompt, ...')
     return f"""---
-pretty_name: {_yaml_str(title)}
-license: other
-license_name: source-site-terms
-task_categories:
-- text-to-image
-tags:
-- emoji
-size_categories:
-- {_size_category(len(rows))}
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path:
-    - metadata.csv
-    - {IMAGES}/*.jpg
+{header}
 ---
 
 # {title}
@@ -84,13 +92,14 @@ configs:
 
 - **Source**: the images listed under the tag {tag_text} on {site_text}. Each row's `image_url` and
   `image_title` say where it was found and under which title.
-- **Images**: {len(rows)} unique images (by md5 of the downloaded bytes), converted to RGB JPEG with
+- **Images**: {facts["images"]} unique images (by md5 of the downloaded bytes), converted to RGB JPEG with
   transparency flattened on a background colour.
 - **Duplicates**: {duplicates} listed URLs whose bytes equal an image already kept (not in the dataset;
   `duplicates.csv` names the original of each).
 - **Quarantined**: {quarantined} downloads that did not decode as a usable image (not in the dataset;
   `quarantine/quarantine.csv` gives the reason of each).
-- **Captions**: by {captioner}; {flagged} flagged by the caption checks (`caption_flagged`).
+- **Captions**: by {captioner}; {flagged} flagged by the caption checks (`caption_flagged`). Rows per
+  captioner (metadata.csv's `captioner`): {by_captioner}.
 
 ## Licence
 
@@ -114,7 +123,7 @@ metadata.csv's columns: `file_name` (the image, relative to this folder), `image
 ```python
 from datasets import load_dataset
 
-ds = load_dataset("imagefolder", data_dir="path/to/this/folder", split="train")  # columns: image, prompt, ...
+{loader}
 ```
 """
 

@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sd_core.caption.template import DEFAULT_PROMPTS
 from sd_core.common.strict import StrictModel
 from sd_core.diffusion.config import ModelConfig, ScheduleConfig
 
@@ -64,7 +63,9 @@ class TrainConfig(StrictModel):
     save_every: int = Field(500, ge=1)
     keep_last: int | None = Field(3, ge=1)
     sample_every: int | None = Field(None, ge=1)
-    sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    sample_prompts: tuple[str, ...] = Field(
+        (), description="prompts of the validation grids; empty: captions of the held-out split (the example "
+                        "prompts when there is none)")
     sample_seeds: tuple[int, ...] = (0, 1, 2, 3)
     trackers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
         (), description="accelerate trackers for loss, held-out loss, LR and validation images")

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sd_core.common.images import save_png
+from sd_core.diffusion.card import write_model_card
 from sd_core.diffusion.models import noise_scheduler
+from sd_core.encode.held_out import pick_held_out
 from sd_core.encode.stage import EncodeStageConfig, cached_pairs, resolve
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_json
@@ -31,10 +33,15 @@ def stage_key(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog) -
     return plan_run(cfg, enc, catalog).stage_key
 
 
+VALIDATION_PROMPTS = 4  # held-out captions drawn in the validation grids when train.sample_prompts is empty
+
+
 def validation_sampler(enc: EncodeStageConfig, scheduler_config: Any, *, guidance_scale: float = 7.5,
-                       steps: int = 25) -> ImageSampler:
-    """Draws the trainer's fixed validation prompts × seeds with the UNet being trained (its EMA weights),
-    through the same pipeline the export will be, into one labelled grid."""
+                       steps: int = 25, held_out: Sequence[str] = ()) -> ImageSampler:
+    """Draws the trainer's validation prompts × seeds with the UNet being trained (its EMA weights), through the
+    same pipeline the export will be, into one labelled grid. Where the trainer's ``sample_prompts`` are empty
+    it draws ``held_out`` (captions of the held-out split), or the example prompts without them."""
+    from sd_core.caption.template import DEFAULT_PROMPTS
     from sd_core.common.devices import device
     from sd_core.diffusion.export import assemble_pipeline
     from sd_core.diffusion.generate import draw_grid
@@ -44,6 +51,7 @@ def validation_sampler(enc: EncodeStageConfig, scheduler_config: Any, *, guidanc
     tokenizer, text_encoder = load_text_encoder(enc.text)
 
     def draw(unet: Any, prompts: Sequence[str], seeds: Sequence[int], out_path: Path) -> None:
+        prompts = tuple(prompts) or tuple(held_out) or DEFAULT_PROMPTS
         pipe = assemble_pipeline(unet, vae, tokenizer, text_encoder, scheduler_config).to(device())
         _, grid = draw_grid(pipe, prompts, seeds, guidance_scale=guidance_scale, steps=steps)
         save_png(grid, out_path)
@@ -78,7 +86,10 @@ def run_training(
     procs.wait_for_everyone()
     pairs = cached_pairs(enc, catalog)
     sample = cfg.sample_every and procs.is_main_process
-    sampler = validation_sampler(enc, noise_scheduler(cfg.model, cfg.schedule).config) if sample else None
+    held_out = pick_held_out(pairs.ids, pairs.captions, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                             n=VALIDATION_PROMPTS) if sample and not cfg.sample_prompts else []
+    sampler = (validation_sampler(enc, noise_scheduler(cfg.model, cfg.schedule).config, held_out=held_out)
+               if sample else None)
     trainer = Trainer(cfg.trainer_config(steps=plan.steps, epochs=plan.epochs), pairs, plan.run_dir,
                       encoders=EncoderRefs(text_encoder=enc.text, vae=enc.vae), sampler=sampler,
                       callbacks=callbacks, progress=progress)
@@ -92,6 +103,8 @@ def run_training(
         if plan.run_dir.name.endswith(FORCED):
             plan = replace(plan, run_dir=swap_in(plan.run_dir))
         atomic_write_json(catalog.latest_run_json, {"run": plan.run_dir.name, "key": plan.key})
+        if (plan.run_dir / "model").is_dir():  # the model card, outside the export's checksums
+            write_model_card(plan.run_dir / "model", catalog=catalog)
         pruned = prune_runs(catalog, cfg.keep_runs)
     procs.wait_for_everyone()
     return {

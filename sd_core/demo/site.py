@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .emoji_art import SiteItem
@@ -110,6 +110,13 @@ nav.topbar img {{ vertical-align: middle; }}
 """
 
 
+# The page's class names (the discords.com layout the crawler's default selectors match) and what the
+# ``"renamed"`` layout calls them instead: a site that changed its layout.
+_RENAMED_CLASSES = {"FS5UE28h": "q7XbW2ka", "LQY5mtmC": "Tn4cR8vd", "aLnnpRah": "Jm2uE6sy",
+                    "Mw1EAtrx": "Hd9pK3zo", "G020KZik": "Vb5gL1ne"}
+Layout = Literal["discords", "renamed"]
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     site: DemoSite
@@ -170,6 +177,10 @@ class DemoSite:
 
     Faults (``SiteItem.fault``) are listed at :data:`~sd_core.demo.emoji_art.Fault`;
     ``slow_s``, ``drip_s``, ``bomb_bytes`` and ``huge_bytes`` tune them.
+
+    ``layout``: ``"discords"`` (the class names the crawler's default selectors match) or ``"renamed"``
+    (the same page with other class names: a site that changed its layout). It may be changed while
+    the site runs. Lazy items (built with ``lazy=True``) are drawn when their image is first requested.
     """
 
     def __init__(
@@ -184,6 +195,7 @@ class DemoSite:
         drip_s: float = 0.5,
         bomb_bytes: int = 200_000_000,
         huge_bytes: int = 200_000_000,
+        layout: Layout = "discords",
     ) -> None:
         """``port`` 0 picks a free one; a fixed port keeps image URLs stable between runs (when it is
         taken, a free port is used instead)."""
@@ -197,6 +209,7 @@ class DemoSite:
         self.drip_s = drip_s
         self.bomb_bytes = bomb_bytes
         self.huge_bytes = huge_bytes
+        self.layout: Layout = layout
         self._bomb: bytes | None = None
         self._lock = threading.Lock()
         self._items: list[SiteItem] = []
@@ -286,6 +299,17 @@ class DemoSite:
         """Add ``items`` at the top (newest first), pushing older ones to later pages."""
         self._add(items, front=True)
 
+    def remove(self, paths: Sequence[str]) -> None:
+        """Take the items at ``paths`` off the listing (their pages close up); their images are no longer served."""
+        gone = set(paths)
+        with self._lock:
+            unknown = gone - self._by_path.keys()
+            if unknown:
+                raise ValueError(f"not listed: {sorted(unknown)}")
+            self._items = [it for it in self._items if it.path not in gone]
+            for path in gone:
+                del self._by_path[path]
+
     def page_items(self, page: int) -> list[SiteItem]:
         """Items listed on ``page`` right now (empty past the end)."""
         with self._lock:
@@ -342,7 +366,7 @@ class DemoSite:
         with self._lock:
             item = self._by_path.get(raw)
         if item is not None:
-            self._serve_image(req, item, head=head)
+            self._serve_image(req, item.drawn(), head=head)
             return
         url = urlsplit(raw)
         query = parse_qs(url.query)
@@ -364,11 +388,14 @@ class DemoSite:
             with self._lock:
                 self.page_gets += 1
         tag_js = json.dumps(tag).replace("</", "<\\/")
-        body = _PAGE_TEMPLATE.format(
+        page_html = _PAGE_TEMPLATE.format(
             title_html=html.escape(tag), tag_js=tag_js, page=page,
             delay=int(self.render_delay_ms), prefix=LISTING_PREFIX, api=API_PATH, logo=LOGO_PATH,
-        ).encode("utf-8")
-        req.reply(200, body, "text/html; charset=utf-8", head=head,
+        )
+        if self.layout == "renamed":
+            for old, new in _RENAMED_CLASSES.items():
+                page_html = page_html.replace(old, new)
+        req.reply(200, page_html.encode("utf-8"), "text/html; charset=utf-8", head=head,
                   extra={"Cache-Control": "no-store"})
 
     def _serve_api(self, req: _Handler, tag: str, page: int, *, head: bool) -> None:

@@ -109,6 +109,7 @@ def test_a_changed_layout_fails_naming_the_selectors_and_keeps_the_listing(tmp_p
         assert len(refresh(site, cat, fixed, T0 + timedelta(days=1)).items) == 12
 
 
+@pytest.mark.slow
 def test_a_listing_that_shrank_by_more_than_max_shrink_fails_and_keeps_the_last(tmp_path):
     cat = Catalog(tmp_path)
     items = build_demo_items(48, seed=6)
@@ -264,3 +265,49 @@ def test_a_failed_stage_fails_the_run_and_shows_in_the_report_and_status(tmp_pat
         report = cat.report_html.read_text()
         assert "This run failed" not in report and report.index("Alerts") < report.index("<h2>Stages</h2>")
         assert {r.stage: r.state for r in stage_status(cfg)}["convert"] == "cached"
+
+
+def test_old_damaged_and_foreign_listings_lead_to_a_full_walk(tmp_path):
+    from sd_core.ingest.crawl import plan_walk
+
+    cat = Catalog(tmp_path)
+    cfg = CrawlConfig(base_url="http://127.0.0.1:9")
+    cat.listing_json.parent.mkdir(parents=True)
+    # written before walks were recorded: read as a walk of unknown age
+    cat.listing_json.write_text(json.dumps({"tag": "Blobs", "pages": 1, "seconds": 1.0, "origins": [],
+                                            "items": [["http://127.0.0.1:9/a.png", "A", 1]]}))
+    old = Listing.load(cat.listing_json)
+    assert old.full_walk_at is None and old.same_listing(cfg)
+    assert plan_walk(cfg, old, full=False, now=T0) == ("full", "no complete walk recorded")
+    recent = Listing("Blobs", 1, old.items, base_url=cfg.base_url, full_walk_at=T0.isoformat())
+    assert plan_walk(cfg, recent, full=False, now=T0 + timedelta(hours=3))[0] == "partial"
+    other = cfg.model_copy(update={"tag": "Cats"})
+    assert plan_walk(other, recent, full=False, now=T0)[1].startswith("the previous listing is of another tag")
+    cat.listing_json.write_text('{"tag": "Blobs", "pages": 1, "items": [["trunc')
+    with pytest.raises(ValueError, match=f"{cat.listing_json} is damaged"):
+        Listing.load(cat.listing_json)
+
+
+def test_a_raising_stage_is_recorded_apart_from_its_last_good_record(tmp_path):
+    from sd_core.store.records import load_failure, load_stage, record_stage, run_stage
+
+    cat = Catalog(tmp_path)
+    good = run_stage(cat, "convert", lambda: record_stage(cat, "convert", key="k1", summary={"n": 1}, seconds=1.0,
+                                                          ran=True))
+
+    def broken():
+        raise KeyError("metadata")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    failed = run_stage(cat, "convert", broken)
+    assert failed.status == "failed" and failed.key == "k1"
+    assert failed.summary == {"reason": "KeyError: 'metadata'", "error": "KeyError"}
+    assert failed.line().startswith("convert: failed after ") and failed.line().endswith(": KeyError: 'metadata'")
+    assert failed.alerts() == ["convert failed: KeyError: 'metadata'"]
+    assert load_stage(cat, "convert") == good and load_failure(cat, "convert") == failed
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C is not a failure of the stage: it stops the run
+        run_stage(cat, "convert", interrupted)
+    run_stage(cat, "convert", lambda: load_stage(cat, "convert"))  # a reuse without a new record clears it too
+    assert load_failure(cat, "convert") is None

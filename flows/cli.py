@@ -15,8 +15,10 @@ from typing import Any, Iterator, NoReturn, Sequence
 from sd_core.config import STAGES, ConfigError, PipelineConfig, config_to_toml, load_config, preset
 from sd_core.diffusion.config import SAMPLERS
 from sd_core.store.lock import DataDirBusy, check_data_dir, data_dir_lock
+from sd_core.store.records import StageFailed
 
 DEMO_DATA_DIR = Path("data/demo")
+LAZY_DEMO_ITEMS = 1000
 
 
 def _config_args(p: argparse.ArgumentParser, *, site: bool = True) -> None:
@@ -45,6 +47,8 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
                    help="wait for another run on the same data dir instead of stopping")
     p.add_argument("--promote", action="store_true",
                    help="make the evaluated run the champion even if it scores worse than the current one")
+    p.add_argument("--full-listing", action="store_true",
+                   help="walk the whole listing, not only its pages up to known ones (see docs/refresh.md)")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -202,6 +206,7 @@ def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     results = pipeline(
         cfg, until=args.until, start=args.start, only=args.only, force=args.force,
         progress=not args.no_progress, wait_for_lock=args.wait_for_lock, promote=args.promote,
+        full_listing=args.full_listing,
     )
     print("\n".join(r.line() for r in results))
     print(f"dataset: {cfg.data_dir / 'metadata.csv'}")
@@ -218,7 +223,8 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, base=preset("demo"), sets=args.sets, overrides=overrides)  # errors first
     with _run_guard(cfg.data_dir, args):
         print(f"building the demo site ({args.items} emoji)...", flush=True)
-        items = build_demo_items(args.items, seed=args.seed)
+        # above LAZY_DEMO_ITEMS the images are drawn when first requested (the same bytes, built in seconds)
+        items = build_demo_items(args.items, seed=args.seed, lazy=args.items > LAZY_DEMO_ITEMS)
         with DemoSite(items, port=args.port) as site:
             cfg = load_config(args.config, base=preset("demo"), sets=args.sets, overrides={
                 **overrides, "crawl.base_url": site.base_url, "crawl.tag": args.tag or site.tag})
@@ -379,6 +385,8 @@ def _error(e: BaseException) -> tuple[int, str]:
         return 128 + signum, f"stopped by {signal.Signals(signum).name}; the run's processes were stopped"
     if isinstance(e, DataDirBusy):
         return 3, str(e)
+    if isinstance(e, StageFailed):  # the stage's reason; the report and `emoji-sd status` show it too
+        return 1, str(e)
     if isinstance(e, (ConfigError, ValueError)):
         return 2, str(e)
     if isinstance(e, (OSError, RuntimeError)):

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Callable
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
@@ -11,7 +11,7 @@ from sd_core.config import STAGES, PipelineConfig, Stage
 from sd_core.encode.stage import uses_trained_vae
 from sd_core.store.catalog import Catalog
 from sd_core.store.lock import data_dir_lock
-from sd_core.store.records import StageResult, mark_running, select_stages, skipped_stage
+from sd_core.store.records import StageFailed, StageResult, run_stage, select_stages, skipped_stage
 from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
 from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task
 from tasks.eval import eval_task
@@ -27,13 +27,14 @@ from tasks.vae import vae_task
 class RunOptions:
     progress: bool = True
     promote: bool = False
+    full_listing: bool = False
 
 
 Runner = Callable[[PipelineConfig, RunOptions, bool], StageResult]  # (config, options, forced) -> record
 
 
 def _crawl(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
-    listing = list_site_task(cfg.crawl, cfg.data_dir, opts.progress)
+    listing = list_site_task(cfg.crawl, cfg.data_dir, opts.progress, opts.full_listing)
     return download_task(cfg.crawl, cfg.data_dir, listing, opts.progress, force)
 
 
@@ -87,20 +88,40 @@ def pipeline(
     progress: bool = True,
     wait_for_lock: bool = False,
     promote: bool = False,
+    full_listing: bool = False,
 ) -> list[StageResult]:
     """Run the selected stages in order: all, ``start``..``until``, or ``only`` one.
 
     Stages in ``force`` ignore their caches. Stages before the selection are reported as skipped. ``promote``
-    makes the evaluated run the champion even when it scores worse than the current one.
+    makes the evaluated run the champion even when it scores worse than the current one. ``full_listing``
+    walks the whole listing even where a refresh would stop at known pages.
+
+    A stage that raises is recorded as failed with its reason, the later stages are not run, the report is
+    still written, and the flow then fails (:class:`StageFailed`, one line), so a scheduled run ends Failed.
     """
     selected = select_stages(STAGES, until=until, start=start, only=only)
     first = STAGES.index(selected[0])
     catalog = Catalog(config.data_dir)
+    opts = RunOptions(progress, promote, full_listing)
+    failed: StageResult | None = None
     with data_dir_lock(config.data_dir, wait=wait_for_lock):
         results = [skipped_stage(catalog, s, "not selected") for s in STAGES[:first]]
         for stage in selected:
-            with mark_running(catalog, stage):
-                results.append(RUNNERS[stage](config, RunOptions(progress, promote), stage in (force or [])))
+            if failed is not None:
+                results.append(skipped_stage(catalog, stage, f"not run: {failed.stage} failed"))
+                continue
+            result = run_stage(catalog, stage, lambda: RUNNERS[stage](config, opts, stage in (force or [])))
+            results.append(result)
+            if result.status == "failed":
+                failed = result
+                get_run_logger().error(result.line())
         results += [skipped_stage(catalog, s, "not selected") for s in STAGES[STAGES.index(selected[-1]) + 1:]]
-        report_task(config.data_dir, results)
-    return results
+        if failed is None:
+            report_task(config.data_dir, results)
+            return results
+        try:
+            report = report_task(config.data_dir, results)
+        except Exception as e:  # noqa: BLE001 - the stage's failure is what the run ends with
+            get_run_logger().error("the report could not be written: %s", e)
+            report = None
+    raise StageFailed(failed, report)

@@ -1,5 +1,6 @@
 """What each stage has on disk: cached (its record matches the inputs and settings now),
-stale (its settings or something upstream changed), missing (never ran) or unused, and how many bytes
+stale (its settings or something upstream changed), failed (its last attempt raised: why, and what it had
+before), missing (never ran) or unused, and how many bytes
 its artifacts take; and what no current key refers to any more (``emoji-sd gc``)."""
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from sd_core.store import gc
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import sha256_text
 from sd_core.store.metadata import read_metadata
-from sd_core.store.records import load_stage, running_state
+from sd_core.store.records import load_failure, load_stage, running_state
 from sd_core.training import stage as train_stage
 from sd_core.vae import stage as vae_stage
 
-State = Literal["cached", "stale", "running", "missing", "unused"]
+State = Literal["cached", "stale", "running", "failed", "missing", "unused"]
 
 # Key of each stage as it would be computed now; crawl has none (its input is the live site).
 KEY_NOW: dict[str, Callable[[PipelineConfig, Catalog], str]] = {
@@ -79,6 +80,12 @@ def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
             rows.append(StageState(stage, "unused", f"pretrained VAE {cfg.encode.vae.model_id}"))
             continue
         record = load_stage(catalog, stage)
+        failure = load_failure(catalog, stage)
+        if failure is not None and running_state(catalog, stage) != "running":
+            before = f"last {record.status} {record.finished_at}" if record else "it never completed"
+            rows.append(StageState(stage, "failed",
+                                   f"failed {failure.finished_at}: {failure.summary.get('reason', '')}; {before}"))
+            continue  # later stages are judged by their own keys: what this one left on disk is what they see
         if record is None:
             rows.append(StageState(stage, "missing", "never ran in this data dir"))
             upstream_changed = True

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from sd_core.ingest.browser import BrowserError, ListingDeadlineError
 from sd_core.ingest.convert import ConvertConfig, convert_dataset, stage_key
-from sd_core.ingest.crawl import DownloadsFailed, Listing, download_new, list_site
+from sd_core.ingest.crawl import DownloadsFailed, Listing, download_new, refresh_listing
 from sd_core.ingest.ledger import LedgerError
 from sd_core.ingest.settings import CrawlConfig
 from sd_core.store.catalog import Catalog
@@ -26,16 +26,18 @@ def _browser_failed(task, task_run, state) -> bool:  # type: ignore[no-untyped-d
 
 @task(name="list-site", retries=2, retry_delay_seconds=5, retry_condition_fn=_browser_failed,
       cache_policy=NO_CACHE)
-def list_site_task(cfg: CrawlConfig, data_dir: Path, progress: bool = True) -> Path:
-    """Walk the listing in headless Chromium; hand on the path of the saved listing."""
+def list_site_task(cfg: CrawlConfig, data_dir: Path, progress: bool = True, full: bool = False) -> Path:
+    """Walk the listing in headless Chromium (partially on a refresh, fully with ``full``); hand on the path
+    of the saved listing. A listing that cannot be trusted raises, and the saved one is kept."""
     catalog = Catalog(data_dir)
-    listing = list_site(cfg, progress=progress)
-    listing.save(catalog.listing_json)
+    listing = refresh_listing(cfg, catalog, full=full, progress=progress)
     log = get_run_logger()
-    log.info("listed %d items (%d unique URLs) on %d pages of %s", len(listing.items),
-             len(listing.unique_urls), listing.pages, cfg.listing_url(cfg.start_page))
-    if not listing.items:
-        log.warning("page %d showed no items: check crawl.item_selector and crawl.image_selector", cfg.start_page)
+    walk = listing.walk
+    log.info("%s walk (%s): read %d pages of %s, stopped at %s; %d items listed (%d unique URLs)", walk.kind,
+             walk.why, walk.pages, cfg.listing_url(cfg.start_page), walk.ended, len(listing.items),
+             len(listing.unique_urls))
+    if walk.cut:
+        log.warning("the listing walk was cut: %s; what it listed is downloaded", walk.cut)
     return catalog.listing_json
 
 
@@ -59,7 +61,7 @@ def download_task(
     result = record_stage(
         catalog, "crawl",
         key=stable_hash({"tag": listing.tag, "urls": sorted(listing.unique_urls)}),
-        summary={"pages": listing.pages, **summary.as_dict()},
+        summary={**listing.walk_summary(), **summary.as_dict()},
         seconds=listing.seconds + t.seconds,
         ran=summary.gets > 0,
     )

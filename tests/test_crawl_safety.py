@@ -306,13 +306,17 @@ def test_listing_deadline_stops_a_long_listing_and_the_browser():
     token = uuid.uuid4().hex
     os.environ["EMOJI_SD_TEST_TOKEN"] = token  # inherited by chromedriver and Chromium
     try:
-        with DemoSite([item(i) for i in range(1, 11)], per_page=1, render_delay_ms=700) as site:
-            cfg = crawl_cfg(site, listing_deadline_s=3.0)
+        with DemoSite([item(i) for i in range(1, 21)], per_page=1, render_delay_ms=700) as site:
+            cfg = crawl_cfg(site, listing_deadline_s=6.0)
             start = time.monotonic()
-            with pytest.raises(ListingDeadlineError, match=r"crawl\.listing_deadline_s = 3s"):
-                list_site(cfg, progress=False)
-            assert time.monotonic() - start < 3.0 + 5.0
-            assert 1 <= site.page_gets < 10
+            listing = list_site(cfg, progress=False)  # what was read before the deadline is kept
+            assert time.monotonic() - start < 6.0 + 5.0
+            assert listing.walk.cut == f"crawl.listing_deadline_s = 6s passed after {listing.pages} page(s)"
+            assert 1 <= listing.pages <= site.page_gets < 20
+            assert [t for _, t, _ in listing.items] == [f"Blob {i}" for i in range(1, listing.pages + 1)]
+            # with no page read, the deadline is an error
+            with pytest.raises(ListingDeadlineError, match=r"crawl\.listing_deadline_s = 0\.5s"):
+                list_site(crawl_cfg(site, listing_deadline_s=0.5), progress=False)
         wait_for(lambda: processes_with(token) == [], 5, "chromedriver and Chromium to be gone")
     finally:
         del os.environ["EMOJI_SD_TEST_TOKEN"]

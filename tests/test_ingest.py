@@ -137,6 +137,9 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
     crawl2, convert2 = pipeline(cfg, until="convert", progress=False)[:2]
     assert site.total_image_gets() == 0 and not site.browser_image_gets
     assert (crawl2.status, convert2.status) == ("reused", "reused")
+    # newest first: the refresh stopped after two pages of known URLs, and says so
+    assert (crawl2.summary["walk"], crawl2.summary["pages"], site.page_gets) == ("partial", 2, 2)
+    assert crawl2.summary["listed"] == 10
     assert {p: p.read_bytes() for p in cat.images_dir.iterdir()} == before
 
     # New emoji appear at the top of the listing and push the rest to later pages:
@@ -149,6 +152,7 @@ def test_crawl_and_convert_flow(site, tmp_path, prefect_harness):
     site.prepend(new)
     crawl3, convert3 = pipeline(cfg, until="convert", progress=False)[:2]
     assert dict(site.image_gets) == {it.path: 1 for it in new}
+    assert crawl3.summary["walk"] == "partial" and crawl3.summary["walk_ended"].startswith("page 4: 2 pages")
     assert crawl3.summary["pages"] == 4 and crawl3.summary["new_images"] == 5 and crawl3.summary["duplicates"] == 0
     assert convert3.summary["converted"] == 5
     rows3 = read_csv(cat.metadata_csv)
@@ -171,8 +175,13 @@ def test_listing_waits_for_javascript_and_stops_past_the_end(site):
     assert capped.pages == 2 and len(capped.items) == 8
     assert [u for u, _, _ in listing.items] == [site.base_url + it.path for it in site.cases.values()]
 
-    wrong = list_site(cfg.model_copy(update={"item_selector": "div.not-on-this-site"}), progress=False)
-    assert wrong.pages == 0 and wrong.items == ()
+    # selectors that match nothing: one line naming them and the page (not an empty listing)
+    from sd_core.ingest.crawl import ListingError
+
+    with pytest.raises(ListingError, match=r"listing page .*\?page=1 shows no items: check crawl\.container_selector "
+                                           r"= 'div\.FS5UE28h\.container', crawl\.item_selector = "
+                                           r"'div\.not-on-this-site', crawl\.image_selector = "):
+        list_site(cfg.model_copy(update={"item_selector": "div.not-on-this-site"}), progress=False)
 
 
 def test_convert_handles_formats_and_refuses_bad_bytes():

@@ -123,6 +123,16 @@ def test_serve_creates_scheduled_runs_and_a_triggered_run_completes(prefect_serv
             table = arts[0]["data"]
             assert "| crawl | **ran** |" in table and "| convert | **ran** |" in table
             assert "| caption | **skipped** |" in table and str(data_dir / "report.html") in table
+
+            # the site changed its layout: the next scheduled run ends Failed (so Prefect can notify), saying why
+            site.layout = "renamed"
+            run = api("POST", f"{url}/deployments/{dep['id']}/create_flow_run", json={})
+            state = wait_for(finished, 240, "the run on the changed site", interval=1)
+            assert state["type"] == "FAILED", (tmp_path / "serve.log").read_text()[-3000:]
+            assert "crawl failed: listing page" in state["message"] and "crawl.item_selector" in state["message"]
+            arts = api("POST", f"{url}/artifacts/filter",
+                       json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "key": {"any_": ["emoji-sd-stages"]}}})
+            assert "| crawl | **failed** |" in arts[0]["data"] and "- **crawl failed: " in arts[0]["data"]
         finally:
             stop(serve)
             log.close()

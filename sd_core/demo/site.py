@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .emoji_art import Fault, SiteItem
@@ -114,6 +114,11 @@ nav.topbar img {{ vertical-align: middle; }}
 # What a site's front end answers, with 200, for every image while its storage is down.
 _ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Something went wrong</title></head><body>"
                b"<h1>Something went wrong</h1><p>We are working on it. Please try again later.</p></body></html>\n")
+# The page's class names (the discords.com layout the crawler's default selectors match) and what the
+# ``"renamed"`` layout calls them instead: a site that changed its layout.
+_RENAMED_CLASSES = {"FS5UE28h": "q7XbW2ka", "LQY5mtmC": "Tn4cR8vd", "aLnnpRah": "Jm2uE6sy",
+                    "Mw1EAtrx": "Hd9pK3zo", "G020KZik": "Vb5gL1ne"}
+Layout = Literal["discords", "renamed"]
 
 
 class _Server(ThreadingHTTPServer):
@@ -178,6 +183,10 @@ class DemoSite:
     ``slow_s``, ``drip_s``, ``bomb_bytes``, ``huge_bytes`` and ``retry_after`` (the 429's Retry-After
     header, None for none) tune them. Setting :attr:`image_fault` gives every item that fault (an outage;
     None again is the recovery). ``image_times`` holds the ``time.monotonic()`` of each counted image GET.
+
+    ``layout``: ``"discords"`` (the class names the crawler's default selectors match) or ``"renamed"``
+    (the same page with other class names: a site that changed its layout). It may be changed while
+    the site runs. Lazy items (built with ``lazy=True``) are drawn when their image is first requested.
     """
 
     def __init__(
@@ -193,6 +202,7 @@ class DemoSite:
         bomb_bytes: int = 200_000_000,
         huge_bytes: int = 200_000_000,
         retry_after: str | None = "1",
+        layout: Layout = "discords",
     ) -> None:
         """``port`` 0 picks a free one; a fixed port keeps image URLs stable between runs (when it is
         taken, a free port is used instead)."""
@@ -209,6 +219,7 @@ class DemoSite:
         self.retry_after = retry_after
         self.image_fault: Fault | None = None
         self.image_times: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
+        self.layout: Layout = layout
         self._bomb: bytes | None = None
         self._lock = threading.Lock()
         self._items: list[SiteItem] = []
@@ -298,6 +309,17 @@ class DemoSite:
         """Add ``items`` at the top (newest first), pushing older ones to later pages."""
         self._add(items, front=True)
 
+    def remove(self, paths: Sequence[str]) -> None:
+        """Take the items at ``paths`` off the listing (their pages close up); their images are no longer served."""
+        gone = set(paths)
+        with self._lock:
+            unknown = gone - self._by_path.keys()
+            if unknown:
+                raise ValueError(f"not listed: {sorted(unknown)}")
+            self._items = [it for it in self._items if it.path not in gone]
+            for path in gone:
+                del self._by_path[path]
+
     def page_items(self, page: int) -> list[SiteItem]:
         """Items listed on ``page`` right now (empty past the end)."""
         with self._lock:
@@ -355,7 +377,7 @@ class DemoSite:
         with self._lock:
             item = self._by_path.get(raw)
         if item is not None:
-            self._serve_image(req, item, head=head)
+            self._serve_image(req, item.drawn(), head=head)
             return
         url = urlsplit(raw)
         query = parse_qs(url.query)
@@ -377,11 +399,14 @@ class DemoSite:
             with self._lock:
                 self.page_gets += 1
         tag_js = json.dumps(tag).replace("</", "<\\/")
-        body = _PAGE_TEMPLATE.format(
+        page_html = _PAGE_TEMPLATE.format(
             title_html=html.escape(tag), tag_js=tag_js, page=page,
             delay=int(self.render_delay_ms), prefix=LISTING_PREFIX, api=API_PATH, logo=LOGO_PATH,
-        ).encode("utf-8")
-        req.reply(200, body, "text/html; charset=utf-8", head=head,
+        )
+        if self.layout == "renamed":
+            for old, new in _RENAMED_CLASSES.items():
+                page_html = page_html.replace(old, new)
+        req.reply(200, page_html.encode("utf-8"), "text/html; charset=utf-8", head=head,
                   extra={"Cache-Control": "no-store"})
 
     def _serve_api(self, req: _Handler, tag: str, page: int, *, head: bool) -> None:

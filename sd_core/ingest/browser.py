@@ -137,6 +137,7 @@ class PageListing:
     url: str
     items: tuple[tuple[str, str], ...]  # (absolute image URL, title)
     origin: str = ""  # the origin the page was finally served from (after any redirect)
+    container: bool = True  # whether the page had an element matching crawl.container_selector
 
 
 def check_browser(cfg: CrawlConfig) -> None:
@@ -332,10 +333,11 @@ def read_page(
     load_page(driver, url, cfg)
     loaded_at: float | None = None
     last_count = -1
+    has_container = False
 
     def rendered(d: webdriver.Chrome) -> bool:
-        nonlocal loaded_at, last_count
-        ready, _container, count = d.execute_script(_STATE_JS, cfg.container_selector, cfg.item_selector)
+        nonlocal loaded_at, last_count, has_container
+        ready, has_container, count = d.execute_script(_STATE_JS, cfg.container_selector, cfg.item_selector)
         if count > 0:
             stable = count == last_count
             last_count = count
@@ -354,24 +356,29 @@ def read_page(
     origin, items = driver.execute_script(
         _EXTRACT_JS, cfg.item_selector, cfg.image_selector, cfg.url_attribute, cfg.title_attribute
     )
-    return PageListing(page=page, url=url, items=tuple((u, t) for u, t in items), origin=origin)
+    return PageListing(page=page, url=url, items=tuple((u, t) for u, t in items), origin=origin,
+                       container=bool(has_container))
 
 
 def walk_listing(
     cfg: CrawlConfig, driver: webdriver.Chrome, deadline: float | None = None
 ) -> Iterator[PageListing]:
     """Yield listing pages from ``start_page`` until a page has no items, repeats the previous
-    page exactly (a site that clamps page numbers), or ``max_pages`` is reached.
+    page exactly (a site that clamps page numbers), or ``max_pages`` is reached. An empty first page is
+    yielded (with no items) so that the caller can tell it from the end of the listing.
     Raises :class:`ListingDeadlineError` when ``deadline`` (``time.monotonic()``) passes first."""
     page = cfg.start_page
     previous: tuple[tuple[str, str], ...] | None = None
-    while cfg.max_pages is None or page < cfg.start_page + cfg.max_pages:
+    while page < cfg.start_page + cfg.max_pages:
         if deadline is not None and time.monotonic() >= deadline:
             raise ListingDeadlineError(
                 f"the listing did not finish within crawl.listing_deadline_s = {cfg.listing_deadline_s:g}s "
                 f"(stopped before page {page})"
             )
         listing = read_page(driver, cfg, page, deadline)
+        if not listing.items and page == cfg.start_page:
+            yield listing
+            return
         if not listing.items or listing.items == previous:
             return
         yield listing

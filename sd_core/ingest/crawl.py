@@ -2,16 +2,22 @@
 
 Both stop cleanly on Ctrl-C or SIGTERM: the browser is quit, pending downloads are cancelled and every
 download that finished is recorded. Both have deadlines (``listing_deadline_s``, ``download_deadline_s``).
+
+A refresh of a newest-first site walks only the listing's first pages, until pages it already knows
+(:func:`refresh_listing`); every ``full_walk_every`` it walks the whole listing (docs/refresh.md).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Literal
 
 from tqdm.auto import tqdm
 
@@ -29,68 +35,247 @@ from sd_core.store.files import atomic_write_bytes, atomic_write_json, read_json
 _CANCEL_GRACE_S = 5.0
 
 
+WalkKind = Literal["full", "partial"]
+END_OF_LISTING = "the end of the listing"
+
+
+class ListingError(RuntimeError):
+    """The listing cannot be trusted (its first page shows no items, or it shrank by more than
+    ``crawl.max_shrink``); the last listing is kept."""
+
+
+@dataclass(frozen=True)
+class Walk:
+    """How one listing walk went: which kind and why, how far it read and why it ended."""
+
+    kind: WalkKind = "full"
+    why: str = ""
+    pages: int = 0  # pages read
+    ended: str = END_OF_LISTING  # why it stopped reading pages
+    cut: str | None = None  # set when the deadline or the page limit ended it before the listing's end
+    at: str = ""  # when it ran (UTC, ISO 8601)
+
+    @property
+    def complete(self) -> bool:
+        """It read every page up to the listing's end."""
+        return self.cut is None and self.ended == END_OF_LISTING
+
+
 @dataclass(frozen=True)
 class Listing:
     """What the site lists now: (url, title, page) in listing order, possibly with repeats.
-    ``origins``: where the listing pages were served from (after any redirect the browser followed)."""
+    ``origins``: where the listing pages were served from (after any redirect the browser followed).
+
+    ``walk``: the walk that produced it. After a partial or cut walk, the items it did not reach are those
+    of the previous listing, merged after the walked ones: an item removed from an unwalked page stays
+    listed until the next complete walk. ``full_walk_at``: when the last complete walk ran (None: never)."""
 
     tag: str
     pages: int
     items: tuple[tuple[str, str, int], ...]
     seconds: float = 0.0
     origins: tuple[str, ...] = ()
+    base_url: str = ""
+    walk: Walk = field(default_factory=Walk)
+    full_walk_at: str | None = None
 
     @property
     def unique_urls(self) -> list[str]:
         return list(dict.fromkeys(u for u, _, _ in self.items))
 
     def save(self, path: Path) -> None:
-        atomic_write_json(path, {"tag": self.tag, "pages": self.pages, "seconds": round(self.seconds, 3),
-                                 "origins": list(self.origins), "items": [list(i) for i in self.items]})
+        atomic_write_json(path, {"tag": self.tag, "base_url": self.base_url, "pages": self.pages,
+                                 "seconds": round(self.seconds, 3), "origins": list(self.origins),
+                                 "walk": asdict(self.walk), "full_walk_at": self.full_walk_at,
+                                 "items": [list(i) for i in self.items]})
 
     @classmethod
     def load(cls, path: Path) -> "Listing":
-        data = read_json(path)
+        """The saved listing; ValueError naming the file when it is damaged. A file written before walks were
+        recorded reads as a walk of unknown age (the next refresh walks the whole listing)."""
+        try:
+            data = read_json(path)
+        except ValueError as e:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
+            raise ValueError(f"{path} is damaged ({e}); delete it and the next crawl walks the whole listing") from None
         if data is None:
             raise FileNotFoundError(f"no listing at {path}: run the crawl stage first")
-        items = tuple((u, t, int(p)) for u, t, p in data["items"])
-        return cls(data["tag"], data["pages"], items, data.get("seconds", 0.0), tuple(data.get("origins", ())))
+        try:
+            items = tuple((str(u), str(t), int(p)) for u, t, p in data["items"])
+            walk = Walk(**data["walk"]) if data.get("walk") else Walk()
+            return cls(data["tag"], int(data["pages"]), items, float(data.get("seconds", 0.0)),
+                       tuple(data.get("origins", ())), data.get("base_url", ""), walk, data.get("full_walk_at"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it and the next crawl walks "
+                             "the whole listing") from None
+
+    def same_listing(self, cfg: CrawlConfig) -> bool:
+        """Whether this listing was read from the tag and site ``cfg`` lists (a listing saved before the site
+        was recorded matches on the tag)."""
+        return self.tag == cfg.tag and self.base_url in ("", cfg.base_url)
+
+    def walk_summary(self) -> dict[str, object]:
+        """The walk for the crawl stage's record: kind and why, pages read, why it ended, and an alert if cut."""
+        w = self.walk
+        out: dict[str, object] = {"walk": w.kind, "walk_why": w.why, "pages": w.pages, "walk_ended": w.ended}
+        if w.cut:
+            out["alert"] = f"the listing walk was cut: {w.cut}; what it listed was downloaded"
+        return out
 
 
-def list_site(cfg: CrawlConfig, *, progress: bool = True) -> Listing:
+def _selectors(cfg: CrawlConfig) -> str:
+    return (f"crawl.container_selector = {cfg.container_selector!r}, crawl.item_selector = {cfg.item_selector!r}, "
+            f"crawl.image_selector = {cfg.image_selector!r}")
+
+
+def list_site(
+    cfg: CrawlConfig,
+    *,
+    progress: bool = True,
+    known: Callable[[list[str]], set[str]] | None = None,
+    kind: WalkKind = "full",
+    why: str = "",
+    now: datetime | None = None,
+) -> Listing:
     """Walk the tag's listing pages in headless Chromium and collect every item.
 
-    Everything, browser start and quit included, must finish within ``listing_deadline_s``; past it the
-    browser is killed and :class:`ListingDeadlineError` raised.
+    With ``known`` (which of the given URLs the ledger knows), the walk stops after
+    ``crawl.known_pages_to_stop`` pages in a row that hold only known URLs. It also stops at
+    ``crawl.max_pages`` and when ``listing_deadline_s`` passes (the browser is then killed): the listing
+    holds what was read, and its walk says it was cut.
+
+    Raises :class:`ListingError` (naming the selectors and the page) when the first page shows no items, and
+    :class:`ListingDeadlineError` when the deadline passes before a page was read.
     """
     items: list[tuple[str, str, int]] = []
     origins: dict[str, None] = {}
-    pages = 0
+    pages, streak = 0, 0
+    ended, cut = END_OF_LISTING, None
     start = time.perf_counter()
     deadline = time.monotonic() + cfg.listing_deadline_s
     with sigterm_raises():
         browser = Browser(cfg, deadline)
-        with browser as driver:
-            bar = tqdm(desc=f"listing {cfg.tag}", unit="page", disable=not progress)
-            try:
-                for listing in walk_listing(cfg, driver, deadline):
-                    pages += 1
-                    items.extend((u, t, listing.page) for u, t in listing.items)
-                    if listing.origin.startswith(("http://", "https://")):
-                        origins.setdefault(listing.origin)
-                    bar.update(1)
-                    bar.set_postfix(items=len(items))
-            except ListingDeadlineError:
+        try:
+            with browser as driver:
+                bar = tqdm(desc=f"listing {cfg.tag}", unit="page", disable=not progress)
+                try:
+                    for listing in walk_listing(cfg, driver, deadline):
+                        if not listing.items:  # only ever the first page: later empty pages end the walk
+                            found = "" if listing.container else " (no element matches crawl.container_selector)"
+                            raise ListingError(
+                                f"listing page {listing.url} shows no items{found}: check {_selectors(cfg)}; "
+                                "the site's layout may have changed (the last listing is kept)"
+                            )
+                        pages += 1
+                        items.extend((u, t, listing.page) for u, t in listing.items)
+                        if listing.origin.startswith(("http://", "https://")):
+                            origins.setdefault(listing.origin)
+                        bar.update(1)
+                        bar.set_postfix(items=len(items))
+                        if known is not None:
+                            urls = list(dict.fromkeys(u for u, _ in listing.items))
+                            streak = streak + 1 if len(known(urls)) == len(urls) else 0
+                            if streak >= cfg.known_pages_to_stop:
+                                ended = (f"page {listing.page}: {streak} pages in a row held only URLs the ledger "
+                                         f"knows (crawl.known_pages_to_stop = {cfg.known_pages_to_stop})")
+                                break
+                    else:
+                        if pages >= cfg.max_pages:
+                            ended = cut = f"the page limit crawl.max_pages = {cfg.max_pages} was reached"
+                except (ListingDeadlineError, ListingError):
+                    raise
+                except Exception:
+                    # A call cut off by the deadline (the browser was killed under it) or a wait shortened by it.
+                    if browser.killed or time.monotonic() >= deadline:
+                        raise browser.deadline_error(f"after {pages} page(s)") from None
+                    raise
+                finally:
+                    bar.close()
+        except ListingDeadlineError:
+            if not pages:
                 raise
-            except Exception:
-                # A call cut off by the deadline (the browser was killed under it) or a wait shortened by it.
-                if browser.killed or time.monotonic() >= deadline:
-                    raise browser.deadline_error(f"after {pages} page(s)") from None
-                raise
-            finally:
-                bar.close()
+            ended = cut = f"crawl.listing_deadline_s = {cfg.listing_deadline_s:g}s passed after {pages} page(s)"
+    at = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     return Listing(tag=cfg.tag, pages=pages, items=tuple(items), seconds=time.perf_counter() - start,
-                   origins=tuple(origins))
+                   origins=tuple(origins), base_url=cfg.base_url, walk=Walk(kind, why, pages, ended, cut, at))
+
+
+def plan_walk(cfg: CrawlConfig, previous: Listing | None, *, full: bool, now: datetime) -> tuple[WalkKind, str]:
+    """Which walk a refresh runs, and why. Partial (stopping at known pages) only on a newest-first site, with
+    a previous listing of the same tag and site whose last complete walk is younger than ``full_walk_every``."""
+    if full:
+        return "full", "asked for (--full-listing)"
+    if not cfg.newest_first:
+        return "full", "crawl.newest_first = false"
+    if previous is None:
+        return "full", "no previous listing"
+    if not previous.same_listing(cfg):
+        return "full", f"the previous listing is of another tag or site ({previous.tag} on {previous.base_url})"
+    if previous.full_walk_at is None:
+        return "full", "no complete walk recorded"
+    age = now - datetime.fromisoformat(previous.full_walk_at)
+    if age >= cfg.full_walk_every:
+        return "full", (f"the last complete walk was {_age(age)} ago "
+                        f"(crawl.full_walk_every = {_age(cfg.full_walk_every)})")
+    return "partial", f"newest first; the last complete walk was {_age(age)} ago"
+
+
+def _age(d: timedelta) -> str:
+    s = d.total_seconds()
+    return f"{s / 86400:.1f} days" if s >= 86400 else f"{s / 3600:.1f} h" if s >= 3600 else f"{s:.0f} s"
+
+
+def settle_listing(cfg: CrawlConfig, walked: Listing, previous: Listing | None) -> Listing:
+    """The listing to keep after a walk. A complete walk replaces the previous listing, unless it lists fewer
+    unique URLs than that one by more than ``crawl.max_shrink`` (:class:`ListingError`). A partial or cut
+    walk is merged with it: the walked items first, then the previous listing's items it did not reach."""
+    if previous is not None and not previous.same_listing(cfg):
+        previous = None
+    if walked.walk.complete:
+        if previous is not None:
+            before, after = len(previous.unique_urls), len(walked.unique_urls)
+            if after < before * (1 - cfg.max_shrink):
+                raise ListingError(
+                    f"the listing at {cfg.listing_url(cfg.start_page)} shrank from {before} to {after} unique "
+                    f"URLs, by more than crawl.max_shrink = {cfg.max_shrink:g}; the last listing is kept (if the "
+                    "site really removed them, run once with --set crawl.max_shrink=1)"
+                )
+        return replace(walked, full_walk_at=walked.walk.at)
+    if previous is None:
+        return walked
+    seen = {u for u, _, _ in walked.items}
+    rest = tuple(i for i in previous.items if i[0] not in seen)
+    return replace(walked, items=walked.items + rest, full_walk_at=previous.full_walk_at)
+
+
+def refresh_listing(
+    cfg: CrawlConfig, catalog: Catalog, *, full: bool = False, now: datetime | None = None, progress: bool = True
+) -> Listing:
+    """Walk the listing (partially or fully, see :func:`plan_walk`), check it, merge it (see
+    :func:`settle_listing`) and save it as ``state/listing.json``. ``now`` stands for the current time.
+    On :class:`ListingError` the saved listing is left as it was."""
+    now = now or datetime.now(timezone.utc)
+    previous: Listing | None = None
+    damaged = ""
+    if catalog.listing_json.exists():
+        try:
+            previous = Listing.load(catalog.listing_json)
+        except ValueError as e:
+            damaged = f" ({e})"
+    kind, why = plan_walk(cfg, previous, full=full, now=now)
+    if kind == "partial" and not catalog.ledger_db.exists():
+        kind, why = "full", "no ledger to tell known URLs"
+    with ExitStack() as stack:
+        known = None
+        if kind == "partial":
+            ledger = stack.enter_context(Ledger(catalog.ledger_db))
+
+            def known(urls: list[str]) -> set[str]:
+                return set(ledger.states(urls))
+
+        walked = list_site(cfg, progress=progress, known=known, kind=kind, why=why + damaged, now=now)
+    listing = settle_listing(cfg, walked, previous)
+    listing.save(catalog.listing_json)
+    return listing
 
 
 @dataclass

@@ -4,6 +4,7 @@ Selectors default to the discords.com layout."""
 from __future__ import annotations
 
 import unicodedata
+from datetime import timedelta
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -17,6 +18,11 @@ from sd_core.common.strict import StrictModel
 DISCORD_CDN = "https://cdn.discordapp.com"
 
 MAX_TAG_CHARS = 200  # a real tag is a word or two; file names take at most FILE_TAG_CHARS of it (convert)
+
+# The most listing pages one walk reads unless crawl.max_pages says otherwise: 10,000 pages (360,000 emoji at
+# discords.com's 36 a page) is past any one tag we know of and bounds a listing that never ends (one that puts
+# new URLs on every page) to hours, not for ever; crawl.listing_deadline_s usually ends such a walk first.
+MAX_PAGES_CEILING = 10_000
 
 
 class CrawlConfig(StrictModel):
@@ -39,7 +45,31 @@ class CrawlConfig(StrictModel):
     url_attribute: str = "src"
     title_attribute: str = "title"
     start_page: int = Field(1, ge=1)
-    max_pages: int | None = Field(None, ge=1)
+    max_pages: int = Field(
+        MAX_PAGES_CEILING, ge=1,
+        description=f"the most listing pages one walk reads (default: the ceiling, {MAX_PAGES_CEILING:,}); a walk "
+        "stopped by it keeps and downloads what it listed, and its summary says it was cut",
+    )
+    max_shrink: float = Field(
+        0.5, ge=0, le=1,
+        description="a full walk that lists fewer unique URLs than the last listing by more than this share "
+        "(0.5: half) fails the crawl stage naming both counts, and the last listing is kept; 1 disables the check",
+    )
+    newest_first: bool = Field(
+        True,
+        description="the site lists newest first, so a refresh may stop early (known_pages_to_stop); false: "
+        "every run walks the whole listing",
+    )
+    known_pages_to_stop: int = Field(
+        2, ge=1,
+        description="a refresh stops walking after this many pages in a row whose every URL the ledger already "
+        "knows (only when newest_first; a full walk reads every page)",
+    )
+    full_walk_every: timedelta = Field(
+        timedelta(days=7),
+        description="a refresh walks the whole listing when the last full walk is older than this (seconds, or "
+        "an ISO 8601 duration such as 'P7D'), so that items removed from older pages are seen",
+    )
     page_timeout_s: float = Field(20.0, gt=0, description="longest wait for a page's items to render")
     empty_page_settle_s: float = Field(
         3.0, gt=0, description="a loaded page still without items after this long is the end of the listing"
@@ -111,6 +141,13 @@ class CrawlConfig(StrictModel):
     def _allowed_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for entry in v:
             parse_host_rule(entry)  # raises ValueError naming the entry
+        return v
+
+    @field_validator("full_walk_every")
+    @classmethod
+    def _full_walk_every(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("must be longer than 0")
         return v
 
     @model_validator(mode="after")

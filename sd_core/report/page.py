@@ -17,7 +17,9 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
 h1{margin-bottom:.2rem} h2{margin-top:2rem;border-bottom:1px solid #ddd}
 table{border-collapse:collapse} td,th{padding:.3rem .6rem;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
-.ran{color:#0a6} .reused{color:#06c} .skipped{color:#999}
+.ran{color:#0a6} .reused{color:#06c} .skipped{color:#999} .failed{color:#c00;font-weight:bold}
+.alerts{border:2px solid #c00;background:#fff3f3;padding:.6rem 1rem;margin:1rem 0}
+.alerts li{margin:.2rem 0}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:.8rem}
 .card{font-size:.8rem} .card img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #eee}
 figure{margin:1rem 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:.9rem}
@@ -37,6 +39,23 @@ def _stage_rows(results: Sequence[StageResult]) -> str:
     return "<table><tr><th>stage</th><th>status</th><th>time</th><th>what it did</th></tr>" + "".join(rows) + "</table>"
 
 
+def run_alerts(results: Sequence[StageResult]) -> list[str]:
+    """What went wrong in the run, or needs a look, first of all: failed stages and their reasons, then the
+    alerts stages raised (``summary["alert"]``)."""
+    return [a for r in results if r.status == "failed" for a in r.alerts()] + \
+        [a for r in results if r.status != "failed" for a in r.alerts()]
+
+
+def _alerts_html(results: Sequence[StageResult]) -> str:
+    alerts = run_alerts(results)
+    if not alerts:
+        return ""
+    failed = any(r.status == "failed" for r in results)
+    head = "This run failed" if failed else "Alerts"
+    items = "".join(f"<li>{html.escape(a)}</li>" for a in alerts)
+    return f"<div class='alerts' id='alerts'><b>{head}</b><ul>{items}</ul></div>"
+
+
 def _details(r: StageResult) -> str:
     return ", ".join(f"{k}={v}" for k, v in r.summary.items() if v not in ({}, None, ""))
 
@@ -44,7 +63,9 @@ def _details(r: StageResult) -> str:
 def stages_markdown(catalog: Catalog, results: Sequence[StageResult]) -> str:
     """What each stage did as a Markdown table, with where the dataset and report are (shown in the
     Prefect UI as the flow run's artifact)."""
-    lines = ["| stage | status | time | what it did |", "| --- | --- | --- | --- |"]
+    alerts = run_alerts(results)
+    lines = [*(f"- **{a}**" for a in alerts), *([""] if alerts else [])]
+    lines += ["| stage | status | time | what it did |", "| --- | --- | --- | --- |"]
     for r in results:
         details = _details(r).replace("|", "\\|")
         lines.append(f"| {r.stage} | **{r.status}** | {r.seconds:.1f} s | {details} |")
@@ -143,7 +164,7 @@ def write_report(
         for p, c in figures if Path(p).exists()
     )
     body = (
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(str(root))}</p>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(str(root))}</p>{_alerts_html(results)}"
         f"<h2>Stages</h2>{_stage_rows(results)}"
         "<h2>Dataset</h2><table>" + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in counts.items())
         + f"</table><h2>Examples with their captions</h2><div class='grid'>{''.join(cards)}</div>"

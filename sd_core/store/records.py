@@ -1,4 +1,8 @@
-"""Stage records: what each stage did last, under which key, so reruns can say "reused"."""
+"""Stage records: what each stage did last, under which key, so reruns can say "reused".
+
+A stage that raised is recorded apart, as ``<stage>.failed.json`` (status ``failed``, its one-line reason in
+``summary["reason"]``), so its last good record (and its key) stays what reuse and ``status`` compare with;
+the next success removes it. ``summary["alert"]``, set by any stage, is shown at the top of the report."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import psutil
 
@@ -15,7 +19,7 @@ from sd_core.store.catalog import Catalog
 from sd_core.store.children import started
 from sd_core.store.files import atomic_write_json, read_json
 
-StageStatus = Literal["ran", "reused", "skipped"]
+StageStatus = Literal["ran", "reused", "skipped", "failed"]
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,74 @@ class StageResult:
     finished_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def line(self) -> str:
+        if self.status == "failed":
+            return f"{self.stage}: failed after {self.seconds:.1f}s: {self.summary.get('reason', '')}"
         details = ", ".join(f"{k}={v}" for k, v in self.summary.items() if v not in ({}, None))
         return f"{self.stage}: {self.status} in {self.seconds:.1f}s ({details})"
+
+    def alerts(self) -> list[str]:
+        """What a reader must see first: why the stage failed, or the alert it raised while it ran."""
+        if self.status == "failed":
+            return [f"{self.stage} failed: {self.summary.get('reason', '')}"]
+        alert = self.summary.get("alert")
+        return [f"{self.stage}: {alert}"] if alert else []
+
+
+class StageFailed(RuntimeError):
+    """A stage of the pipeline raised; the run's report and ``status`` show why. The message is one line."""
+
+    def __init__(self, result: StageResult, report: Path | None = None) -> None:
+        where = f" (report: {report})" if report is not None else ""
+        super().__init__(f"{result.alerts()[0]}{where}")
+        self.result = result
+
+
+def one_line(text: str) -> str:
+    """A message on one line: ``head:\n  a\n  b`` becomes ``head: a; b``."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return "; ".join(lines)
+
+
+def failure_reason(error: BaseException) -> str:
+    """An error as one line: its message (the exception's name where it has none, or where the message
+    alone would not say what kind of error it is)."""
+    message = one_line(str(error))
+    if not message:
+        return type(error).__name__
+    if isinstance(error, (OSError, KeyError, AttributeError, TypeError, AssertionError)):
+        return f"{type(error).__name__}: {message}"
+    return message
+
+
+def failure_manifest(catalog: Catalog, stage: str) -> Path:
+    return catalog.stage_manifest(stage).with_name(f"{stage}.failed.json")
+
+
+def record_failure(catalog: Catalog, stage: str, error: BaseException, seconds: float) -> StageResult:
+    """Record that ``stage`` raised ``error`` (beside its last good record, which stays) and return it."""
+    last = load_stage(catalog, stage)
+    result = StageResult(stage=stage, status="failed", key=last.key if last else "",
+                         summary={"reason": failure_reason(error), "error": type(error).__name__},
+                         seconds=seconds)
+    atomic_write_json(failure_manifest(catalog, stage), asdict(result))
+    return result
+
+
+def load_failure(catalog: Catalog, stage: str) -> StageResult | None:
+    """The stage's last failure, when it failed after its last good record (None otherwise)."""
+    try:
+        data = read_json(failure_manifest(catalog, stage))
+        failed = StageResult(**data) if data else None
+    except (ValueError, TypeError):  # a damaged failure record says no more than that the stage failed
+        failed = StageResult(stage, "failed", "", {"reason": f"{failure_manifest(catalog, stage)} is damaged"}, 0.0)
+    return failed
 
 
 def save_stage(catalog: Catalog, result: StageResult) -> None:
     atomic_write_json(catalog.stage_manifest(result.stage), asdict(result))
+    failure_manifest(catalog, result.stage).unlink(missing_ok=True)
     legacy = catalog.legacy_stage_manifest(result.stage)
     if legacy.exists():
         legacy.unlink()
@@ -74,6 +140,19 @@ def mark_running(catalog: Catalog, stage: str) -> Iterator[None]:
         yield
     finally:
         running_marker(catalog, stage).unlink(missing_ok=True)
+
+
+def run_stage(catalog: Catalog, stage: str, run: Callable[[], StageResult]) -> StageResult:
+    """Run one stage (marked running meanwhile). Any exception it raises is recorded as its failure and
+    returned as a ``failed`` result; a success clears an earlier failure. Ctrl-C and SIGTERM propagate."""
+    start = time.perf_counter()
+    with mark_running(catalog, stage):
+        try:
+            result = run()
+        except Exception as e:  # noqa: BLE001 - whatever a stage raises is its failure, recorded with its reason
+            return record_failure(catalog, stage, e, time.perf_counter() - start)
+    failure_manifest(catalog, stage).unlink(missing_ok=True)
+    return result
 
 
 def running_state(catalog: Catalog, stage: str) -> str | None:

@@ -104,13 +104,22 @@ def pipeline(
     catalog = Catalog(config.data_dir)
     opts = RunOptions(progress, promote, full_listing)
     failed: StageResult | None = None
+    errors: list[Exception] = []  # what the failed stage raised: the cause `--debug` shows
+
+    def attempt(stage: Stage) -> StageResult:
+        try:
+            return RUNNERS[stage](config, opts, stage in (force or []))
+        except Exception as e:
+            errors.append(e)
+            raise
+
     with data_dir_lock(config.data_dir, wait=wait_for_lock):
         results = [skipped_stage(catalog, s, "not selected") for s in STAGES[:first]]
         for stage in selected:
             if failed is not None:
                 results.append(skipped_stage(catalog, stage, f"not run: {failed.stage} failed"))
                 continue
-            result = run_stage(catalog, stage, lambda: RUNNERS[stage](config, opts, stage in (force or [])))
+            result = run_stage(catalog, stage, lambda: attempt(stage))
             results.append(result)
             if result.status == "failed":
                 failed = result
@@ -124,4 +133,4 @@ def pipeline(
         except Exception as e:  # noqa: BLE001 - the stage's failure is what the run ends with
             get_run_logger().error("the report could not be written: %s", e)
             report = None
-    raise StageFailed(failed, report)
+    raise StageFailed(failed, report) from (errors[-1] if errors else None)

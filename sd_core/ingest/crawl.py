@@ -515,10 +515,10 @@ def _check_downloads(
     if tried and not summary.downloaded:
         n = f"{tried} URL{'s' * (tried != 1)} tried"
         if set(recorder.failed) == {"HTTP 429"}:
-            parts.append(f"crawl: the site answered 429 Too Many Requests to every image ({n})")
+            parts.append(f"the site answered 429 Too Many Requests to every image ({n})")
         else:
             counts = ", ".join(f"{r}: {k}" for r, k in recorder.failed.most_common())
-            parts.append(f"crawl: every download failed ({n}; {counts})")
+            parts.append(f"every download failed ({n}; {counts})")
         url, error = next(iter(recorder.examples.values()))
         parts.append(f"e.g. {error}" if url in error else f"e.g. {url}: {error}")
         failed_urls = [u for u, st in recorder.outcome.items() if st != "ok"]
@@ -529,7 +529,7 @@ def _check_downloads(
             if url in listed:
                 reasons[reason_of(http_status, error)] += 1
         counts = ", ".join(f"{r}: {k}" for r, k in reasons.most_common())
-        parts.append(f"crawl: no image downloaded yet: the {len(urls)} listed URLs failed in earlier runs ({counts})")
+        parts.append(f"no image downloaded yet: the {len(urls)} listed URLs failed in earlier runs ({counts})")
         failed_urls, url = urls, ""
     if recorder.retry_after:
         parts.append(f"the site asked to wait {max(recorder.retry_after):.0f}s (Retry-After, honoured up to "

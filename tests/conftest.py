@@ -7,13 +7,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+# Prefect configures its log handlers when it is first imported, on whatever sys.stderr is then. Imported here,
+# that is pytest's session-long capture; imported first inside a test using capsys, it would be that test's
+# stream, closed when the test ends, and every later flow's log line would fail (RecursionError in rich).
+import tasks  # noqa: E402,F401  (Prefect defaults for offline use, before Prefect is imported)
+import prefect.main  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server and database for every flow test in the session."""
     from prefect.testing.utilities import prefect_test_harness
-
-    import tasks  # noqa: F401  (Prefect defaults for offline use)
 
     with prefect_test_harness(server_startup_timeout=None):
         yield

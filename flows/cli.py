@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="draw emoji from a trained model")
     _config_args(sample, site=False)
-    sample.add_argument("--data-dir", type=Path, default=None, help="use this data dir's latest trained model")
+    sample.add_argument("--data-dir", type=Path, default=None,
+                        help="draw from this data dir's champion (models/current.json, verified by checksum)")
     sample.add_argument("--model", type=Path, help="a model folder (scratch export or diffusers SD folder)")
     sample.add_argument("--prompt", action="append", help="text to draw (repeatable; default: [sample] prompts)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: [sample])")
@@ -191,11 +192,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _status(cfg: PipelineConfig) -> int:
-    from sd_core.status import stage_status
+    from sd_core.status import champion_line, stage_status
     from sd_core.store.gc import human
 
     for row in stage_status(cfg):
         print(f"{row.stage:8s} {row.state:8s} {human(row.bytes):>9s}  {row.detail}")
+    state, line = champion_line(cfg)
+    print(f"champion {state:8s} {'':>9s}  {line}")
     return 0
 
 
@@ -217,16 +220,14 @@ def _gc(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import shutil
 
+    from sd_core.diffusion.champion import served_model
     from sd_core.sample.stage import sample_to_folder
     from sd_core.store.catalog import Catalog
 
     cfg = _load(args, {})
     model = args.model
-    if model is None:
-        data_dir = check_data_dir(args.data_dir or cfg.data_dir)
-        model = Catalog(data_dir).trained_model()
-        if model is None:
-            raise FileNotFoundError(f"no trained model in {data_dir}: pass --model or run the train stage")
+    if model is None:  # the data dir's champion, verified; never another run's export
+        model = served_model(Catalog(check_data_dir(args.data_dir or cfg.data_dir)))
     given = {"prompts": tuple(args.prompt) if args.prompt else None, "guidance_scale": args.guidance,
              "steps": args.steps, "scheduler": args.scheduler, "seed": args.seed, "images_per_prompt": args.n,
              "guidance_sweep": tuple(args.sweep) if args.sweep is not None else ()}

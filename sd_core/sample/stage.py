@@ -1,8 +1,9 @@
-"""The sample stage: the configured prompts drawn from the trained model into ``samples/``.
+"""The sample stage: the configured prompts drawn from the champion into ``samples/``.
 
 Outputs: ``images/p{prompt:02d}_seed{seed}.png``, ``grid.png`` (a row per prompt, a column per seed),
-``guidance_sweep.png`` (a row per prompt, a column per guidance scale) and ``samples.json``. The stage's key
-holds the model's content fingerprint, so a retrained model is always sampled again.
+``guidance_sweep.png`` (a row per prompt, a column per guidance scale) and ``samples.json``. The model is the
+one :func:`~sd_core.diffusion.champion.served_model` returns (the champion's export, verified), never
+another run's. The stage's key holds the champion's content digest, so a new champion is always sampled.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from PIL import Image
 
 from sd_core.common.devices import device
 from sd_core.common.images import make_grid, save_png
+from sd_core.diffusion.champion import find_champion, served_model
 from sd_core.diffusion.export import load_pipeline, model_digest
 from sd_core.diffusion.generate import draw_grid, generate
 from sd_core.sample.config import SampleConfig
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_json, read_json, stable_hash
+from sd_core.store.files import atomic_write_json, json_problem, stable_hash
 
 CODE_VERSION = 2  # 2: drawn through StableDiffusionPipeline
 
@@ -62,22 +64,27 @@ def sample_to_folder(model: Path | Any, cfg: SampleConfig, out_dir: Path) -> Sam
 
 
 def stage_key(cfg: SampleConfig, catalog: Catalog) -> str:
-    """The sampling settings and the content of the model sampled from."""
-    model = catalog.trained_model()
-    return stable_hash({"model": model_digest(model) if model else None, "config": cfg.model_dump(mode="json"),
+    """The sampling settings and the content digest of the champion sampled from (read from its record, not
+    verified: :func:`run_sampling` verifies the export before drawing)."""
+    champ = find_champion(catalog, repair=False)
+    return stable_hash({"model": champ.digest if champ else None, "config": cfg.model_dump(mode="json"),
                         "code_version": CODE_VERSION})
 
 
+def samples_key_json(catalog: Catalog) -> Path:
+    """What ``samples/`` was drawn from: ``{"key", "model", "digest"}``."""
+    return catalog.samples_dir / "samples_key.json"
+
+
 def run_sampling(cfg: SampleConfig, catalog: Catalog, *, force: bool = False) -> dict[str, Any]:
-    """Draw the configured prompts from the trained model into ``samples/`` unless that was done already."""
-    model = catalog.trained_model()
-    if model is None:
-        raise FileNotFoundError(f"no trained model in {catalog.train_dir}: run the train stage")
+    """Draw the configured prompts from the champion into ``samples/`` unless that was done already."""
+    model = served_model(catalog)
     key = stage_key(cfg, catalog)
-    record = read_json(catalog.samples_dir / "samples_key.json")
-    if record and record.get("key") == key and (catalog.samples_dir / "grid.png").exists() and not force:
+    record, _ = json_problem(samples_key_json(catalog))  # a damaged record only means drawing again
+    if isinstance(record, dict) and record.get("key") == key and (catalog.samples_dir / "grid.png").exists() \
+            and not force:
         return {"status": "reused", "grid": str(catalog.samples_dir / "grid.png")}
     result = sample_to_folder(model, cfg, catalog.samples_dir)
-    atomic_write_json(catalog.samples_dir / "samples_key.json", {"key": key, "model": str(model)})
-    return {"status": "ran", "prompts": len(cfg.prompts), "images": sum(len(r) for r in result.images),
-            "grid": str(result.grid)}
+    atomic_write_json(samples_key_json(catalog), {"key": key, "model": str(model), "digest": model_digest(model)})
+    return {"status": "ran", "model": model.parent.name, "prompts": len(cfg.prompts),
+            "images": sum(len(r) for r in result.images), "grid": str(result.grid)}

@@ -233,11 +233,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _status(cfg: PipelineConfig) -> int:
-    from sd_core.status import stage_status
+    from sd_core.status import champion_line, stage_status
     from sd_core.store.gc import human
 
     for row in stage_status(cfg):
         print(f"{row.stage:8s} {row.state:8s} {human(row.bytes):>9s}  {row.detail}")
+    state, line = champion_line(cfg)
+    print(f"champion {state:8s} {'':>9s}  {line}")
     return 0
 
 
@@ -264,6 +266,7 @@ SAMPLE_FIELDS = ("prompts", "held_out_prompts", "negative_prompt", "guidance_sca
 def _sample(args: argparse.Namespace) -> int:
     import shutil
 
+    from sd_core.diffusion.champion import served_model
     from sd_core.sample.stage import prompts_from_file, sample_to_folder
     from sd_core.store.catalog import Catalog
 
@@ -280,10 +283,8 @@ def _sample(args: argparse.Namespace) -> int:
     if args.data_dir is not None or model is None:
         data_dir = check_data_dir(args.data_dir or cfg.data_dir)
         catalog = Catalog(data_dir)
-        if model is None:
-            model = catalog.trained_model()
-            if model is None:
-                raise FileNotFoundError(f"no trained model in {data_dir}: pass --model or run the train stage")
+        if model is None:  # the data dir's champion, verified; never another run's export
+            model = served_model(catalog)
     out_dir = args.out.with_suffix("")
     result = sample_to_folder(model, cfg.sample, out_dir, catalog=catalog)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,19 @@
 """What each stage has on disk: cached (its record matches the inputs and settings now),
-stale (its settings or something upstream changed), failed (its last attempt raised: why, and what it had
-before), missing (never ran) or unused, and how many bytes
-its artifacts take; and what no current key refers to any more (``emoji-sd gc``)."""
+stale (its settings or something upstream changed, it was interrupted, or its record is damaged), failed (its
+last attempt raised: why, and what it had before), missing (never ran) or unused, and how many bytes its
+artifacts take; which run is the champion and whether its record is intact; and what no current key refers to
+any more (``emoji-sd gc``). Status only reads: a file it cannot read is named in the row of its stage."""
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 from sd_core.caption import stage as caption_stage
 from sd_core.config import STAGES, PipelineConfig
-from sd_core.diffusion.export import ModelFolderError, verify_export
+from sd_core.diffusion.champion import champion_status, find_champion
+from sd_core.diffusion.export import ModelFolderError, export_complete, verify_export
 from sd_core.encode import stage as encode_stage
 from sd_core.eval import stage as eval_stage
 from sd_core.ingest import convert
@@ -18,9 +21,10 @@ from sd_core.ingest.ledger import Ledger
 from sd_core.sample import stage as sample_stage
 from sd_core.store import gc
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import sha256_text
+from sd_core.store.files import DamagedFileError, sha256_text
 from sd_core.store.metadata import read_metadata
-from sd_core.store.records import load_failure, load_stage, running_state
+from sd_core.store.records import load_failure, load_stage, running_state, stage_record_problem
+from sd_core.training import plan as train_plan
 from sd_core.training import stage as train_stage
 from sd_core.vae import stage as vae_stage
 
@@ -54,7 +58,8 @@ def _verify(stage: str, cfg: PipelineConfig, catalog: Catalog) -> str | None:
     if stage == "train":
         run = catalog.latest_run()
         if run is None:
-            return "no trained run"
+            why = catalog.latest_problem() or "missing"
+            return f"{catalog.latest_run_json} is damaged ({why}); the train stage's next run rewrites it"
         if run.with_name(run.name + ".forced").exists():
             return "a forced rerun of this run is unfinished"
         try:
@@ -72,6 +77,24 @@ def stage_status(cfg: PipelineConfig) -> list[StageState]:
     return [StageState(r.stage, r.state, r.detail, gc.sizes(catalog.stage_paths(r.stage))) for r in rows]
 
 
+def champion_line(cfg: PipelineConfig) -> tuple[str, str]:
+    """``(state, line)``: the champion, and whether its record is intact (see
+    :func:`~sd_core.diffusion.champion.champion_status`)."""
+    try:
+        return champion_status(Catalog(cfg.data_dir))
+    except OSError as e:
+        return "damaged", f"cannot read {e.filename or Catalog(cfg.data_dir).current_json}: {e.strerror or e}"
+
+
+def _unreadable(e: Exception, catalog: Catalog) -> str:
+    """A one-line reason naming the file that could not be read (a read-only or damaged data directory)."""
+    if isinstance(e, OSError) and e.filename:
+        return f"cannot read {e.filename}: {e.strerror or e}"
+    if isinstance(e, sqlite3.Error):
+        return f"cannot read {catalog.ledger_db}: {e}"
+    return str(e)
+
+
 def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
     rows: list[StageState] = []
     upstream_changed = False
@@ -79,7 +102,7 @@ def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
         if stage == "vae" and not encode_stage.uses_trained_vae(cfg.encode):
             rows.append(StageState(stage, "unused", f"pretrained VAE {cfg.encode.vae.model_id}"))
             continue
-        record = load_stage(catalog, stage)
+        record = load_stage(catalog, stage, warn=False)
         failure = load_failure(catalog, stage)
         if failure is not None and running_state(catalog, stage) != "running":
             before = f"last {record.status} {record.finished_at}" if record else "it never completed"
@@ -87,20 +110,32 @@ def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
                                    f"failed {failure.finished_at}: {failure.summary.get('reason', '')}; {before}"))
             continue  # later stages are judged by their own keys: what this one left on disk is what they see
         if record is None:
-            rows.append(StageState(stage, "missing", "never ran in this data dir"))
+            rows.append(_no_record(catalog, stage))
             upstream_changed = True
             continue
         when = f"last {record.status} {record.finished_at}"
         if stage == "crawl":
-            with Ledger(catalog.ledger_db) as ledger:
-                c = ledger.counts()
+            try:
+                with Ledger(catalog.ledger_db) as ledger:
+                    c = ledger.counts()
+            except (OSError, sqlite3.Error) as e:  # e.g. a read-only data dir: named, and status goes on
+                rows.append(StageState(stage, "stale", f"{_unreadable(e, catalog)}; {when}"))
+                continue
             detail = f"{c['images']} unique images from {c['ok']} URLs ({c['gone']} gone, {c['failed']} failed); {when}"
             rows.append(StageState(stage, "cached", detail + "; the site itself is checked on the next run"))
             continue
         try:
             fresh = not upstream_changed and KEY_NOW[stage](cfg, catalog) == record.key
+        except DamagedFileError as e:  # a state file the key is read from: named
+            rows.append(StageState(stage, "stale", f"{e}; {when}"))
+            upstream_changed = True
+            continue
         except (FileNotFoundError, RuntimeError):  # its inputs are not there (yet)
             fresh = False
+        except (OSError, sqlite3.Error) as e:  # a file it cannot read or open: named
+            rows.append(StageState(stage, "stale", f"{_unreadable(e, catalog)}; {when}"))
+            upstream_changed = True
+            continue
         detail = ", ".join(f"{k}={v}" for k, v in record.summary.items() if v not in ({}, None))
         running = running_state(catalog, stage)
         problem = _verify(stage, cfg, catalog) if fresh and running is None else None
@@ -114,6 +149,20 @@ def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
         else:
             rows.append(StageState(stage, "cached" if fresh else "stale", f"{detail}; {when}"))
     return rows
+
+
+def _no_record(catalog: Catalog, stage: str) -> StageState:
+    """A stage without a record: its record damaged, running for the first time, killed before it ever
+    finished, or never run."""
+    if (damaged := stage_record_problem(catalog, stage)) is not None:
+        path, why = damaged
+        return StageState(stage, "stale", f"{path} is damaged ({why}); the stage's next run rewrites it")
+    running = running_state(catalog, stage)
+    if running == "running":
+        return StageState(stage, "running", "running now, for the first time in this data dir")
+    if running == "interrupted":
+        return StageState(stage, "stale", "interrupted: its first run was killed before it finished")
+    return StageState(stage, "missing", "never ran in this data dir")
 
 
 def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
@@ -158,13 +207,20 @@ def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
     elif catalog.raw_dir.exists():
         plan.kept.append(f"{catalog.raw_dir.relative_to(catalog.root)}: no ledger to check it against")
 
-    current = set()  # the run the current settings train into
+    keep: dict[str, str] = {}  # run name -> why it stays
     if lbase is not None:
         try:
-            current.add(f"run-{train_stage.stage_key(cfg.train, enc, catalog)}")
+            keep[train_plan.plan_run(cfg.train, enc, catalog).run_dir.name] = "the current settings' run"
         except (OSError, RuntimeError, ValueError):
             pass
-    removals, kept = gc.stale_runs(catalog, current, keep_runs)
+    try:  # the champion stays whatever its record says; while it cannot be told, every run does
+        champ = find_champion(catalog, repair=False)
+    except DamagedFileError as e:
+        plan.kept.append(f"{catalog.train_dir.relative_to(catalog.root)}: every run ({e})")
+        return plan
+    if champ is not None:
+        keep[champ.run.name] = "the champion"
+    removals, kept = gc.stale_runs(catalog, keep, keep_runs, complete=lambda run: export_complete(run / "model"))
     plan.removals += removals
     plan.kept += kept
     return plan

@@ -110,6 +110,7 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
 
     from flows.pipeline import pipeline
     from sd_core.demo.site import DemoSite
+    from sd_core.diffusion.champion import champion_run, served_model
     from sd_core.eval.stage import eval_set, evaluate, read_history
     from sd_core.store.catalog import Catalog
 
@@ -121,8 +122,8 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
 
         first = run()
         assert first["eval"].status == "ran" and first["eval"].summary["decision"] == "promoted"
-        champion = cat.champion_run()
-        assert champion == cat.latest_run() and cat.trained_model() == champion / "model"
+        champion = champion_run(cat)
+        assert champion == cat.latest_run() and served_model(cat) == champion / "model"
         assert (champion / "scores" / "grid.png").exists() and cat.eval_json(champion).exists()
         # the real held-out images are also read after a round trip through the model's VAE (the UNet's ceiling)
         scored = json.loads(cat.eval_json(champion).read_text())
@@ -138,7 +139,7 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
         e = worse["eval"].summary
         assert worse["train"].status == "ran" and e["decision"] == "rejected", e
         assert "held_out_loss" in e["reason"] and cat.latest_run() != champion
-        assert cat.champion_run() == champion and cat.trained_model() == champion / "model"
+        assert champion_run(cat) == champion and served_model(cat) == champion / "model"
         assert worse["sample"].status == "reused"  # still the champion's samples
         samples = json.loads((cat.samples_dir / "samples_key.json").read_text())
         assert samples["model"] == str(champion / "model")
@@ -151,7 +152,7 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
         # --promote forces it
         forced = run("train.steps=2", "train.seed=1", start="eval", force=["eval"], promote=True)
         assert forced["eval"].summary["decision"] == "promoted" and "forced" in forced["eval"].summary["reason"]
-        assert cat.champion_run() == rejected and forced["sample"].status == "ran"
+        assert champion_run(cat) == rejected and forced["sample"].status == "ran"
 
         # a new VAE: the next run's latents live in another space, so held-out losses no longer compare; each
         # model is still scored in its own space (the champion's loss, scored again now, is what it was)

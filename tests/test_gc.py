@@ -18,7 +18,8 @@ from sd_core.encode.encoders import EMPTY_PROMPT, latent_key_base, text_key_base
 from sd_core.encode.stage import resolve
 from sd_core.ingest.ledger import Ledger
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import md5_bytes, sha256_text
+from sd_core.diffusion.export import FORMAT, MANIFEST
+from sd_core.store.files import file_checksum, md5_bytes, sha256_text
 from sd_core.store.tensors import TensorStore
 
 ROWS = [("a.jpg", md5_bytes(b"a"), "Frog emoji"), ("b.jpg", md5_bytes(b"b"), "Cat emoji")]
@@ -74,6 +75,8 @@ def data_dir(tmp_path, encoders):
     for i, run in enumerate(("run-old", "run-newer", "run-latest")):
         (cat.run_dir(run) / "model").mkdir(parents=True)
         (cat.run_dir(run) / "model" / "w.safetensors").write_bytes(b"w" * 1000)
+        (cat.run_dir(run) / "model" / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": {
+            "w.safetensors": file_checksum(cat.run_dir(run) / "model" / "w.safetensors")}}))  # a complete export
         os.utime(cat.run_dir(run), (1_700_000_000 + i, 1_700_000_000 + i))
     cat.latest_run_json.write_text(json.dumps({"run": "run-latest", "key": "k"}))
     (cat.latent_store / "shards" / ".shard.0123456789ab.tmp").write_bytes(b"partial")

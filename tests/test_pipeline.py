@@ -89,7 +89,9 @@ def test_run_rerun_stage_rerun_and_refresh(tmp_path, prefect_harness):
         import torch
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(cat.trained_model())
+        from sd_core.diffusion.champion import served_model
+
+        pipe = StableDiffusionPipeline.from_pretrained(served_model(cat))
         assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.tokenizer.model_max_length == 32
         drawn = pipe("Frog emoji with a round head", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
         assert drawn.images[0].size == (64, 64)

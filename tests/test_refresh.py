@@ -42,6 +42,7 @@ def steps_trained(run: Path) -> int:
 
 def test_refresh_cycles(tmp_path, prefect_harness):
     from flows.pipeline import pipeline
+    from sd_core.diffusion.champion import champion_run
 
     cat = Catalog(tmp_path)
     with DemoSite(build_demo_items(30, seed=3), per_page=12) as site:
@@ -56,28 +57,35 @@ def test_refresh_cycles(tmp_path, prefect_harness):
         knobs = run("train.val_every=2", "train.save_every=4", "train.log_every=2", start="train")
         assert knobs["train"].status == "reused" and runs(cat) == [run1.name]
 
-        # more steps: the same run goes on from its last checkpoint to the new total
+        # more steps: the run goes on from its last checkpoint to the new total, in a new folder: run 1's export
+        # (the champion) stays exactly what was evaluated, and the longer run is scored and gated like any refresh
+        exported = (run1 / "model" / "emoji_sd_model.json").read_text()
         longer = run("train.steps=12", start="train")
-        assert longer["train"].status == "ran" and longer["train"].summary["run"] == run1.name
-        assert longer["train"].summary["resumed"] and steps_trained(run1) == 12
-        assert [int(r["step"]) for r in read_metrics(run1 / "metrics.csv")] == list(range(1, 13))
+        run12 = cat.run_dir(f"{run1.name}-s12")
+        assert longer["train"].status == "ran" and longer["train"].summary["run"] == run12.name
+        assert longer["train"].summary["resumed"] and steps_trained(run12) == 12 and steps_trained(run1) == 8
+        assert [int(r["step"]) for r in read_metrics(run12 / "metrics.csv")] == list(range(1, 13))
+        assert (run1 / "model" / "emoji_sd_model.json").read_text() == exported
+        assert longer["eval"].summary["run"] == run12.name and longer["eval"].summary["decision"] != "champion"
+        champion = champion_run(cat)
 
-        # a new emoji: a new run continues from the last one for continue_steps, its EMA's decay adapted to them
+        # a new emoji: a new run continues from the champion for continue_steps, its EMA's decay adapted to them
         site.prepend(build_growth_items(1, seed=3, after=30))
         grown = run("train.steps=12")
         t = grown["train"].summary
-        assert t["continued_from"] == run1.name and t["steps"] == 4 and grown["encode"].summary["images_encoded"] == 1
+        assert t["continued_from"] == champion.name and t["steps"] == 4
+        assert grown["encode"].summary["images_encoded"] == 1
         run2 = cat.latest_run()
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run2 / "checkpoints")).trainer_state
-        assert state["ema_updates"] == 12 + 4  # adapted, not re-warmed: run 1's count goes on
+        assert state["ema_updates"] == steps_trained(champion) + 4  # adapted, not re-warmed: its count goes on
 
         # a wider UNet: trained from scratch, and the record says why
         wider = run("train.steps=12", "train.model.unet.h_dim=64", start="train")
         w = wider["train"].summary
         assert w["continued_from"] is None and w["steps"] == 12
         assert "settings that shape the model changed: model.unet.h_dim" in w["plan"]
-        # keep_runs = 2: the third run removed the oldest; latest.json names a run on disk
-        assert len(runs(cat)) == 2 and run1.name not in runs(cat)
+        # keep_runs = 2: of the four runs, two stay (the latest and the champion when it trained are kept)
+        assert len(runs(cat)) == 2 and {cat.latest_run().name, champion_run(cat).name} <= set(runs(cat))
         assert cat.latest_run().is_dir() and (cat.latest_run() / "model").is_dir()
 
 
@@ -135,6 +143,7 @@ def test_forced_retrain_killed_midway_keeps_the_old_model(tmp_path, prefect_harn
     from test_pipeline import FAST
 
     from flows.pipeline import pipeline
+    from sd_core.diffusion.champion import served_model
     from sd_core.diffusion.export import load_pipeline
     from sd_core.status import stage_status
 
@@ -161,7 +170,7 @@ def test_forced_retrain_killed_midway_keeps_the_old_model(tmp_path, prefect_harn
         proc.wait()
     # the old model is untouched and loads; status does not call the train stage cached
     assert (run / "model" / "emoji_sd_model.json").read_text() == before
-    load_pipeline(cat.trained_model())
+    load_pipeline(served_model(cat))
     train = next(r for r in stage_status(cfg) if r.stage == "train")
     assert train.state == "stale" and "interrupted" in train.detail
 

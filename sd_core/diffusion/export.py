@@ -28,7 +28,15 @@ import torch
 
 from sd_core.common.devices import diffusers_dtype_arg
 from sd_core.diffusion.schedulers import ScheduleConfig
-from sd_core.store.files import atomic_write_json, file_checksum, matches_checksum, read_json, stable_hash
+from sd_core.store.files import (
+    atomic_write_json,
+    file_checksum,
+    json_problem,
+    matches_checksum,
+    names_file,
+    read_json,
+    stable_hash,
+)
 
 FORMAT = "emoji-sd-model/2"
 MANIFEST = "emoji_sd_model.json"
@@ -58,6 +66,35 @@ class ModelFolderError(ValueError):
 
 
 # --- writing --------------------------------------------------------------------------------------
+
+
+PATH_FIELDS = ("_name_or_path", "name_or_path")  # where a library records the folder a model was loaded from
+VERSION_FIELDS = ("_diffusers_version", "transformers_version", "_commit_hash")  # which library wrote it
+
+
+def _is_config(path: Path) -> bool:
+    return path.name.endswith("config.json") or path.name == "model_index.json"
+
+
+def _without(obj: Any, fields: tuple[str, ...]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without(v, fields) for k, v in obj.items() if k not in fields}
+    if isinstance(obj, list):
+        return [_without(v, fields) for v in obj]
+    return obj
+
+
+def scrub_paths(folder: Path) -> list[str]:
+    """Drop the fields that record where a model was loaded from (``_name_or_path``, an absolute path for a
+    local model) from every config JSON under ``folder``; from_pretrained sets them again on loading. An
+    export then holds no path of the machine or data directory it was written in. Returns what changed."""
+    changed = []
+    for path in sorted(p for p in Path(folder).rglob("*.json") if p.is_file() and _is_config(p)):
+        data, why = json_problem(path)
+        if why is None and isinstance(data, (dict, list)) and (clean := _without(data, PATH_FIELDS)) != data:
+            atomic_write_json(path, clean)
+            changed.append(str(path.relative_to(folder)))
+    return changed
 
 
 def _inventory(folder: Path) -> dict[str, dict[str, Any]]:
@@ -94,10 +131,14 @@ class ExportWriter:
         self.tmp.mkdir()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)  # gone already when sealed
+        if isinstance(exc, Exception):
+            with names_file(self.folder):  # a full disk names the export it was writing
+                raise exc
 
     def seal(self, manifest: dict[str, Any]) -> Path:
+        scrub_paths(self.tmp)
         atomic_write_json(self.tmp / MANIFEST, {"format": FORMAT, **manifest, "files": _inventory(self.tmp)})
         _publish(self.tmp, self.folder)
         return self.folder
@@ -194,6 +235,20 @@ def verify_export(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def export_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole export: its manifest reads and every file it lists is there with its
+    size (checksums are not read: see :func:`verify_export`). A run folder whose deletion or export was cut
+    short fails this."""
+    folder = Path(folder)
+    data, why = json_problem(folder / MANIFEST)
+    if why is not None or not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return False
+    try:
+        return all((folder / rel).stat().st_size == f["bytes"] for rel, f in data["files"].items())
+    except (OSError, KeyError, TypeError):
+        return False
+
+
 def model_digest(folder: Path) -> str:
     """A short fingerprint of an export's content (from its manifest), or of a plain diffusers folder."""
     folder = Path(folder)
@@ -210,8 +265,9 @@ CONDITIONING = ("vae/", "text_encoder/", "tokenizer/")
 
 def conditioning_digest(folder: Path) -> str:
     """A fingerprint of what an export's UNet reads, without the UNet: the VAE (its latent space) and the text
-    encoder with its tokenizer (its prompt embeddings). A fine-tune reads its base model's, which it never
-    changes (only cross-attention weights are trained)."""
+    encoder with its tokenizer (its prompt embeddings), from their content: weights by checksum, configs
+    without path or version fields, so a copied or moved data directory gives the same fingerprint. A
+    fine-tune reads its base model's, which it never changes (only cross-attention weights are trained)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("kind") != "scratch":
@@ -219,7 +275,18 @@ def conditioning_digest(folder: Path) -> str:
     if manifest is None and not (folder / "model_index.json").exists():
         raise ModelFolderError(f"{folder} is not a model folder")
     files = manifest.get("files", {}) if manifest is not None else _inventory(folder)
-    return stable_hash({rel: f for rel, f in files.items() if rel.startswith(CONDITIONING)})
+    return stable_hash({rel: _content(folder / rel, f) for rel, f in files.items() if rel.startswith(CONDITIONING)})
+
+
+def _content(path: Path, checksum: dict[str, Any]) -> Any:
+    """What a file contributes to a content fingerprint: a config JSON without the fields that name where
+    it was loaded from or which library version wrote it (exports written before those were dropped still
+    compare), any other file its SHA-256."""
+    if _is_config(path):
+        data, why = json_problem(path)
+        if why is None and data is not None:
+            return _without(data, PATH_FIELDS + VERSION_FIELDS)
+    return checksum.get("sha256")
 
 
 def _from_pretrained(source: str, *, device: Any, dtype: torch.dtype | None, revision: str | None = None) -> Any:

@@ -15,7 +15,9 @@ Scores (``<run>/scores/scores.json``, one row per evaluated run in ``models/eval
   ceiling), and the chance level of the attribute distribution;
 * ``fid``, ``kid``, ``clip_score`` where their weights can be loaded (see :mod:`sd_core.eval.distribution`).
 
-Promotion: ``models/current.json`` names the champion. The first evaluated run becomes champion; a later
+Promotion: ``models/current.json`` names the champion and the digest of its evaluated export (written atomically
+with a checksum, see :mod:`sd_core.store.champion`; served only through
+:func:`sd_core.diffusion.champion.served_model`). The first evaluated run becomes champion; a later
 run replaces it only if none of the scores in ``eval.promote_if`` is worse than the champion's by more than
 its tolerance, both scored on the same evaluation set (the champion is scored again when the set changed).
 Otherwise the run is kept, marked rejected with its figures. ``promote=True`` (``--promote``) forces it.
@@ -41,6 +43,7 @@ from sd_core.caption.offline import OfflineCaptioner
 from sd_core.common.devices import device
 from sd_core.common.images import image_to_tensor, make_grid, save_png
 from sd_core.diffusion.card import write_model_card
+from sd_core.diffusion.champion import ChampionError, find_champion
 from sd_core.diffusion.export import conditioning_digest, load_pipeline, model_digest
 from sd_core.diffusion.generate import generate
 from sd_core.diffusion.schedulers import denoising_sse
@@ -49,7 +52,15 @@ from sd_core.eval.attributes import ALL_ATTRIBUTES, PIXEL_ATTRIBUTES, chance_rat
 from sd_core.eval.config import SCORES, EvalConfig
 from sd_core.eval.distribution import distribution_scores
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_json, atomic_write_text, read_json, stable_hash
+from sd_core.store.champion import write_champion
+from sd_core.store.files import (
+    DamagedFileError,
+    atomic_write_json,
+    atomic_write_text,
+    json_problem,
+    read_json,
+    stable_hash,
+)
 from sd_core.store.metadata import read_metadata
 
 log = logging.getLogger(__name__)
@@ -150,12 +161,22 @@ def held_out_loss(pipe: Any, latents: torch.Tensor, prompts: Sequence[str], cfg:
     return total / (k * n * noise[0, 0].numel())
 
 
-def held_out_basis(pipe: Any, model: Path) -> str:
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                   "rescale_betas_zero_snr")
+
+
+def held_out_basis(model: Path) -> str:
     """What a held-out loss is measured against, besides the prediction type: the VAE and text encoder (see
-    :func:`~sd_core.diffusion.export.conditioning_digest`) and the noise schedule. Two models' held-out
-    losses compare only when this is the same."""
-    schedule = {k: pipe.scheduler.config.get(k) for k in ("num_train_timesteps", "beta_start", "beta_end",
-                                                          "beta_schedule", "trained_betas", "rescale_betas_zero_snr")}
+    :func:`~sd_core.diffusion.export.conditioning_digest`) and the noise schedule, all read from the export's
+    content (never from where it lies: a copied or moved data directory compares the same). Two models'
+    held-out losses compare only when this is the same."""
+    from diffusers import DDPMScheduler
+
+    raw, _ = json_problem(Path(model) / "scheduler" / "scheduler_config.json")
+    schedule = None  # a fine-tune's schedule is its base model's, which the conditioning digest names
+    if isinstance(raw, dict):
+        full = DDPMScheduler.from_config(raw).config  # defaults filled in, as the pipeline loads it
+        schedule = {k: full.get(k) for k in SCHEDULE_FIELDS}
     return stable_hash({"conditioning": conditioning_digest(model), "schedule": schedule})
 
 
@@ -214,7 +235,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, cata
         "model": str(model), "digest": model_digest(model), "items": len(prompts), "attributes": list(attributes),
         "guidance_scale": cfg.guidance_scale, "scores": scores, "per_attribute": per_attribute, "skipped": skipped,
         "seeds_per_item": cfg.seeds_per_item, "prediction_type": pipe.scheduler.config.prediction_type,
-        "held_out_basis": held_out_basis(pipe, model),
+        "held_out_basis": held_out_basis(model),
         "readings": {name: texts[: cfg.grid_items] for name, texts in readings.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -291,9 +312,41 @@ def read_history(catalog: Catalog) -> list[dict[str, str]]:
         return []
 
 
+def _current_champion(catalog: Catalog, candidate: Path, digest: str, promote: bool) -> tuple[Path | None, str]:
+    """The champion's run folder to compare ``candidate`` with (None: no champion yet, or ``promote`` overrides a
+    record that cannot be used), and a note when ``promote`` overrode one. The candidate counts as the
+    champion only when its export is the very one that was promoted (the same digest): otherwise its
+    weights were not evaluated, and without ``promote`` that is an error naming the file."""
+    try:
+        champ = find_champion(catalog, repair=True)
+    except DamagedFileError as e:
+        if not promote:
+            raise
+        return None, f"forced over a damaged champion record: {e}"
+    if champ is None:
+        return None, ""
+    if champ.run == candidate and champ.digest != digest:
+        if not promote:
+            raise ChampionError(
+                f"{catalog.current_json} names {candidate.name} with digest {champ.digest}, but its export now has "
+                f"digest {digest}: it was replaced after it was evaluated; evaluate and promote it with "
+                "`emoji-sd run --from eval --force eval --promote`, or restore the promoted export")
+        return None, f"forced: {candidate.name}'s export had changed since it was promoted"
+    if champ.run != candidate and not (champ.run / "model").is_dir():
+        if not promote:
+            raise ChampionError(f"{catalog.current_json} names {champ.run.name}, whose export is missing, so "
+                                f"{candidate.name} cannot be compared with it; restore it, or promote "
+                                f"{candidate.name} with `emoji-sd run --from eval --promote`")
+        return None, f"forced: the champion {champ.run.name}'s export is missing"
+    return champ.run, ""
+
+
 def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, catalog: Catalog, *, val_fraction: float,
              split_seed: int, force: bool = False, promote: bool = False) -> dict[str, Any]:
     """Evaluate the latest run, compare it with the champion, promote or reject it."""
+    if why := catalog.latest_problem():
+        raise DamagedFileError(catalog.latest_run_json, why, "run the train stage (`emoji-sd run --from train`), "
+                                                             "which rewrites it")
     candidate = catalog.latest_run()
     if candidate is None or not (candidate / "model").is_dir():
         raise FileNotFoundError(f"no trained model in {catalog.train_dir}: run the train stage")
@@ -311,15 +364,17 @@ def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, catalog: Catalog, *,
     if force:
         catalog.eval_json(candidate).unlink(missing_ok=True)
     result = _scores_for(candidate, key_of, **kw)
-    champion = catalog.champion_run()
+    champion, override = _current_champion(catalog, candidate, result["digest"], promote)
     if champion == candidate:
         status, reason = "champion", "this run is the champion"
     elif reused:
         status, reason = before["status"], before.get("reason", "")
     elif champion is None:
-        status, reason = "promoted", "the first evaluated run"
+        status, reason = "promoted", override or "the first evaluated run"
     else:
         champ = _scores_for(champion, key_of, **kw)
+        # comparability from the exports' content as they are now, whatever older records stored
+        result["held_out_basis"], champ["held_out_basis"] = (held_out_basis(r / "model") for r in (candidate, champion))
         rules, note = promotion_rules(cfg.promote_if, result, champ)
         worse = compare(result["scores"], champ["scores"], rules)
         if not worse:
@@ -332,9 +387,7 @@ def run_eval(cfg: EvalConfig, captioner_cfg: CaptionConfig, catalog: Catalog, *,
     if status == "rejected" and promote:
         status, reason = "promoted", f"forced (--promote) after: {reason}"
     if status == "promoted":
-        atomic_write_json(catalog.current_json, {"run": candidate.name, "digest": result["digest"],
-                                                 "scores": result["scores"], "reason": reason,
-                                                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        write_champion(catalog, run=candidate.name, digest=result["digest"], scores=result["scores"], reason=reason)
     result.update(status=status, reason=reason)
     atomic_write_json(catalog.eval_json(candidate), result)
     write_model_card(candidate / "model", catalog=catalog)  # the card shows the scores (outside the checksums)

@@ -143,6 +143,9 @@ def write_report(
     ``figures`` are (image path, caption) pairs shown full width (loss curves, sample grids).
     """
     root = catalog.root
+    model, served_line = served(catalog)
+    if model is None:  # no samples of a model that is not served
+        figures = [(p, c) for p, c in figures if catalog.samples_dir not in Path(p).parents]
     rows = read_metadata(catalog)
     flagged = sum(1 for r in rows if r.get("caption_flagged") == "True")
     counts = {
@@ -168,6 +171,7 @@ def write_report(
         f"<h2>Stages</h2>{_stage_rows(results)}"
         "<h2>Dataset</h2><table>" + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in counts.items())
         + f"</table><h2>Examples with their captions</h2><div class='grid'>{''.join(cards)}</div>"
+        + f"<h2>Served model</h2><p>{html.escape(served_line)}</p>"
         + _eval_section(catalog)
         + (f"<h2>Training, evaluation and samples</h2>{figs}" if figs else "")
     )
@@ -211,6 +215,34 @@ def report_figures(catalog: Catalog) -> list[tuple[Path, str]]:
     history = plot_eval_history(catalog)
     if history is not None:
         figs.append((history, "scores of every evaluated run (promoted and rejected)"))
-    figs.append((catalog.samples_dir / "grid.png", "samples per prompt from the champion (columns: seeds)"))
-    figs.append((catalog.samples_dir / "guidance_sweep.png", "classifier-free guidance sweep"))
+    if served_samples(catalog):  # only samples of the champion that is served now
+        figs.append((catalog.samples_dir / "grid.png", "samples per prompt from the champion (columns: seeds)"))
+        figs.append((catalog.samples_dir / "guidance_sweep.png", "classifier-free guidance sweep"))
     return figs
+
+
+def served(catalog: Catalog) -> tuple[Path | None, str]:
+    """The model served now (:func:`~sd_core.diffusion.champion.served_model`, which verifies it) and a line
+    saying which, or None and why none is."""
+    from sd_core.diffusion.champion import find_champion, served_model
+
+    try:
+        model = served_model(catalog)
+    except Exception as e:  # noqa: BLE001  (the report shows why nothing is served instead of failing)
+        return None, f"no model is served: {e}"
+    champ = find_champion(catalog, repair=False)
+    return model, f"{model.parent.name} (digest {champ.digest if champ else '?'}), verified by checksum"
+
+
+def served_samples(catalog: Catalog) -> bool:
+    """Whether ``samples/`` was drawn from the champion's export (by the digests recorded; the export itself is
+    verified once, when the report is written)."""
+    from sd_core.diffusion.champion import find_champion
+    from sd_core.store.files import json_problem
+
+    try:
+        champ = find_champion(catalog, repair=False)
+    except Exception:  # noqa: BLE001  (a damaged record: no samples are shown)
+        return False
+    record, _ = json_problem(catalog.samples_dir / "samples_key.json")
+    return champ is not None and isinstance(record, dict) and record.get("digest") == champ.digest

@@ -1,11 +1,13 @@
-"""The sample stage: the configured prompts drawn from the trained model into ``samples/``.
+"""The sample stage: the configured prompts drawn from the champion into ``samples/``.
 
 Outputs: ``images/p{prompt:02d}_seed{seed}.png``, ``grid.png`` (a row per prompt, a column per seed),
 ``guidance_sweep.png`` (a row per prompt, a column per guidance scale) and ``samples.json`` (every setting
 that draws each image again: prompt, negative prompt, seed, guidance, steps, sampler, size, the model's
 digest, and the ``emoji-sd sample`` command line). With no prompts configured it draws captions of the
-held-out side of the model's training split (:mod:`sd_core.encode.held_out`). The stage's key holds the model's
-content fingerprint and the prompts drawn, so a retrained model is always sampled again.
+held-out side of the model's training split (:mod:`sd_core.encode.held_out`). The model is the one
+:func:`~sd_core.diffusion.champion.served_model` returns (the champion's export, verified), never another
+run's. The stage's key holds the champion's content digest and the prompts drawn, so a new champion is always
+sampled.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from PIL import Image
 
 from sd_core.caption.template import DEFAULT_PROMPTS
 from sd_core.common.images import make_grid, save_png
+from sd_core.diffusion.champion import find_champion, served_model
 from sd_core.diffusion.export import load_pipeline, model_digest, read_manifest
 from sd_core.diffusion.generate import draw_grid, generate, image_size
 from sd_core.encode.held_out import held_out_prompts
 from sd_core.sample.config import DEVICE_PATTERN, SampleConfig
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_json, read_json, stable_hash
+from sd_core.store.files import atomic_write_json, json_problem, read_json, stable_hash
 
 CODE_VERSION = 3  # 2: drawn through StableDiffusionPipeline; 3: negative prompt, size, held-out prompts
 
@@ -166,31 +169,37 @@ def sample_to_folder(model: Path | Any, cfg: SampleConfig, out_dir: Path, *, cat
 
 
 def stage_key(cfg: SampleConfig, catalog: Catalog) -> str:
-    """The sampling settings, the prompts they resolve to and the content of the model sampled from."""
-    model = catalog.trained_model()
+    """The sampling settings, the prompts they resolve to and the content digest of the champion sampled from
+    (read from its record, not verified: :func:`run_sampling` verifies the export before drawing)."""
+    champ = find_champion(catalog, repair=False)
+    model = champ.model if champ is not None and champ.model.is_dir() else None
     settings = {**cfg.model_dump(mode="json"), "prompts": list(resolve_prompts(cfg, catalog, model))}
-    return stable_hash({"model": model_digest(model) if model else None, "config": settings,
+    return stable_hash({"model": champ.digest if champ else None, "config": settings,
                         "code_version": CODE_VERSION})
 
 
+def samples_key_json(catalog: Catalog) -> Path:
+    """What ``samples/`` was drawn from: ``{"key", "model", "digest"}``."""
+    return catalog.samples_dir / "samples_key.json"
+
+
 def run_sampling(cfg: SampleConfig, catalog: Catalog, *, force: bool = False) -> dict[str, Any]:
-    """Draw the configured prompts (or held-out captions) from the trained model into ``samples/`` unless that was
+    """Draw the configured prompts (or held-out captions) from the champion into ``samples/`` unless that was
     done already; the grid then joins the model's card (see :mod:`sd_core.diffusion.card`)."""
     from sd_core.diffusion.card import attach_sample_grid
 
-    model = catalog.trained_model()
-    if model is None:
-        raise FileNotFoundError(f"no trained model in {catalog.train_dir}: run the train stage")
+    model = served_model(catalog)
     key = stage_key(cfg, catalog)
-    record = read_json(catalog.samples_dir / "samples_key.json")
-    if record and record.get("key") == key and (catalog.samples_dir / "grid.png").exists() and not force:
-        attach_sample_grid(catalog, model.parent, catalog.samples_dir / "grid.png", catalog.samples_dir / "samples.json")
-        return {"status": "reused", "grid": str(catalog.samples_dir / "grid.png")}
+    record, _ = json_problem(samples_key_json(catalog))  # a damaged record only means drawing again
+    grid, settings = catalog.samples_dir / "grid.png", catalog.samples_dir / "samples.json"
+    if isinstance(record, dict) and record.get("key") == key and grid.exists() and not force:
+        attach_sample_grid(catalog, model.parent, grid, settings)
+        return {"status": "reused", "grid": str(grid)}
     result = sample_to_folder(model, cfg, catalog.samples_dir, catalog=catalog)
-    atomic_write_json(catalog.samples_dir / "samples_key.json", {"key": key, "model": str(model)})
-    attach_sample_grid(catalog, model.parent, result.grid, catalog.samples_dir / "samples.json")
-    return {"status": "ran", "prompts": len(result.prompts), "images": sum(len(r) for r in result.images),
-            "grid": str(result.grid)}
+    atomic_write_json(samples_key_json(catalog), {"key": key, "model": str(model), "digest": model_digest(model)})
+    attach_sample_grid(catalog, model.parent, result.grid, settings)
+    return {"status": "ran", "model": model.parent.name, "prompts": len(result.prompts),
+            "images": sum(len(r) for r in result.images), "grid": str(result.grid)}
 
 
 def prompts_from_file(path: Path) -> tuple[str, ...]:

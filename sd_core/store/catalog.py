@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from sd_core.store.files import json_problem
 
 IMAGES = "images"
 
@@ -117,24 +118,34 @@ class Catalog:
         return self.train_dir / "latest.json"
 
     def _pointed_run(self, pointer: Path) -> Path | None:
-        try:
-            data = json.loads(pointer.read_text("utf-8"))
-        except (FileNotFoundError, ValueError):
-            return None
-        return self.run_dir(data["run"]) if isinstance(data, dict) and "run" in data else None
+        data, _ = json_problem(pointer)
+        return self.run_dir(data["run"]) if isinstance(data, dict) and isinstance(data.get("run"), str) else None
 
     def latest_run(self) -> Path | None:
-        """The folder of the last completed training run (its ``model/`` is the export)."""
+        """The folder of the last completed training run (its ``model/`` is the export); None when
+        ``latest.json`` is missing or does not read (see :meth:`latest_problem`)."""
         return self._pointed_run(self.latest_run_json)
+
+    def latest_problem(self) -> str | None:
+        """Why ``latest.json`` names no run folder on disk although it exists (damaged, or naming a folder that
+        is gone); None when it reads, or does not exist (nothing trained yet)."""
+        data, why = json_problem(self.latest_run_json)
+        if why is not None:
+            return why
+        if data is None:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("run"), str) or not data["run"].startswith("run-"):
+            return "it names no run folder"
+        if not self.run_dir(data["run"]).is_dir():
+            return f"it names {data['run']}, which is not in {self.train_dir}"
+        return None
 
     @property
     def current_json(self) -> Path:
-        """Names the champion: the run whose model sampling, the report and deployments use."""
+        """Names the champion: the run whose export sampling, the report and deployments use (written and
+        read by :mod:`sd_core.store.champion`; served through :func:`sd_core.diffusion.champion.served_model`)."""
         return self.root / "models" / "current.json"
 
-    def champion_run(self) -> Path | None:
-        run = self._pointed_run(self.current_json)
-        return run if run is not None and (run / "model").is_dir() else None
 
     @property
     def eval_history_csv(self) -> Path:
@@ -148,11 +159,6 @@ class Catalog:
 
     def eval_json(self, run: Path) -> Path:
         return self.eval_dir(run) / "scores.json"
-
-    def trained_model(self) -> Path | None:
-        """The export to sample from: the champion's, or before any evaluation the latest run's."""
-        run = self.champion_run() or self.latest_run()
-        return run / "model" if run is not None and (run / "model").is_dir() else None
 
     @property
     def samples_dir(self) -> Path:

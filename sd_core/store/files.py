@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 _umask_lock = threading.Lock()
 
@@ -61,6 +64,65 @@ def stable_hash(obj: Any) -> str:
     return sha256_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str))[:16]
 
 
+class DamagedFileError(RuntimeError):
+    """A state file that does not read (truncated, garbled, empty, or failing its checksum). The message is
+    one line that names the file and says what to do."""
+
+    def __init__(self, path: Path, why: str, todo: str = "") -> None:
+        self.path, self.why, self.todo = Path(path), why, todo
+        super().__init__(f"{path} is damaged ({why})" + (f": {todo}" if todo else ""))
+
+
+def json_problem(path: Path) -> tuple[Any, str | None]:
+    """``(data, None)`` for a JSON file that reads, ``(None, None)`` for a missing one and ``(None, why)`` for
+    one that exists but does not read (empty, truncated, not JSON, not UTF-8, unreadable)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}"
+    if not text.strip():
+        return None, "empty"
+    try:
+        return json.loads(text), None
+    except ValueError as e:
+        return None, f"not valid JSON: {e}"
+
+
+def read_state_json(path: Path, *, todo: str = "", kind: type = dict) -> Any:
+    """A JSON state file's content, None when it does not exist; :class:`DamagedFileError` (naming the file,
+    saying ``todo``) when it exists but is empty, truncated, garbled or not a JSON ``kind``."""
+    data, why = json_problem(path)
+    if why is None and data is not None and not isinstance(data, kind):
+        why = f"a JSON {type(data).__name__}, not an object"
+    if why is not None:
+        raise DamagedFileError(path, why, todo)
+    return data
+
+
+@contextmanager
+def names_file(path: Path) -> Iterator[None]:
+    """Errors of writing ``path`` name it: an ``OSError`` without a file name (a failed ``write``/``fsync``: disk
+    full, quota, file size limit) is raised again with ``path`` in it, as is a writer library's error that
+    reports the OS error only in its text (safetensors: ``I/O error: No space left on device (os error 28)``)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+    except Exception as e:  # noqa: BLE001  (re-raised unchanged unless it reports an OS error in its text)
+        text = str(e)
+        code = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", text)  # how Rust writers (safetensors) say it
+        if code is not None:
+            number = int(code.group(1) or code.group(2))
+            raise OSError(number, os.strerror(number), str(path)) from e
+        if "No space left on device" in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``.
 
@@ -69,18 +131,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     would give it (0o666 less the umask: 0644 under the usual umask 022), not mkstemp's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with names_file(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -89,6 +152,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def json_checksum(obj: dict[str, Any], field: str = "checksum") -> str:
+    """SHA-256 of a record's content without its own ``field`` (canonical JSON: sorted keys, no spaces)."""
+    body = {k: v for k, v in obj.items() if k != field}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+                          ).hexdigest()
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -5,7 +5,9 @@ text keys, the caption settings' digest, the ledger's images, the runs to keep) 
 (:func:`sd_core.status.gc_plan`) and handed in. A :class:`GcPlan` lists every path it would remove with
 its size; :func:`apply_plan` removes them. Tensor shards that mix live and dead entries are rewritten:
 the live entries go to a new shard (written atomically, as every shard), then the old one is removed and
-the index is rebuilt from the shards, so a gc killed halfway leaves a store that still reads.
+the index is rebuilt from the shards, so a gc killed halfway leaves a store that still reads. A folder is
+removed by renaming it aside first (``.trash-<name>-<id>``, one atomic step), then deleting that: a gc killed
+meanwhile leaves no half-deleted run folder, only a trash folder that the next gc finishes deleting.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import json
 import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from sd_core.store.catalog import Catalog
 
@@ -111,7 +114,8 @@ def leftovers(root: Path) -> list[Removal]:
     for dirpath, dirs, files in os.walk(root):
         for name in sorted(dirs):
             if is_leftover(name):
-                out.append(Removal(Path(dirpath) / name, size_of(Path(dirpath) / name), "left by an unfinished write"))
+                why = "left by an unfinished removal" if name.startswith(".trash-") else "left by an unfinished write"
+                out.append(Removal(Path(dirpath) / name, size_of(Path(dirpath) / name), why))
         dirs[:] = [d for d in dirs if not is_leftover(d)]
         for name in sorted(files):
             if is_leftover(name):
@@ -202,27 +206,40 @@ def pointed_runs(catalog: Catalog) -> dict[str, str]:
     return out
 
 
-def stale_runs(catalog: Catalog, keep: set[str], keep_newest: int = 0) -> tuple[list[Removal], list[str]]:
+def run_started(run: Path) -> float:
+    """When a run folder's run (re)started: its ``plan.json`` is written then (the folder's own time otherwise)."""
+    plan = run / "plan.json"
+    return (plan if plan.exists() else run).stat().st_mtime
+
+
+def stale_runs(catalog: Catalog, keep: Mapping[str, str] | set[str], keep_newest: int = 0,
+               complete: Callable[[Path], bool] | None = None) -> tuple[list[Removal], list[str]]:
     """Training runs (``models/unet/run-*``) other than those a pointer names (``latest.json``, see
-    :func:`pointed_runs`), those in ``keep`` and the ``keep_newest`` most recent. Nothing is removed when
-    ``latest.json`` does not read."""
-    runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir()),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
+    :func:`pointed_runs`), those in ``keep`` (run name → why, or a set of the current settings' runs) and
+    the ``keep_newest`` most recent runs with a complete export
+    (``complete(run)``; by default a ``model/`` folder): a folder whose run or removal was cut short never
+    counts as one of those kept. Nothing is removed when ``latest.json`` does not read."""
+    complete = complete or (lambda run: (run / "model").is_dir())
+    runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir()), key=run_started, reverse=True)
     if not runs:
         return [], []
     if catalog.latest_run() is None:
         return [], [f"{len(runs)} training runs: {catalog.latest_run_json.name} does not name the latest"]
     pointed = pointed_runs(catalog)
-    newest = {p.name for p in runs[:keep_newest]}
+    whole = [p for p in runs if complete(p)]
+    newest = {p.name for p in whole[:keep_newest]}
     kept, removals = [], []
     for p in runs:
         rel = p.relative_to(catalog.root)
         if p.name in pointed:
             kept.append(f"{rel}  (named by {pointed[p.name]})")
         elif p.name in keep:
-            kept.append(f"{rel}  (the current settings' run)")
+            why = keep[p.name] if isinstance(keep, Mapping) else "the current settings' run"
+            kept.append(f"{rel}  ({why})")
         elif p.name in newest:
             kept.append(f"{rel}  (one of the {keep_newest} newest)")
+        elif p not in whole:
+            removals.append(Removal(p, size_of(p), "training run without a complete export (cut short)"))
         else:
             removals.append(Removal(p, size_of(p), "training run no key refers to"))
     return removals, kept
@@ -231,11 +248,20 @@ def stale_runs(catalog: Catalog, keep: set[str], keep_newest: int = 0) -> tuple[
 # --- applying ---------------------------------------------------------------------------------
 
 
-def _remove(path: Path) -> None:
+def remove_aside(path: Path) -> None:
+    """Remove a file, or a folder crash-safely: renamed aside first (``.trash-<name>-<id>``, which
+    :func:`is_leftover` knows), then deleted, so it is either whole or gone, and a removal killed halfway is
+    finished by the next gc."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
+        if not is_leftover(path.name):
+            trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(path, trash)
+            path = trash
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
 
 
 def apply_plan(plan: GcPlan) -> int:
@@ -250,7 +276,7 @@ def apply_plan(plan: GcPlan) -> int:
         store.put(list(zip(rw.live_keys, entries)))  # a new shard, and the index points there
         rw.shard.unlink(missing_ok=True)
     for r in sorted(plan.removals, key=lambda r: len(r.path.parts), reverse=True):
-        _remove(r.path)
+        remove_aside(r.path)
     for root in stores:
         TensorStore(root).rebuild_index()
     return plan.bytes

@@ -6,6 +6,7 @@ the next success removes it. ``summary["alert"]``, set by any stage, is shown at
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,9 @@ import psutil
 
 from sd_core.store.catalog import Catalog
 from sd_core.store.children import started
-from sd_core.store.files import atomic_write_json, read_json
+from sd_core.store.files import atomic_write_json, json_problem
+
+log = logging.getLogger(__name__)
 
 StageStatus = Literal["ran", "reused", "skipped", "failed"]
 
@@ -158,7 +161,9 @@ def run_stage(catalog: Catalog, stage: str, run: Callable[[], StageResult]) -> S
 def running_state(catalog: Catalog, stage: str) -> str | None:
     """'running' (its process is alive), 'interrupted' (its process is gone, or its pid now names another
     process, as after a reboot) or None (not marked)."""
-    data = read_json(running_marker(catalog, stage))
+    data, why = json_problem(running_marker(catalog, stage))
+    if why is not None:
+        return "interrupted"  # a marker cut short: the process that wrote it was killed while writing it
     if not data:
         return None
     try:
@@ -170,9 +175,38 @@ def running_state(catalog: Catalog, stage: str) -> str | None:
     return "running"
 
 
-def load_stage(catalog: Catalog, stage: str) -> StageResult | None:
-    data = read_json(catalog.stage_manifest(stage)) or read_json(catalog.legacy_stage_manifest(stage))
-    return StageResult(**data) if data else None
+def stage_record_problem(catalog: Catalog, stage: str) -> tuple[Path, str] | None:
+    """The stage's record file and what is wrong with it, when it exists but does not read as a record."""
+    for path in (catalog.stage_manifest(stage), catalog.legacy_stage_manifest(stage)):
+        data, why = json_problem(path)
+        if why is None and data is None:
+            continue
+        if why is None:
+            try:
+                StageResult(**data)
+                return None
+            except TypeError:
+                why = "not a stage record"
+        return path, why
+    return None
+
+
+def load_stage(catalog: Catalog, stage: str, *, warn: bool = True) -> StageResult | None:
+    """What ``stage`` did last, None when it never ran. A damaged record (empty, truncated, garbled) counts as
+    none, with a warning naming it; the stage's next run rewrites it."""
+    for path in (catalog.stage_manifest(stage), catalog.legacy_stage_manifest(stage)):
+        data, why = json_problem(path)
+        if why is None and data is None:
+            continue
+        if why is None:
+            try:
+                return StageResult(**data)
+            except TypeError:
+                why = "not a stage record"
+        if warn:
+            log.warning("%s is damaged (%s); ignored: the stage's next run rewrites it", path, why)
+        return None
+    return None
 
 
 class Timer:

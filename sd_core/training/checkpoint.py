@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd_core.store.files import atomic_write_text, file_checksum, matches_checksum
+from sd_core.store.files import atomic_write_text, file_checksum, matches_checksum, names_file
 
 __all__ = [
     "Checkpoint",
@@ -37,6 +37,7 @@ __all__ = [
     "write_rng",
     "write_checkpoint_files",
     "commit_checkpoint",
+    "adopt_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -66,13 +67,15 @@ def _fsync_path(path: Path) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
-    _fsync_path(path)
+    with names_file(path):  # a full disk names the file
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+        _fsync_path(path)
 
 
 def _save_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync_path(path)
+    with names_file(path):
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _fsync_path(path)
 
 
 def _read_json(path: Path) -> Any:
@@ -190,6 +193,29 @@ def commit_checkpoint(root: Path, step: int, keep_last: int | None) -> Path:
         for old in list_checkpoints(root)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old)
+    return final
+
+
+def adopt_checkpoint(source: Path, root: Path) -> Path:
+    """Make the checkpoint folder ``source`` (another run folder's) the latest checkpoint under ``root``, so a
+    run resumes from it. Its files are hard-linked where the file system allows (checkpoint files are never
+    changed in place, only replaced or removed with their folder), else copied; resuming checks them."""
+    source, root = Path(source), Path(root)
+    step = load_step(source)
+    tmp, final = staging_folder(root, step), root / checkpoint_name(step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in sorted(p for p in source.iterdir() if p.is_file()):
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_path(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
     return final
 
 

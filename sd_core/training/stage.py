@@ -1,5 +1,10 @@
 """The train stage: train the denoiser on the cached pairs unless a finished run for exactly this data
-and configuration exists; resume a killed run; continue from the last run when the data set grew."""
+and configuration exists; resume a killed run; continue from the last run when the data set grew.
+
+A run folder's export, once written, is never replaced by other weights: a longer (or shorter) run is trained
+in a new folder (see :mod:`sd_core.training.plan`), and a forced rerun of the champion's run whose weights
+come out different is published beside it (``run-<key>-r<digest>``) rather than over it. Whatever the train
+stage writes is then scored and gated by the eval stage before it can be served."""
 
 from __future__ import annotations
 
@@ -12,17 +17,20 @@ from typing import Any, Callable, Sequence
 
 from sd_core.common.images import save_png
 from sd_core.diffusion.card import write_model_card
+from sd_core.diffusion.champion import find_champion
+from sd_core.diffusion.export import export_complete, model_digest
 from sd_core.diffusion.models import noise_scheduler
 from sd_core.encode.held_out import pick_held_out
 from sd_core.encode.stage import EncodeStageConfig, cached_pairs, resolve
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_json
+from sd_core.store.files import DamagedFileError, atomic_write_json
+from sd_core.store.gc import remove_aside, run_started
 from sd_core.store.records import StageResult, Timer, load_stage, record_stage
 from sd_core.training import checkpoint as ckpt
 from sd_core.training import distributed
 from sd_core.training.config import TrainStageConfig
 from sd_core.training.metrics import Progress, read_progress
-from sd_core.training.plan import finished, plan_run
+from sd_core.training.plan import PLAN, RunPlan, finished, plan_run
 from sd_core.training.trainer import EncoderRefs, ImageSampler, Trainer
 
 log = logging.getLogger(__name__)
@@ -69,15 +77,25 @@ def run_training(
     model stays usable meanwhile; an interrupted forced rerun is finished by the next run."""
     procs = distributed.state()
     plan = plan_run(cfg, enc, catalog)
+    if plan.rebuilt and procs.is_main_process:
+        log.warning("%s was damaged (%s); rebuilt from the run's checkpoints and settings", plan.run_dir / PLAN,
+                    plan.rebuilt)
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        plan.save()
     staged = plan.run_dir.with_name(plan.run_dir.name + FORCED)  # a forced rerun trains beside the old run
     if force and plan.run_dir.exists():
         if procs.is_main_process:
             shutil.rmtree(staged, ignore_errors=True)
-        plan = replace(plan, run_dir=staged)
+        plan = replace(plan, run_dir=staged, extends=None)
     elif staged.exists():  # a forced rerun that was interrupted: finish it, then swap it in
         plan = replace(plan, run_dir=staged, reason=plan.reason + "; finishing an interrupted forced rerun")
     elif finished(plan):
+        if procs.is_main_process:
+            heal_latest(catalog, plan)
         return {"status": "reused", "run": plan.run_dir.name}
+    procs.wait_for_everyone()
+    if plan.extends is not None and procs.is_main_process and not ckpt.list_checkpoints(plan.run_dir / "checkpoints"):
+        start_from(plan)
     procs.wait_for_everyone()
     resume = bool(ckpt.list_checkpoints(plan.run_dir / "checkpoints"))
     if procs.is_main_process:
@@ -101,7 +119,7 @@ def run_training(
     result = trainer.train(resume=resume)
     if procs.is_main_process:
         if plan.run_dir.name.endswith(FORCED):
-            plan = replace(plan, run_dir=swap_in(plan.run_dir))
+            plan = replace(plan, run_dir=publish_forced(catalog, plan.run_dir))
         atomic_write_json(catalog.latest_run_json, {"run": plan.run_dir.name, "key": plan.key})
         if (plan.run_dir / "model").is_dir():  # the model card, outside the export's checksums
             write_model_card(plan.run_dir / "model", catalog=catalog)
@@ -119,9 +137,61 @@ def run_training(
 FORCED = ".forced"
 
 
-def swap_in(staged: Path) -> Path:
-    """Replace the run folder by the finished forced rerun beside it; the old one is kept until the new one is in."""
+def heal_latest(catalog: Catalog, plan: RunPlan) -> None:
+    """A reused run: rewrite ``latest.json`` (with a warning) when it is missing, does not read or names a run
+    folder that is gone, so that the eval stage has the run to score."""
+    why = catalog.latest_problem() or ("missing" if not catalog.latest_run_json.exists() else None)
+    if why is not None:
+        atomic_write_json(catalog.latest_run_json, {"run": plan.run_dir.name, "key": plan.key})
+        log.warning("%s was damaged (%s); it now names %s, the finished run of the current settings",
+                    catalog.latest_run_json, why, plan.run_dir.name)
+
+
+def start_from(plan: RunPlan) -> None:
+    """A run trained to a new length in a new folder starts from the checkpoint ``plan.extends`` (the same run at
+    a shorter length): that checkpoint is adopted, with the metrics and validation grids up to its step."""
+    assert plan.extends is not None
+    source_run = plan.extends.parent.parent
+    step = ckpt.adopt_checkpoint(plan.extends, plan.run_dir / "checkpoints").name
+    done = ckpt.load_step(plan.run_dir / "checkpoints" / step)
+    if (source_run / "metrics.csv").exists():  # copied: the new run rewrites it, which must not touch the source
+        shutil.copy2(source_run / "metrics.csv", plan.run_dir / "metrics.csv")
+    for grid in sorted((source_run / "samples").glob("step-*.png")):
+        if grid.stem.removeprefix("step-").isdigit() and int(grid.stem.removeprefix("step-")) <= done:
+            (plan.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(grid, plan.run_dir / "samples" / grid.name)
+    log.info("train: %s starts from %s/checkpoints/%s", plan.run_dir.name, source_run.name, step)
+
+
+def publish_forced(catalog: Catalog, staged: Path) -> Path:
+    """Put a finished forced rerun in place of its run folder, unless that folder holds the champion's export
+    and the rerun's weights differ from it: then the rerun becomes a new run folder beside it
+    (``run-<key>-r<digest>``), so the champion stays exactly what was evaluated and promoted."""
     final = staged.with_name(staged.name.removesuffix(FORCED))
+    new = model_digest(staged / "model") if export_complete(staged / "model") else None
+    try:
+        champ = find_champion(catalog, repair=False)
+        protected = champ is not None and champ.run == final and champ.digest != new
+    except DamagedFileError:  # which run is the champion cannot be told: keep every export as it is
+        protected = final.exists()
+    if protected and new is not None:
+        aside = final.with_name(f"{final.name}-r{new[:8]}")
+        if aside.exists():
+            remove_aside(aside)
+        os.replace(staged, aside)
+        log.warning("train: the forced rerun of %s (the champion's run) came out different; it is %s, "
+                    "which the eval stage scores like any refresh", final.name, aside.name)
+        return aside
+    return swap_in(staged)
+
+
+def swap_in(staged: Path) -> Path:
+    """Replace the run folder by the finished forced rerun beside it; the old one is kept until the new one is in.
+    When the rerun's export is the same as the old one (same digest), the old one's scores move with it."""
+    final = staged.with_name(staged.name.removesuffix(FORCED))
+    if (final / "scores").is_dir() and not (staged / "scores").exists() and export_complete(final / "model") \
+            and export_complete(staged / "model") and model_digest(final / "model") == model_digest(staged / "model"):
+        os.replace(final / "scores", staged / "scores")
     if final.exists():
         trash = final.with_name(f".trash-{final.name}")
         shutil.rmtree(trash, ignore_errors=True)
@@ -134,20 +204,24 @@ def swap_in(staged: Path) -> Path:
 
 
 def prune_runs(catalog: Catalog, keep: int) -> int:
-    """Remove all but the ``keep`` newest run folders; the latest run and the champion always stay."""
-    latest, champion = catalog.latest_run(), catalog.champion_run()
-    def started(run: Path) -> float:  # a run's plan is written when it (re)starts
-        plan = run / "plan.json"
-        return (plan if plan.exists() else run).stat().st_mtime
-
-    runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir() and not p.name.endswith(FORCED)),
-                  key=started, reverse=True)
+    """Remove all but the ``keep`` newest run folders with a complete export; the latest run and the champion
+    always stay, and so does every run while the champion cannot be told (a damaged ``current.json``).
+    Folders without a complete export are left to ``emoji-sd gc``. Each is renamed aside before it is
+    deleted, so a kill leaves no half-deleted run."""
+    try:
+        champ = find_champion(catalog, repair=False)
+    except DamagedFileError as e:
+        log.warning("train: no run folder pruned: %s", e)
+        return 0
+    latest, champion = catalog.latest_run(), champ.run if champ is not None else None
+    runs = sorted((p for p in catalog.train_dir.glob("run-*") if p.is_dir() and not p.name.endswith(FORCED)
+                   and export_complete(p / "model")), key=run_started, reverse=True)
     kept = [p for p in (latest, champion) if p is not None]
     kept += [p for p in runs if p not in kept][: max(0, keep - len(kept))]
     removed = 0
     for run in runs:
         if run not in kept:
-            shutil.rmtree(run, ignore_errors=True)
+            remove_aside(run)
             removed += 1
     return removed
 

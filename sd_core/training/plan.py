@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sd_core.encode.encoders import latent_key_base, text_key_base
+from sd_core.encode.pairs import split_marker
 from sd_core.encode.stage import EncodeStageConfig
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_json, read_json, sha256_text, stable_hash
@@ -99,7 +100,8 @@ def _changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list
 def plan_run(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog) -> RunPlan:
     """The run the train stage owes now (``enc`` resolved). Reads the disk; writes nothing."""
     fields, items = shaping(cfg, enc), dataset_items(catalog)
-    key = stable_hash({"shaping": fields, "items": items})
+    split = split_marker([md5 for md5, _ in items], cfg.val_fraction, cfg.split_seed, cfg.val_min_items)
+    key = stable_hash({"shaping": fields, "items": items, **split})  # split: {} unless val_min_items moved it
     run_dir = catalog.run_dir(f"run-{key}")
     own = read_json(run_dir / PLAN)
     if own is not None:  # this run exists: it keeps its kind, and a continuation its own length

@@ -141,7 +141,7 @@ def test_promotion_rejects_only_what_is_worse_at_the_confidence() -> None:
                    "scores": {**champion["scores"], "held_out_loss": champion["scores"]["held_out_loss"] * 1.1}})
     assert len(lossy.worse) == 1 and lossy.worse[0].startswith("held_out_loss")
     lo, hi = lossy.differences["held_out_loss"]["interval"]
-    assert lo == pytest.approx(hi, rel=0.2) and lo > 0.03 * champion["scores"]["held_out_loss"]
+    assert lo == pytest.approx(hi, rel=0.2) and lo > 0.01
     # itself: every difference 0, the interval [0, 0]
     assert judge(champion).differences["prompt_kappa"] == {"difference": 0.0, "interval": [0.0, 0.0]}
     # a score one side lacks cannot decide; one without an interval is compared by value and margin
@@ -153,7 +153,7 @@ def test_promotion_rejects_only_what_is_worse_at_the_confidence() -> None:
 
 
 def test_held_out_loss_decides_only_between_comparable_models() -> None:
-    tol = {"prompt_kappa": 0.05, "held_out_loss": 0.03}
+    tol = {"prompt_kappa": 0.05, "held_out_loss": 0.01}
     champion = {"prompt_kappa": 0.60, "held_out_loss": 0.120}
     # a v-prediction run's held-out loss is a v-MSE: against an ε champion only the other scores decide
     v_run = {"prediction_type": "v_prediction", "scores": {"prompt_kappa": 0.62, "held_out_loss": 0.600}}

@@ -59,7 +59,9 @@ def table_image(header: list[str], rows: list[list[str]], width: int, *, title: 
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines = [header, *rows]
+    plain = {ord("κ"): "kappa", ord("–"): "-"}  # the default bitmap font has neither glyph
+    lines = [[c.translate(plain) for c in r] for r in (header, *rows)]
+    title = title.translate(plain)
     widths = [max(probe.textlength(r[i], font=font) for r in lines) + 14 for i in range(len(header))]
     line_h, top = 16, 20 if title else 4
     img = Image.new("RGB", (max(width, int(sum(widths)) + 6), top + line_h * len(lines) + 6), "white")

@@ -3,7 +3,8 @@ captioning throughput of a Qwen2.5-VL-3B-shaped model, batched against one image
 first the whole pipeline on the demo site at a few thousand emoji with ``configs/demo-gpu.toml``.
 
     .venv/bin/python benchmarks/gpu.py [--batch 128] [--steps 30] [--captions 32] [--caption-batch 8]
-    .venv/bin/python benchmarks/gpu.py --quality [--items 3000]   # the prepared quality run: < 10 min on an H100
+    .venv/bin/python benchmarks/gpu.py --quality [--items 3000] [--set train.steps=2000 ...]   # the prepared
+                                                    # quality run, then the figures above: < 10 min on an H100
     .venv/bin/python benchmarks/gpu.py --smoke      # all of it with tiny sizes on the CPU (CI runs this)
 
 Training: the seed's UNet (72.9M parameters, ``UNet2DConditionModel``) trained by the pipeline's own trainer
@@ -30,7 +31,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -102,25 +102,25 @@ def train_throughput(batch: int, steps: int, warmup: int, smoke: bool) -> dict:
 
 
 def qwen_3b_shaped(tmp: Path, smoke: bool) -> Path:
-    """A Qwen2.5-VL checkpoint with the 3B model's shapes (random weights) and the tests' small tokenizer."""
+    """A Qwen2.5-VL checkpoint with the 3B model's shapes (random weights; the tests' tiny shapes with
+    ``smoke``) and the tests' small tokenizer, built on the GPU in bf16 where there is one."""
     from tiny_qwen import build_config, build_tiny_qwen, build_tokenizer
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     folder = build_tiny_qwen(tmp / "qwen")  # processor, tokenizer and chat template files
-    if smoke:
-        return folder
-    tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
-    config.text_config.update(dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                                   num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                                   tie_word_embeddings=True,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                                    "mrope_section": [16, 24, 24]}))
-    config.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                     out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31]))
+    config = build_config(build_tokenizer())
+    if not smoke:
+        config.text_config.update(dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                       tie_word_embeddings=True,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                                        "mrope_section": [16, 24, 24]}))
+        config.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                         out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31]))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(dev):  # random init where it runs, in bf16: minutes faster than 3B floats on the CPU
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=torch.bfloat16).eval()
+    with torch.device(dev):  # random init where it runs, in bf16 on a GPU: minutes faster than 3B floats on the CPU
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).eval()
     model.generation_config = GenerationConfig.from_pretrained(folder)
     model.save_pretrained(folder)
     del model
@@ -209,7 +209,7 @@ def unet_step(run: Path, unet_cfg: Any, latent: tuple[int, int, int], tokens: in
             "params": sum(p.numel() for p in unet.parameters()), "steps": len(stamps)}
 
 
-def quality_run(items: int, smoke: bool, card: str) -> None:
+def quality_run(items: int, smoke: bool, card: str, sets: list[str]) -> None:
     """The whole pipeline on the demo site with configs/demo-gpu.toml; prints stages, UNet step and eval."""
     import tasks  # noqa: F401  (Prefect defaults for offline use)
     from flows.pipeline import pipeline
@@ -227,7 +227,7 @@ def quality_run(items: int, smoke: bool, card: str) -> None:
         site_started = time.perf_counter()
         with DemoSite(build_demo_items(items), per_page=36) as site:
             site_s = time.perf_counter() - site_started
-            cfg = load_config(CONFIG, base=preset("demo"), sets=SMOKE_SETS if smoke else [],
+            cfg = load_config(CONFIG, base=preset("demo"), sets=[*(SMOKE_SETS if smoke else []), *sets],
                               overrides={"data_dir": str(data), "crawl.base_url": site.base_url})
             results = pipeline(cfg, progress=False)
         seconds = time.perf_counter() - started
@@ -260,11 +260,12 @@ def quality_run(items: int, smoke: bool, card: str) -> None:
               f"{100 * ev['confidence']:g} % intervals", flush=True)
         print(f"eval: prompt_kappa {fig('prompt_kappa')} at w = {ev['guidance_scale']:g}, "
               f"{fig('prompt_kappa_g0')} at w = 0, gain {fig('prompt_kappa_gain')}; real {fig('prompt_kappa_real')}, "
-              f"VAE {fig('prompt_kappa_vae')} (counted: {', '.join(ev['varying']['attributes']) or 'none'})", flush=True)
+              f"VAE {fig('prompt_kappa_vae')} (counted: {', '.join(ev['varying']['attributes']) or 'none'})",
+              flush=True)
+        loss = with_interval(s["held_out_loss"], iv.get("held_out_loss"), "{:.4f}")
         print(f"eval: prompt_following (raw share) {fig('prompt_following')} at w = {ev['guidance_scale']:g}, "
               f"{fig('prompt_following_g0')} at w = 0; real {fig('prompt_following_real')}, VAE "
-              f"{fig('prompt_following_vae')}; held-out loss {with_interval(s['held_out_loss'], iv.get('held_out_loss'), '{:.4f}')}",
-              flush=True)
+              f"{fig('prompt_following_vae')}; held-out loss {loss}", flush=True)
         header, rows = attribute_table(ev)
         for r in [header, *rows]:
             print("eval table: " + " | ".join(r), flush=True)
@@ -281,6 +282,8 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true", help="first, the whole pipeline on the demo site with "
                                                            "configs/demo-gpu.toml")
     ap.add_argument("--items", type=int, default=3000, help="emoji on the demo site for --quality")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="for --quality: over configs/demo-gpu.toml (e.g. train.steps=2000)")
     ap.add_argument("--smoke", action="store_true", help="all of it (--quality too) with tiny sizes: checks the "
                                                          "code path on a CPU")
     args = ap.parse_args()
@@ -290,7 +293,8 @@ def main() -> None:
     started = time.perf_counter()
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     if args.quality:
-        quality_run(args.items, args.smoke, card)
+        quality_run(args.items, args.smoke, card, args.sets)
+        print(f"{card}: {time.perf_counter() - started:.0f} s so far", flush=True)
     # each measurement in its own process (its own peak memory), except at smoke sizes (where the spawned
     # processes' start-up would be most of the time)
     measure = (lambda fn, *a: fn(*a)) if args.smoke else in_child
@@ -304,6 +308,7 @@ def main() -> None:
         line += f"; {t['flops_per_step'] * t['trainer_sps'] / 1e12:.1f} TFLOP/s = " \
                 f"{100 * t['flops_per_step'] * t['trainer_sps'] / peak:.1f}% of the bf16 peak"
     print(line, flush=True)
+    print(f"{card}: {time.perf_counter() - started:.0f} s so far", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(qwen_3b_shaped(Path(tmp), args.smoke))
         one = measure(caption_throughput, folder, args.captions, 1, args.new_tokens)

@@ -124,7 +124,8 @@ def test_promotion_rejects_only_what_is_worse_at_the_confidence() -> None:
     hard = 0.05 * rng.standard_normal(n)  # how hard each held-out item is, for every model alike
 
     def run(follows: float, loss: float) -> dict:  # a model reads back its prompt with probability `follows`
-        guided = [[v if rng.random() < follows else str(rng.choice(colours)) for _ in range(2)] for v in asked["skin color"]]
+        guided = [[v if rng.random() < follows else str(rng.choice(colours)) for _ in range(2)]
+                  for v in asked["skin color"]]
         return _result(asked, guided, list(loss + hard + 0.003 * rng.standard_normal(n)), items=n)
 
     gate = PromoteIf()

@@ -1,24 +1,28 @@
-"""The eval stage: score the newest run on a fixed held-out set, and make it the champion only if it is no
-worse than the current one.
+"""The eval stage: score the newest run on a fixed held-out set, and make it the champion unless it is worse
+than the current one at the stated confidence.
 
-Scores (``<run>/scores/scores.json``, one row per evaluated run in ``models/evaluations.csv``):
+Scores (``<run>/scores/scores.json``, one row per evaluated run in ``models/evaluations.csv``; see
+docs/evaluation.md):
 
-* ``held_out_loss``: ε-MSE (v-MSE for a v-prediction model) of the exported (EMA) model on the held-out
-  items, at a fixed grid of timesteps with fixed noise, from each image's latent mean under the model's own
-  VAE and its prompt under the model's own text encoder: two runs with the same prediction target, VAE, text
-  encoder and noise schedule compare number for number (promotion leaves it out otherwise);
-* ``prompt_following``: images drawn from the held-out captions are described by the configured
-  captioner, and the share of the prompt's attributes that come back is counted (skin colour, head shape,
-  background; with Qwen2.5-VL also eyes, mouth, expression). Also reported: the same at guidance 0 (what the
-  model draws without the text), for the real held-out images (what the captioner can read at best), for
-  those images after a round trip through the model's VAE (what its latent space can hold: the UNet's
-  ceiling), and the chance level of the attribute distribution;
+* ``prompt_kappa`` (the headline): images drawn from the held-out captions are described by the configured
+  captioner; per attribute (skin colour, head shape, background; with Qwen2.5-VL also eyes, mouth,
+  expression) the agreement with what was asked, its chance level and Cohen's κ
+  (:mod:`sd_core.eval.bootstrap`), averaged over the attributes the prompts vary in. Also at guidance 0, for
+  the real held-out images and for those images after the model's VAE; ``prompt_following`` is the raw share
+  of attributes read back, as before;
+* ``held_out_loss``: ε-MSE (v-MSE for a v-prediction model) of the exported (EMA) model on each held-out item,
+  at a fixed grid of timesteps with fixed noise, from its latent mean under the model's own VAE and its prompt
+  under the model's own text encoder: two runs with the same prediction target, VAE, text encoder and noise
+  schedule compare number for number (promotion leaves it out otherwise);
 * ``fid``, ``kid``, ``clip_score`` where their weights can be loaded (see :mod:`sd_core.eval.distribution`).
 
+Every reading is kept per item and image, so each score gets a paired-bootstrap interval and a run's
+difference from the champion (scored on the same items and seeds) gets one too.
+
 Promotion: ``models/current.json`` names the champion. The first evaluated run becomes champion; a later
-run replaces it only if none of the scores in ``eval.promote_if`` is worse than the champion's by more than
-its tolerance, both scored on the same evaluation set (the champion is scored again when the set changed).
-Otherwise the run is kept, marked rejected with its figures. ``promote=True`` (``--promote``) forces it.
+run replaces it unless it is worse than the champion, beyond a score's margin at ``eval.promote_if``'s
+confidence, on one of its scores (:mod:`sd_core.eval.gate`); the champion is scored again when the set
+changed. Otherwise the run is kept, marked rejected with its figures. ``promote=True`` (``--promote``) forces it.
 """
 
 from __future__ import annotations
@@ -164,11 +168,6 @@ def held_out_losses(pipe: Any, latents: torch.Tensor, prompts: Sequence[str], cf
             err = (pred.float() - prediction_target(sched, x, eps, t).float()) ** 2  # (B, C, h, w)
             sse[b] += err.flatten(1).sum(1).double().cpu()
     return sse / (k * noise[0, 0].numel())
-
-
-def held_out_loss(pipe: Any, latents: torch.Tensor, prompts: Sequence[str], cfg: EvalConfig) -> float:
-    """The mean of :func:`held_out_losses` over the held-out items."""
-    return float(held_out_losses(pipe, latents, prompts, cfg).mean())
 
 
 def held_out_basis(pipe: Any, model: Path) -> str:

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sd_core.caption.config import CaptionConfig
 from sd_core.common.strict import StrictModel
@@ -42,6 +42,35 @@ class PipelineConfig(StrictModel):
     train: TrainStageConfig = TrainStageConfig()
     eval: EvalConfig = EvalConfig()
     sample: SampleConfig = SampleConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_held_out_minimum(cls, data: Any) -> Any:
+        """``eval.min_items`` and ``train.val_min_items`` are one setting (the trainer makes the split the eval
+        scores): whichever is given sets the other; both given and different is refused."""
+        if not isinstance(data, dict):
+            return data
+        sections = {"eval": "min_items", "train": "val_min_items"}
+        given = {}
+        for section, name in sections.items():
+            value = data.get(section)
+            if isinstance(value, dict) and name in value:
+                given[section] = value[name]
+            elif isinstance(value, BaseModel) and name in value.model_fields_set:
+                given[section] = getattr(value, name)
+        if len(set(map(str, given.values()))) > 1:
+            raise ValueError(f"eval.min_items ({given['eval']}) and train.val_min_items ({given['train']}) differ: "
+                             "they are one setting (set eval.min_items)")
+        if not given:
+            return data
+        value, data = next(iter(given.values())), dict(data)
+        for section, name in sections.items():
+            current = data.get(section)
+            if isinstance(current, BaseModel):
+                data[section] = current.model_copy(update={name: value})
+            else:
+                data[section] = {**(current or {}), name: value}
+        return data
 
 
 def _format_errors(err: ValidationError) -> str:

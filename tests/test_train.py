@@ -317,10 +317,12 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tmp_path) -> N
     from sd_core.training.trainer import NonFiniteError
 
     base = synthetic_pairs(40)
+    cfg = tiny_train_config(steps=30, save_every=2, val_every=1000)
+    trained = split_ids(base.ids, cfg.val_fraction, cfg.split_seed, cfg.val_min_items)[0][0]
     mean = base.mean.clone()
-    mean[3] = float("nan")  # one cached latent read back as NaN (bit rot the cache did not catch)
+    mean[trained] = float("nan")  # one cached latent read back as NaN (bit rot the cache did not catch)
     pairs = Pairs(**{**base.__dict__, "mean": mean})
-    trainer = Trainer(tiny_train_config(steps=30, save_every=2, val_every=1000), pairs, tmp_path, progress=False)
+    trainer = Trainer(cfg, pairs, tmp_path, progress=False)
     with pytest.raises(NonFiniteError, match=r"the training loss is nan at step (\d+); the run stopped") as err:
         trainer.train()
     bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))

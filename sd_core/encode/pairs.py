@@ -18,7 +18,7 @@ import torch
 if TYPE_CHECKING:
     from sd_core.store.tensors import TensorStore
 
-__all__ = ["Pairs", "PairSource", "CachedPairs", "split_ids"]
+__all__ = ["Pairs", "PairSource", "CachedPairs", "split_ids", "split_marker"]
 
 LATENT_NAMES = ("mean", "std")
 FLIP_NAMES = ("mean_flip", "std_flip")
@@ -181,19 +181,42 @@ def _unit_hash(item_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_ids(ids: Sequence[str], val_fraction: float, seed: int = 42) -> tuple[list[int], list[int]]:
-    """Indices of the (train, val) split, each item placed by a hash of ``(seed, id)``.
+MAX_HELD_OUT_SHARE = 0.25  # ``min_items`` holds out only items whose hash is below this: training keeps ~3/4
 
-    An item keeps its side of the split as the collection grows (no held-out item ever moves into
-    training). When the fraction rounds to no item at all, the lowest-hash item is held out.
+
+def split_ids(ids: Sequence[str], val_fraction: float, seed: int = 42,
+              min_items: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of the (train, val) split, each item placed by a hash of ``(seed, id)`` in [0, 1).
+
+    An item is held out when its hash is below ``val_fraction``, or (with ``val_fraction > 0``) when it is one
+    of the ``min_items`` lowest hashes and below ``MAX_HELD_OUT_SHARE``: so at least ``min_items`` items are
+    held out where the data set allows it, never much more than a quarter of it. The split never moves a
+    trained item into the held-out side as the collection grows (adding items only raises an item's hash
+    rank); an item held out only to reach ``min_items`` moves into training once enough lower hashes
+    arrive, which keeps the evaluation honest (what is scored was never trained on). When the fraction
+    rounds to no item at all, the lowest-hash item is held out.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if min_items < 0:
+        raise ValueError(f"min_items must be >= 0, got {min_items}")
     if len(set(ids)) != len(ids):
         raise ValueError("item ids must be unique")
     keys = [_unit_hash(i, seed) for i in ids]
-    val = [i for i, k in enumerate(keys) if k < val_fraction]
-    if val_fraction > 0 and not val and len(ids) >= 2:
-        val = [min(range(len(ids)), key=keys.__getitem__)]
-    held = set(val)
-    return [i for i in range(len(ids)) if i not in held], val
+    held = {i for i, k in enumerate(keys) if k < val_fraction}
+    if val_fraction > 0 and min_items > len(held):
+        lowest = sorted(range(len(ids)), key=keys.__getitem__)[:min_items]
+        held |= {i for i in lowest if keys[i] < MAX_HELD_OUT_SHARE}
+    if val_fraction > 0 and not held and len(ids) >= 2:
+        held = {min(range(len(ids)), key=keys.__getitem__)}
+    return [i for i in range(len(ids)) if i not in held], sorted(held)
+
+
+def split_marker(ids: Sequence[str], val_fraction: float, seed: int, min_items: int) -> dict[str, int]:
+    """What a run key adds for the split: ``{}`` when ``min_items`` leaves the fraction's split as it is (so
+    earlier run keys stay), else how many items it holds out (the held-out side is then that many
+    lowest hashes, so this, the seed and the items fix the split)."""
+    if val_fraction <= 0 or not min_items:
+        return {}
+    plain, held = split_ids(ids, val_fraction, seed)[1], split_ids(ids, val_fraction, seed, min_items)[1]
+    return {} if held == plain else {"held_out_items": len(held)}

@@ -67,3 +67,28 @@ def chance_rate(prompts: Sequence[str], attributes: Iterable[str]) -> float:
         if n:
             rates.append(sum((c / n) ** 2 for c in values.values()))
     return sum(rates) / len(rates) if rates else 0.0
+
+
+def canonical(value: str) -> str:
+    """One attribute value as its content words, sorted (``'light green'``, ``'round'``): the categories that
+    agreement and chance are counted over."""
+    return " ".join(sorted(_words(value)))
+
+
+def attribute_values(texts: Sequence[str], attributes: Iterable[str]) -> dict[str, list[str | None]]:
+    """Attribute → each text's canonical value, ``None`` where a text does not state it (a prompt left out of
+    that attribute, or a reading that missed it: never an agreement)."""
+    parsed = [parse_attributes(t) for t in texts]
+    return {a: [canonical(p[a]) if a in p else None for p in parsed] for a in attributes}
+
+
+def varying_attributes(asked: dict[str, list[str | None]], share: float) -> tuple[list[str], dict[str, float]]:
+    """The attributes the asked values vary in: those whose most common value covers less than ``share`` of the
+    items that state it; and each attribute's top-value share. An attribute nearly every prompt states alike
+    (the demo's white background) would let any model agree by drawing it always, with κ near 0."""
+    top: dict[str, float] = {}
+    for a, values in asked.items():
+        stated = [v for v in values if v is not None]
+        if stated:
+            top[a] = max(Counter(stated).values()) / len(stated)
+    return [a for a, t in top.items() if t < share], top

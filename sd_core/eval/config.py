@@ -2,21 +2,63 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from sd_core.common.strict import StrictModel
 from sd_core.diffusion.config import SamplerName
 
-# score: (better when, tolerance kind). A relative tolerance t lets a new run be t·100 % worse; an
-# absolute one lets a rate in [0, 1] drop by t.
+# score: (better when, margin kind). An absolute margin m lets a rate or κ drop by m, a held-out loss rise by m
+# (the ε-MSE of a model that predicts nothing is 1, so 0.01 is 1 % of it; two training seeds of the demo differ
+# by about 0.002, at every scale measured); a relative one lets a distance be m·100 % worse. Scores in
+# INTERVAL_SCORES get a paired-bootstrap interval; the others are compared by their values alone.
 SCORES = {
+    "prompt_kappa": ("higher", "absolute"),
+    "prompt_kappa_gain": ("higher", "absolute"),
     "prompt_following": ("higher", "absolute"),
     "prompt_following_gain": ("higher", "absolute"),
-    "held_out_loss": ("lower", "relative"),
+    "held_out_loss": ("lower", "absolute"),
     "fid": ("lower", "relative"),
     "kid": ("lower", "relative"),
     "clip_score": ("higher", "relative"),
 }
+INTERVAL_SCORES = ("prompt_kappa", "prompt_kappa_g0", "prompt_kappa_real", "prompt_kappa_vae", "prompt_kappa_gain",
+                   "prompt_following", "prompt_following_g0", "prompt_following_real", "prompt_following_vae",
+                   "prompt_following_gain", "held_out_loss")
+
+
+class PromoteIf(StrictModel):
+    """When a new run replaces the champion: it is rejected only when, at ``confidence``, it is worse than the
+    champion by more than a score's margin on one of ``scores`` (both scored on the same items and seeds)."""
+
+    confidence: float = Field(0.9, gt=0, lt=1, description="level of the paired-bootstrap interval of the "
+                              "difference (run - champion): a run is rejected when the whole interval lies beyond "
+                              "the margin on the worse side, so a run as good as the champion is rejected with "
+                              "probability (1 - confidence) / 2 at most")
+    scores: dict[str, float] = Field(
+        {"prompt_kappa": 0.05, "held_out_loss": 0.01},
+        description="the scores that decide, each with its margin: absolute for rates, kappa and the held-out "
+                    "loss (whose untrained value is about 1), relative for fid, kid and clip_score (which have "
+                    "no interval and are compared by value)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_form(cls, data: Any) -> Any:
+        """The form before intervals, ``{score = tolerance, ...}``, is read as those scores with those margins
+        (the held-out loss's is now absolute)."""
+        if isinstance(data, dict) and data and not set(data) & {"confidence", "scores"}:
+            return {"scores": data}
+        return data
+
+    @field_validator("scores")
+    @classmethod
+    def _known_scores(cls, v: dict[str, float]) -> dict[str, float]:
+        if unknown := sorted(set(v) - set(SCORES)):
+            raise ValueError(f"unknown scores {unknown}; choose from {sorted(SCORES)}")
+        if any(t < 0 for t in v.values()):
+            raise ValueError("margins must be >= 0")
+        return v
 
 
 class EvalConfig(StrictModel):
@@ -40,16 +82,13 @@ class EvalConfig(StrictModel):
         "(safetensors weights; Inception's pickled ones are not loaded); null skips them")
     clip_model: str | None = Field("openai/clip-vit-base-patch32", description="CLIP model for the CLIP score; "
                                                                                  "null skips it")
-    promote_if: dict[str, float] = Field(
-        {"prompt_following": 0.05, "held_out_loss": 0.03},
-        description="scores a new run must not be worse on than the champion, each with its tolerance "
-                    "(absolute for rates in [0, 1], relative for losses and distances)")
-
-    @field_validator("promote_if")
-    @classmethod
-    def _known_scores(cls, v: dict[str, float]) -> dict[str, float]:
-        if unknown := sorted(set(v) - set(SCORES)):
-            raise ValueError(f"unknown scores {unknown}; choose from {sorted(SCORES)}")
-        if any(t < 0 for t in v.values()):
-            raise ValueError("tolerances must be >= 0")
-        return v
+    min_items: int = Field(48, ge=0, description="the held-out split holds at least this many items where the data "
+                                                 "allows it (at most about a quarter of the data set); the same "
+                                                 "setting as train.val_min_items: it changes what trains")
+    varying_share: float = Field(0.9, gt=0, le=1, description="an attribute counts in the headline prompt_kappa "
+                                 "when its most common asked value covers less than this share of the held-out "
+                                 "prompts")
+    bootstrap: int = Field(2000, ge=100, description="paired-bootstrap replicates (items, and seeds within items, "
+                                                     "drawn with replacement) behind every interval")
+    promote_if: PromoteIf = Field(PromoteIf(), description="when a new run replaces the champion (confidence and "
+                                                           "the scores that decide, each with its margin)")

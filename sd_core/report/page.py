@@ -74,12 +74,17 @@ def stages_markdown(catalog: Catalog, results: Sequence[StageResult]) -> str:
 
 
 SCORE_LABELS = {
+    "prompt_kappa": "prompt following, κ (chance-corrected; mean over the attributes that vary) at the configured "
+                    "guidance",
+    "prompt_kappa_g0": "prompt following, κ, at guidance 0 (without the text: near 0)",
+    "prompt_kappa_real": "prompt following, κ, of the real held-out images (the captioner's ceiling)",
+    "prompt_kappa_vae": "prompt following, κ, of those images through the model's VAE (the UNet's ceiling)",
     "held_out_loss": "held-out ε-MSE (EMA model, fixed timesteps and noise)",
-    "prompt_following": "prompt following at the configured guidance",
-    "prompt_following_g0": "prompt following at guidance 0 (without the text)",
-    "prompt_following_real": "prompt following of the real held-out images (the captioner's ceiling)",
-    "prompt_following_vae": "prompt following of those images through the model's VAE (the UNet's ceiling)",
-    "chance": "chance level of the prompts' attributes",
+    "prompt_following": "share of asked attributes read back, at the configured guidance (all attributes)",
+    "prompt_following_g0": "share of asked attributes read back, at guidance 0 (without the text)",
+    "prompt_following_real": "share of asked attributes read back from the real held-out images",
+    "prompt_following_vae": "share of asked attributes read back from those images through the model's VAE",
+    "chance": "chance level of the prompts' attributes (Σ p², if the model drew what is asked at random)",
     "fid": "FID against the dataset (CLIP image features)",
     "kid": "KID against the dataset (CLIP image features)",
     "clip_score": "CLIP score of prompt and image",
@@ -92,42 +97,74 @@ def _evaluation(catalog: Catalog) -> dict | None:
     return read_json(catalog.eval_json(run)) if run is not None else None
 
 
-def _score_rows(ev: dict) -> list[tuple[str, str, str]]:
-    """(label, value, champion's value) rows, skipped scores with their reason."""
+def _score_rows(ev: dict) -> list[tuple[str, str, str, str]]:
+    """(label, value [interval], champion's value, difference [paired interval]) rows, skipped scores with
+    their reason."""
+    from sd_core.eval.table import with_interval
+
     champion = ev.get("champion_scores") or {}
+    diffs = (ev.get("versus_champion") or {}).get("differences", {})
+    intervals = ev.get("intervals", {})
     rows = []
     for name, label in SCORE_LABELS.items():
         if name in ev["scores"]:
             fmt = "{:.3f}" if name.startswith(("prompt", "chance")) else "{:.4g}"
-            rows.append((label, fmt.format(ev["scores"][name]),
-                         fmt.format(champion[name]) if name in champion else ""))
+            d = diffs.get(name)
+            rows.append((label, with_interval(ev["scores"][name], intervals.get(name), fmt),
+                         fmt.format(champion[name]) if name in champion else "",
+                         with_interval(d["difference"], d.get("interval"), "{:+.3f}" if name.startswith("prompt")
+                                       else "{:+.4g}") if d else ""))
         elif name in ev.get("skipped", {}):
-            rows.append((label, f"skipped: {ev['skipped'][name]}", ""))
+            rows.append((label, f"skipped: {ev['skipped'][name]}", "", ""))
     return rows
 
 
+def _scored_what(ev: dict) -> str:
+    varying = ev.get("varying", {})
+    counted = ", ".join(varying.get("attributes", [])) or "none"
+    return (f"{ev['items']} held-out prompts × {ev.get('seeds_per_item', 1)} seeds, guidance "
+            f"{ev['guidance_scale']:g}; attributes read: {', '.join(ev['attributes'])}; κ counts those whose most "
+            f"common asked value covers less than {100 * varying.get('share', 0.9):g} % of the prompts: {counted}; "
+            f"intervals: {100 * ev.get('confidence', 0.9):g} % paired bootstrap over items and seeds; "
+            f"{ev.get('images_drawn', '?')} images drawn, {ev.get('seconds', '?')} s")
+
+
 def eval_markdown(catalog: Catalog) -> str:
-    """The latest evaluation as Markdown: the decision, its reason and every score (a flow-run artifact)."""
+    """The latest evaluation as Markdown: the decision, its reason, every score and the per-attribute table (a
+    flow-run artifact)."""
+    from sd_core.eval.table import attribute_table
+
     ev = _evaluation(catalog)
     if ev is None:
         return "no evaluation yet\n"
     lines = [f"**{catalog.latest_run().name}: {ev.get('status', 'evaluated')}**: {ev.get('reason', '')}", "",
-             f"{ev['items']} held-out prompts, attributes {', '.join(ev['attributes'])}, "
-             f"guidance {ev['guidance_scale']:g}", "", "| score | this run | champion |", "| --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in _score_rows(ev)]
+             _scored_what(ev), "", "| score | this run | champion | difference |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _score_rows(ev)]
+    if ev.get("agreement"):
+        header, rows = attribute_table(ev)
+        lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def _eval_section(catalog: Catalog) -> str:
+    from sd_core.eval.table import attribute_table
+
     ev = _evaluation(catalog)
     if ev is None:
         return ""
-    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
-                   for a, b, c in _score_rows(ev))
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>" for row in _score_rows(ev))
     status = html.escape(str(ev.get("status", "evaluated")))
+    table = ""
+    if ev.get("agreement"):
+        header, attr_rows = attribute_table(ev)
+        table = ("<h3>Per attribute</h3><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                 + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                                     for r in attr_rows) + "</table>")
     return (f"<h2>Evaluation</h2><p><b>{status}</b>: {html.escape(str(ev.get('reason', '')))}</p>"
-            f"<p>{ev['items']} held-out prompts; attributes scored: {html.escape(', '.join(ev['attributes']))}.</p>"
-            f"<table><tr><th>score</th><th>this run</th><th>champion</th></tr>{rows}</table>")
+            f"<p>{html.escape(_scored_what(ev))}.</p>"
+            "<table><tr><th>score</th><th>this run [interval]</th><th>champion</th>"
+            f"<th>difference [paired interval]</th></tr>{rows}</table>{table}")
 
 
 def write_report(
@@ -197,8 +234,8 @@ def plot_eval_history(catalog: Catalog) -> Path | None:
         return None
     from sd_core.common.plots import plot_history
 
-    names = ("prompt_following", "prompt_following_g0", "prompt_following_real", "held_out_loss", "fid", "kid",
-             "clip_score")
+    names = ("prompt_kappa", "prompt_kappa_g0", "prompt_following", "prompt_following_g0", "prompt_following_real",
+             "held_out_loss", "fid", "kid", "clip_score")
     return plot_history(rows, [n for n in names if any(r.get(n) for r in rows)],
                         catalog.eval_history_csv.with_suffix(".png"))
 
@@ -210,8 +247,9 @@ def report_figures(catalog: Catalog) -> list[tuple[Path, str]]:
     if run is not None:
         figs.append((run / "loss_curve.png", "training loss and held-out loss (fixed timesteps and noise)"))
         figs.extend((p, f"validation samples at {p.stem}") for p in sorted((run / "samples").glob("step-*.png")))
-        figs.append((catalog.eval_dir(run) / "grid.png", "held-out prompts: the real image, the model's at the "
-                                                           "evaluated guidance, and without the text"))
+        figs.append((catalog.eval_dir(run) / "grid.png", "held-out prompts: the real image, through the VAE, the "
+                                                           "model's at the evaluated guidance and without the text; "
+                                                           "below, agreement, chance and κ per attribute"))
     history = plot_eval_history(catalog)
     if history is not None:
         figs.append((history, "scores of every evaluated run (promoted and rejected)"))

@@ -45,6 +45,10 @@ class TrainConfig(StrictModel):
     seed: int = 0
     val_fraction: float = Field(0.1, ge=0, lt=1)
     split_seed: int = 42
+    val_min_items: int = Field(48, ge=0, description="the held-out split holds at least this many items where the "
+                                                     "data allows it (only items whose split hash is below 0.25, so "
+                                                     "training keeps about 3/4 or more); the same setting as "
+                                                     "eval.min_items, which sets it in a pipeline config")
     model: ModelConfig = ModelConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     # speed (results are the same up to floating-point rounding)

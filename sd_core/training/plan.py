@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from sd_core.diffusion.champion import champion_run
 from sd_core.encode.encoders import latent_key_base, text_key_base
+from sd_core.encode.pairs import split_marker
 from sd_core.encode.stage import EncodeStageConfig
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import (
@@ -196,7 +197,8 @@ def _own_plan(cfg: TrainStageConfig, run_dir: Path) -> tuple[dict[str, Any] | No
 def plan_run(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog) -> RunPlan:
     """The run the train stage owes now (``enc`` resolved). Reads the disk; writes nothing."""
     fields, items = shaping(cfg, enc), dataset_items(catalog)
-    key = stable_hash({"shaping": fields, "items": items})
+    split = split_marker([md5 for md5, _ in items], cfg.val_fraction, cfg.split_seed, cfg.val_min_items)
+    key = stable_hash({"shaping": fields, "items": items, **split})  # split: {} unless val_min_items moved it
     run_dir = catalog.run_dir(f"run-{key}")
     own, damaged = _own_plan(cfg, run_dir)
     note = {"rebuilt": damaged} if damaged else {}

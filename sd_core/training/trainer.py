@@ -129,7 +129,8 @@ class Trainer:
         acc = self.accelerator = _accelerator(config, self.out_dir)
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
 
-        self.train_items, self.val_items = split_ids(pairs.ids, config.val_fraction, config.split_seed)
+        self.train_items, self.val_items = split_ids(pairs.ids, config.val_fraction, config.split_seed,
+                                                       config.val_min_items)
         self.global_batch = config.batch_size * self.world * config.gradient_accumulation_steps
         if len(self.train_items) < self.global_batch:
             raise ValueError(

@@ -18,7 +18,7 @@ import psutil
 
 from sd_core.store.catalog import Catalog
 from sd_core.store.children import started
-from sd_core.store.files import atomic_write_json, json_problem
+from sd_core.store.files import atomic_write_json, json_problem, read_json
 
 log = logging.getLogger(__name__)
 

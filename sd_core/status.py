@@ -17,7 +17,7 @@ from sd_core.diffusion.export import ModelFolderError, export_complete, verify_e
 from sd_core.encode import stage as encode_stage
 from sd_core.eval import stage as eval_stage
 from sd_core.ingest import convert
-from sd_core.ingest.ledger import Ledger
+from sd_core.ingest.ledger import Ledger, LedgerError
 from sd_core.sample import stage as sample_stage
 from sd_core.store import gc
 from sd_core.store.catalog import Catalog
@@ -118,7 +118,7 @@ def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
             try:
                 with Ledger(catalog.ledger_db) as ledger:
                     c = ledger.counts()
-            except (OSError, sqlite3.Error) as e:  # e.g. a read-only data dir: named, and status goes on
+            except (OSError, sqlite3.Error, LedgerError) as e:  # e.g. a read-only data dir: named, status goes on
                 rows.append(StageState(stage, "stale", f"{_unreadable(e, catalog)}; {when}"))
                 continue
             detail = f"{c['images']} unique images from {c['ok']} URLs ({c['gone']} gone, {c['failed']} failed); {when}"
@@ -132,7 +132,7 @@ def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
             continue
         except (FileNotFoundError, RuntimeError):  # its inputs are not there (yet)
             fresh = False
-        except (OSError, sqlite3.Error) as e:  # a file it cannot read or open: named
+        except (OSError, sqlite3.Error, LedgerError) as e:  # a file it cannot read or open: named
             rows.append(StageState(stage, "stale", f"{_unreadable(e, catalog)}; {when}"))
             upstream_changed = True
             continue

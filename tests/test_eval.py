@@ -316,8 +316,8 @@ def test_worse_refresh_is_rejected_and_sampling_keeps_the_champion(tmp_path, pre
         peer = run("train.seed=2", start="train")
         assert peer["train"].status == "ran" and peer["eval"].summary["decision"] == "promoted", peer["eval"].summary
         assert "not worse than" in peer["eval"].summary["reason"] and "90 % interval" in peer["eval"].summary["reason"]
-        assert cat.champion_run() == cat.latest_run() != champion
-        champion = cat.champion_run()
+        assert champion_run(cat) == cat.latest_run() != champion
+        champion = champion_run(cat)
 
         # a deliberately worse refresh: another seed, 2 steps (a new run, trained from scratch)
         worse = run("train.steps=2", "train.seed=1", start="train")

@@ -30,6 +30,7 @@ from sd_core.diffusion.export import MANIFEST, model_digest
 from sd_core.store.catalog import Catalog
 from sd_core.store.champion import read_champion
 from sd_core.store.files import DamagedFileError, json_checksum
+from sd_core.store.records import StageFailed
 
 CHAMPION = ["train.steps=30", "eval.items=6"]  # as tests/test_eval.py: a champion, then a worse refresh
 WORSE = ["train.steps=2", "train.seed=1"]
@@ -156,8 +157,9 @@ def test_a_champion_export_replaced_in_place_is_never_served_or_called_the_champ
     assert sample(d, tmp_path / "grid.png") == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not the export" in err and str(cat.current_json) in err
-    with pytest.raises(ChampionError, match="replaced after it was evaluated"):
+    with pytest.raises(StageFailed, match="eval failed: .*replaced after it was evaluated") as failed:
         run(demo, d, only="eval")
+    assert isinstance(failed.value.__cause__, ChampionError)
     assert champion_status(cat)[0] == "mismatch"
 
 
@@ -273,8 +275,9 @@ def test_a_damaged_champion_record_is_rebuilt_never_a_fallback_to_the_latest_run
     assert sample(d, tmp_path / "again.png") == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{cat.current_json} is damaged" in err and "--promote" in err
-    with pytest.raises(DamagedFileError, match="current.json is damaged"):
+    with pytest.raises(StageFailed, match="sample failed: .*current.json is damaged") as failed:
         run(demo, d, only="sample", force=["sample"])
+    assert isinstance(failed.value.__cause__, DamagedFileError)
     assert (cat.samples_dir / "grid.png").read_bytes() == grid
     assert main(["status", "--data-dir", str(d), "--preset", "demo", *cli_sets(*CHAMPION)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("champion"))
@@ -318,8 +321,9 @@ def test_damaged_latest_pointer(demo, tmp_path, how, caplog, capsys):
     d = clone(demo["root"], tmp_path / "d")
     cat = Catalog(d)
     damage(cat.latest_run_json, how)
-    with pytest.raises(DamagedFileError, match="latest.json is damaged.*run the train stage"):
+    with pytest.raises(StageFailed, match="eval failed: .*latest.json is damaged.*run the train stage") as failed:
         run(demo, d, only="eval")
+    assert isinstance(failed.value.__cause__, DamagedFileError)
     with caplog.at_level(logging.WARNING):
         assert main(["train", "--data-dir", str(d), "--preset", "demo", "--no-progress",
                      *cli_sets(*CHAMPION)]) == 0

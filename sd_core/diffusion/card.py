@@ -235,7 +235,8 @@ def model_card(folder: Path, *, catalog: Catalog | None = None, repo_id: str | N
                        "`models/evaluations.csv` there.\n")
     name = repo_id or where or str(folder.resolve())
     held = held_out_prompts(catalog, val_fraction=float(train_cfg.get("val_fraction", 0.1)),
-                            split_seed=int(train_cfg.get("split_seed", 42)), n=1) if catalog is not None else []
+                            split_seed=int(train_cfg.get("split_seed", 42)),
+                            min_items=int(train_cfg.get("val_min_items", 48)), n=1) if catalog is not None else []
     prompt = _first_prompt(folder, held[0] if held else DEFAULT_PROMPTS[0])
     snippet = load_snippet(manifest, name, prompt)
     base_text = (f"fine-tuned from [{base}](https://huggingface.co/{base})" if hub_id(base) else
@@ -302,6 +303,8 @@ def attach_sample_grid(catalog: Catalog, run: Path, grid: Path, samples_json: Pa
     if not (folder / CARD_GRID).is_file() or (folder / CARD_GRID).read_bytes() != data:
         atomic_write_bytes(folder / CARD_GRID, data)
     settings = read_json(samples_json) if samples_json is not None else None
+    if settings is not None:  # beside the export, the model is the folder the card sits in: no absolute path
+        settings = json.loads(json.dumps(settings).replace(json.dumps(str(folder))[1:-1], "."))
     if settings is not None and _card_json(folder / CARD_SAMPLES) != settings:
         atomic_write_json(folder / CARD_SAMPLES, settings)
     return write_model_card(folder, catalog=catalog)

@@ -71,9 +71,9 @@ def check_size_early(folder: Path, cfg: SampleConfig) -> None:
                                  f"{factor}")
 
 
-def model_split(model: Path | None) -> tuple[float, int]:
-    """The training split (``val_fraction``, ``split_seed``) an export was trained with (its manifest's training
-    config; the trainer's defaults for a folder that does not say)."""
+def model_split(model: Path | None) -> tuple[float, int, int]:
+    """The training split (``val_fraction``, ``split_seed``, ``val_min_items``) an export was trained with (its
+    manifest's training config; the trainer's defaults for a folder that does not say)."""
     from sd_core.training.config import TrainConfig
 
     defaults = TrainConfig.model_fields
@@ -84,7 +84,8 @@ def model_split(model: Path | None) -> tuple[float, int]:
         except ValueError:
             train = {}
     return (float(train.get("val_fraction", defaults["val_fraction"].default)),
-            int(train.get("split_seed", defaults["split_seed"].default)))
+            int(train.get("split_seed", defaults["split_seed"].default)),
+            int(train.get("val_min_items", defaults["val_min_items"].default)))
 
 
 def resolve_prompts(cfg: SampleConfig, catalog: Catalog | None, model: Path | None = None) -> tuple[str, ...]:
@@ -93,8 +94,9 @@ def resolve_prompts(cfg: SampleConfig, catalog: Catalog | None, model: Path | No
     if cfg.prompts:
         return cfg.prompts
     if catalog is not None:
-        val_fraction, split_seed = model_split(model)
-        picked = held_out_prompts(catalog, val_fraction=val_fraction, split_seed=split_seed, n=cfg.held_out_prompts)
+        val_fraction, split_seed, min_items = model_split(model)
+        picked = held_out_prompts(catalog, val_fraction=val_fraction, split_seed=split_seed, min_items=min_items,
+                                  n=cfg.held_out_prompts)
         if picked:
             return tuple(picked)
     return DEFAULT_PROMPTS

@@ -104,8 +104,9 @@ def run_training(
     procs.wait_for_everyone()
     pairs = cached_pairs(enc, catalog)
     sample = cfg.sample_every and procs.is_main_process
-    held_out = pick_held_out(pairs.ids, pairs.captions, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                             n=VALIDATION_PROMPTS) if sample and not cfg.sample_prompts else []
+    held_out = (pick_held_out(pairs.ids, pairs.captions, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                              min_items=cfg.val_min_items, n=VALIDATION_PROMPTS)
+                if sample and not cfg.sample_prompts else [])
     sampler = (validation_sampler(enc, noise_scheduler(cfg.model, cfg.schedule).config, held_out=held_out)
                if sample else None)
     trainer = Trainer(cfg.trainer_config(steps=plan.steps, epochs=plan.epochs), pairs, plan.run_dir,

@@ -303,8 +303,9 @@ def attach_sample_grid(catalog: Catalog, run: Path, grid: Path, samples_json: Pa
     if not (folder / CARD_GRID).is_file() or (folder / CARD_GRID).read_bytes() != data:
         atomic_write_bytes(folder / CARD_GRID, data)
     settings = read_json(samples_json) if samples_json is not None else None
-    if settings is not None:  # beside the export, the model is the folder the card sits in: no absolute path
-        settings = json.loads(json.dumps(settings).replace(json.dumps(str(folder))[1:-1], "."))
+    if isinstance(settings, dict) and settings.get("model"):
+        # beside the export, the model is the folder the card sits in: no absolute path, wherever it was drawn
+        settings = json.loads(json.dumps(settings).replace(json.dumps(str(settings["model"]))[1:-1], "."))
     if settings is not None and _card_json(folder / CARD_SAMPLES) != settings:
         atomic_write_json(folder / CARD_SAMPLES, settings)
     return write_model_card(folder, catalog=catalog)

@@ -25,7 +25,7 @@ from sd_core.caption.config import CaptionConfig
 from sd_core.caption.offline import OfflineCaptioner
 from sd_core.store.card import write_dataset_card
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_json, atomic_write_text, stable_hash
+from sd_core.store.files import atomic_write_text, json_problem, sha256_text, stable_hash, write_if_changed
 from sd_core.store.metadata import read_metadata, update_metadata
 
 
@@ -101,7 +101,8 @@ class CaptionJob:
 def plan_captions(cfg: CaptionConfig, catalog: Catalog, *, force: bool = False) -> list[list[CaptionJob]]:
     """Batches of the dataset rows that have no caption under this setting (all of them with ``force``)."""
     digest = cfg.cache_digest()
-    atomic_write_json(catalog.caption_log(digest).with_suffix(".key.json"), cfg.cache_key())
+    key_json = json.dumps(cfg.cache_key(), indent=2, sort_keys=True, default=str) + "\n"
+    write_if_changed(catalog.caption_log(digest).with_suffix(".key.json"), key_json)
     done = set() if force else set(CaptionLog(catalog.caption_log(digest)).read())
     todo = [CaptionJob(r["md5"], r["file_name"], r["image_title"]) for r in read_metadata(catalog)
             if r["md5"] not in done]
@@ -163,11 +164,26 @@ def finish_captions(cfg: CaptionConfig, catalog: Catalog, summary: CaptionSummar
 
 
 def write_caption_sidecars(catalog: Catalog, captions: dict[str, str]) -> int:
-    """Write each caption to the ``.txt`` beside its image (``file_name`` → caption), only where it differs
-    from what is there; returns how many files were written."""
+    """Write each caption to the ``.txt`` beside its image (``file_name`` → caption) where it is missing or
+    differs from what this stage last wrote there; returns how many files were written.
+
+    What was written is kept as a digest per file in ``state/sidecars.json``, so a run reads one directory
+    listing and that index instead of every sidecar; a sidecar not in the index (or with another digest) is
+    read and compared first, and written only when it differs. A sidecar edited by hand therefore stays until
+    its caption changes (delete it to have it written again)."""
+    index = catalog.caption_sidecars_index
+    data, _ = json_problem(index)  # missing or damaged: every sidecar is read and compared, as before
+    before = data.get("written") if isinstance(data, dict) and isinstance(data.get("written"), dict) else {}
+    listed: dict[Path, set[str]] = {}
+    now: dict[str, str] = {}
     written = 0
     for file_name, text in captions.items():
         path = catalog.caption_sidecar(file_name)
+        digest = now[file_name] = sha256_text(text)[:16]
+        if path.parent not in listed:
+            listed[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
+        if before.get(file_name) == digest and path.name in listed[path.parent]:
+            continue
         try:
             if path.read_text("utf-8") == text:
                 continue
@@ -175,6 +191,7 @@ def write_caption_sidecars(catalog: Catalog, captions: dict[str, str]) -> int:
             pass
         atomic_write_text(path, text)
         written += 1
+    write_if_changed(index, json.dumps({"written": now}, sort_keys=True, separators=(",", ":")) + "\n")
     return written
 
 

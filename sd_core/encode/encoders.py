@@ -148,18 +148,34 @@ def vae_info(vae_cfg: VAEConfig) -> VAEInfo:
     return _vae_info(vae_cfg.model_id, vae_cfg.revision, vae_cfg.subfolder, weights)
 
 
+_VAE_INFO_FIELDS = ("block_out_channels", "shift_factor", "scaling_factor", "latent_channels")
+
+
+def _local_vae_config(model_id: str, subfolder: str | None) -> dict[str, Any] | None:
+    """A local VAE's config.json when it names every field :class:`VAEInfo` needs (as ``save_pretrained``
+    writes it): read as JSON, without importing diffusers (seconds of ``status`` and of a rerun's planning)."""
+    folder = _local_folder(model_id, subfolder)
+    try:
+        config = json.loads((folder / "config.json").read_text("utf-8")) if folder is not None else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and all(k in config for k in _VAE_INFO_FIELDS) else None
+
+
 @lru_cache(maxsize=16)
 def _vae_info(model_id: str, revision: str | None, subfolder: str | None, weights: str | None) -> VAEInfo:
-    from diffusers import AutoencoderKL
+    config = _local_vae_config(model_id, subfolder)
+    if config is None:
+        from diffusers import AutoencoderKL
 
-    config = AutoencoderKL.load_config(model_id, **_pretrained_kwargs(revision, subfolder))
-    defaults = inspect.signature(AutoencoderKL.__init__).parameters
-    blocks = config.get("block_out_channels", defaults["block_out_channels"].default)
-    shift = config.get("shift_factor", defaults["shift_factor"].default)
+        config = AutoencoderKL.load_config(model_id, **_pretrained_kwargs(revision, subfolder))
+        defaults = inspect.signature(AutoencoderKL.__init__).parameters
+        config = {k: config.get(k, defaults[k].default) for k in _VAE_INFO_FIELDS}
+    blocks, shift = config["block_out_channels"], config["shift_factor"]
     return VAEInfo(
-        scaling_factor=float(config.get("scaling_factor", defaults["scaling_factor"].default)),
+        scaling_factor=float(config["scaling_factor"]),
         shift_factor=None if shift is None else float(shift),
-        latent_channels=int(config.get("latent_channels", defaults["latent_channels"].default)),
+        latent_channels=int(config["latent_channels"]),
         downsample=2 ** (len(blocks) - 1),
         weights=weights,
     )

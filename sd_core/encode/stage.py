@@ -120,10 +120,12 @@ def plan_encode(cfg: EncodeStageConfig, catalog: Catalog, *, force: bool = False
     latents = TensorStore(catalog.latent_store, shard_size=cfg.shard_size)
     texts = TensorStore(catalog.text_store, shard_size=cfg.shard_size)
     lbase, tbase = latent_key_base(cfg.vae), text_key_base(cfg.text)
-    images = [(r["md5"], str(catalog.image_path(r["file_name"]))) for r in rows
-              if not latents.contains({**lbase, "md5": r["md5"]})]
-    captions = [c for c in dict.fromkeys([*(r["prompt"] for r in rows), EMPTY_PROMPT])
-                if not texts.contains({**tbase, "caption_sha256": sha256_text(c)})]
+    # by_stat: shards verified before and untouched since are not read again (a rerun reads no cached tensor)
+    images = [(rows[i]["md5"], str(catalog.image_path(rows[i]["file_name"])))
+              for i in latents.missing([{**lbase, "md5": r["md5"]} for r in rows], by_stat=True)]
+    every_caption = list(dict.fromkeys([*(r["prompt"] for r in rows), EMPTY_PROMPT]))
+    captions = [every_caption[i] for i in texts.missing(
+        [{**tbase, "caption_sha256": sha256_text(c)} for c in every_caption], by_stat=True)]
     size = cfg.shard_size
     jobs = [EncodeJob("image", tuple(images[i : i + size])) for i in range(0, len(images), size)]
     jobs += [EncodeJob("text", tuple(captions[i : i + size])) for i in range(0, len(captions), size)]
@@ -164,14 +166,17 @@ def stage_key(cfg: EncodeStageConfig, catalog: Catalog) -> str:
 
 
 def verify_caches(cfg: EncodeStageConfig, catalog: Catalog) -> str | None:
-    """None when every dataset row's latents and caption states are cached and read back intact (``cfg``
-    resolved), else what is missing. Reads only: damaged shards are left for the encode stage to repair."""
+    """None when every dataset row's latents and caption states are cached and intact (``cfg`` resolved), else
+    what is missing. Intact: the shard's data was verified and its file is untouched since (its recorded stat;
+    see :mod:`sd_core.store.tensors`), else its data is read and checked. Reads only: damaged shards are left
+    for the encode stage to repair."""
     rows = _dataset(catalog)
     lbase, tbase = latent_key_base(cfg.vae), text_key_base(cfg.text)
     latents = TensorStore(catalog.latent_store, shard_size=cfg.shard_size, sweep=False, repair=False)
     texts = TensorStore(catalog.text_store, shard_size=cfg.shard_size, sweep=False, repair=False)
-    bad_l = latents.missing([{**lbase, "md5": r["md5"]} for r in rows])
-    bad_t = texts.missing([{**tbase, "caption_sha256": sha256_text(c)} for c in {r["prompt"] for r in rows}])
+    bad_l = latents.missing([{**lbase, "md5": r["md5"]} for r in rows], by_stat=True)
+    bad_t = texts.missing([{**tbase, "caption_sha256": sha256_text(c)} for c in {r["prompt"] for r in rows}],
+                          by_stat=True)
     if bad_l or bad_t:
         return f"{len(bad_l)} latents and {len(bad_t)} caption states missing or damaged"
     return None

@@ -11,6 +11,7 @@ with a time limit (``max_seconds_per_image``): an image over it is quarantined w
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from collections import Counter
@@ -264,11 +265,16 @@ def convert_dataset(
     items: dict[str, dict] = state.get("items", {}) if state.get("config_key") == key and not force else {}
     summary = ConvertSummary(images=len(records))
     reasons: Counter[str] = Counter()
-    todo = [r for r in records if not _done(items.get(r.md5), catalog)]
+    checked: list[str] = []  # images whose JPEG was read to check it (its stat is recorded anew)
+    todo = [r for r in records if not _done(items.get(r.md5), catalog, checked)]
     summary.reused = len(records) - len(todo)
 
     def save_state() -> None:
-        atomic_write_json(catalog.convert_state, {"config_key": key, "items": items})
+        atomic_write_json(catalog.convert_state, {"config_key": key, "items": items}, compact=True)
+
+    # Progress is saved every _SAVE_EVERY items, or every 2 % of the state's size when that is more: a save
+    # writes the whole state, so this keeps the saves' cost proportional to the items converted.
+    save_every = max(_SAVE_EVERY, len(items) // 50)
 
     with ConvertWorker(cfg) as worker:
         for i, rec in enumerate(tqdm(todo, desc="converting", unit="img", disable=not progress or not todo)):
@@ -290,11 +296,13 @@ def convert_dataset(
                 items[rec.md5] = {
                     "file_name": name, "width": out.width, "height": out.height,
                     "source_format": out.source_format, "animated": out.animated, "jpeg_md5": md5_bytes(out.jpeg),
+                    "jpeg_stat": _stat_of(catalog.image_path(name)),
                 }
                 summary.converted += 1
-            if (i + 1) % _SAVE_EVERY == 0:
+            if (i + 1) % save_every == 0:
                 save_state()
-    save_state()
+    if todo or checked or state.get("items") is not items:  # a rerun with nothing new leaves the state as it was
+        save_state()
 
     rows, quarantine = [], []
     for rec in records:
@@ -329,16 +337,35 @@ def dataset_title(title: str) -> str:
     return title if title.strip() else UNTITLED
 
 
-def _done(item: dict | None, catalog: Catalog) -> bool:
-    """Converted before and still intact: quarantined, or its JPEG has the md5 recorded when written
-    (so it is the file that decoded then); a missing, changed or unrecorded JPEG is converted again."""
+def _stat_of(path) -> list[int]:  # type: ignore[no-untyped-def]
+    """What identifies a file's version without reading it: size, mtime, ctime and inode. Replacing or
+    rewriting the file changes them (an overwrite that restores the mtime still moves the ctime)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _done(item: dict | None, catalog: Catalog, checked: list[str]) -> bool:
+    """Converted before and still intact: quarantined, or its JPEG is the file written then. That is told
+    from the file's stat recorded when it was written or last checked (``jpeg_stat``: one ``stat`` per image
+    on a rerun, no read); a JPEG whose stat differs (copied, touched, rewritten) is read and checked against
+    the md5 recorded when written, and its stat recorded when it matches (its name appended to ``checked``).
+    A missing, changed or unrecorded JPEG is converted again."""
     if item is None:
         return False
     if "quarantined" in item:
         return True
     if "jpeg_md5" not in item:
         return False
+    path = os.path.join(catalog.root, catalog.dataset_file_name(item["file_name"]))  # image_path, as a str: faster
     try:
-        return md5_bytes(catalog.image_path(item["file_name"]).read_bytes()) == item["jpeg_md5"]
+        stat = _stat_of(path)
+        if item.get("jpeg_stat") == stat:
+            return True
+        with open(path, "rb") as f:
+            if md5_bytes(f.read()) != item["jpeg_md5"]:
+                return False
     except OSError:
         return False
+    item["jpeg_stat"] = stat  # checked by content: the next run trusts this version of the file by its stat
+    checked.append(item["file_name"])
+    return True

@@ -78,6 +78,7 @@ class Listing:
     base_url: str = ""
     walk: Walk = field(default_factory=Walk)
     full_walk_at: str | None = None
+    walked: int | None = None  # how many of ``items`` (the first ones) the walk read; None: all of them
 
     @property
     def unique_urls(self) -> list[str]:
@@ -87,7 +88,7 @@ class Listing:
         atomic_write_json(path, {"tag": self.tag, "base_url": self.base_url, "pages": self.pages,
                                  "seconds": round(self.seconds, 3), "origins": list(self.origins),
                                  "walk": asdict(self.walk), "full_walk_at": self.full_walk_at,
-                                 "items": [list(i) for i in self.items]})
+                                 "walked_items": self.walked, "items": [list(i) for i in self.items]}, compact=True)
 
     @classmethod
     def load(cls, path: Path) -> "Listing":
@@ -102,8 +103,10 @@ class Listing:
         try:
             items = tuple((str(u), str(t), int(p)) for u, t, p in data["items"])
             walk = Walk(**data["walk"]) if data.get("walk") else Walk()
+            walked = data.get("walked_items")
             return cls(data["tag"], int(data["pages"]), items, float(data.get("seconds", 0.0)),
-                       tuple(data.get("origins", ())), data.get("base_url", ""), walk, data.get("full_walk_at"))
+                       tuple(data.get("origins", ())), data.get("base_url", ""), walk, data.get("full_walk_at"),
+                       None if walked is None else int(walked))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it and the next crawl walks "
                              "the whole listing") from None
@@ -244,7 +247,7 @@ def settle_listing(cfg: CrawlConfig, walked: Listing, previous: Listing | None) 
         return walked
     seen = {u for u, _, _ in walked.items}
     rest = tuple(i for i in previous.items if i[0] not in seen)
-    return replace(walked, items=walked.items + rest, full_walk_at=previous.full_walk_at)
+    return replace(walked, items=walked.items + rest, full_walk_at=previous.full_walk_at, walked=len(walked.items))
 
 
 def refresh_listing(
@@ -431,7 +434,7 @@ def download_new(
     with sigterm_raises(), ledger:
         if rebuilt is not None:
             summary.ledger_rebuilt = rebuilt.line()
-        ledger.note_listed(list(listing.items), listing.tag)
+        ledger.note_listed(list(listing.items), listing.tag, seen=listing.walked)
         quarantined = quarantine_verdicts(catalog)
         summary.retried_poisoned = len(heal_ledger(ledger, catalog, quarantined))
         states = ledger.states(urls)

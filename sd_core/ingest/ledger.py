@@ -182,15 +182,24 @@ class Ledger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def note_listed(self, items: list[tuple[str, str, int]], tag: str) -> None:
-        """Record listed (url, title, page) triples; keeps the first title seen for a URL."""
+    def note_listed(self, items: list[tuple[str, str, int]], tag: str, *, seen: int | None = None) -> None:
+        """Record listed (url, title, page) triples; keeps the first title seen for a URL. Only the first
+        ``seen`` items (all when None) were read by this walk: their ``last_seen`` and ``page`` are updated; the
+        rest (a partial walk's items carried over from the previous listing) are only added when missing, so a
+        refresh writes rows for what it read, not for the whole collection."""
         now = _now()
+        seen = len(items) if seen is None else seen
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT INTO urls (url, title, tag, page, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(url) DO UPDATE SET last_seen = excluded.last_seen, page = excluded.page",
-                [(u, t, tag, p, now, now) for u, t, p in items],
+                [(u, t, tag, p, now, now) for u, t, p in items[:seen]],
+            )
+            self._db.executemany(
+                "INSERT INTO urls (url, title, tag, page, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(url) DO NOTHING",
+                [(u, t, tag, p, now, now) for u, t, p in items[seen:]],
             )
             self._db.execute("COMMIT")
 

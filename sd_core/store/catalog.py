@@ -31,6 +31,10 @@ class Catalog:
     def dataset_file_name(file_name: str) -> str:
         """A metadata ``file_name`` in today's form: a bare name (written before file names were relative
         to metadata.csv) is an image of ``images/``. Absolute paths and ``..`` are refused."""
+        head, sep, tail = file_name.partition("/")
+        if sep and tail and "/" not in tail and "\\" not in file_name and head not in ("", ".", "..") \
+                and tail not in (".", ".."):
+            return file_name  # ``folder/name``, as written today: what the general case below returns (per row: fast)
         path = PurePosixPath(file_name.replace("\\", "/"))
         if not file_name or path.is_absolute() or ".." in path.parts:
             raise ValueError(f"metadata.csv file_name must be a path inside the data directory, got {file_name!r}")
@@ -189,6 +193,11 @@ class Catalog:
         return self.state_dir / "run.json"
 
     @property
+    def caption_sidecars_index(self) -> Path:
+        """What the caption stage last wrote to each ``images/<name>.txt`` (a digest per file)."""
+        return self.state_dir / "sidecars.json"
+
+    @property
     def captions_dir(self) -> Path:
         """Where the caption logs (:meth:`caption_log`) and their keys live."""
         return self.root / "captions"
@@ -199,7 +208,7 @@ class Catalog:
             "crawl": (self.raw_dir, self.ledger_db, self.listing_json),
             "convert": (self.images_dir, self.metadata_csv, self.duplicates_csv, self.quarantine_dir,
                         self.convert_state),
-            "caption": (self.captions_dir,),
+            "caption": (self.captions_dir, self.caption_sidecars_index),
             "vae": (self.vae_dir,),
             "encode": (self.latent_store, self.text_store),
             "train": (self.train_dir,),

@@ -150,8 +150,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` atomically unless ``path`` already holds exactly it; True when it wrote. A file that
+    did not change keeps its inode and mtime (tools that watch or sync the data directory see no change)."""
+    data = text.encode("utf-8")
+    try:
+        if os.stat(path).st_size == len(data) and Path(path).read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write_bytes(path, data)
+    return True
+
+
+def atomic_write_json(path: Path, obj: Any, *, compact: bool = False) -> None:
+    """``obj`` as JSON, indented; ``compact``: on one line, for state files that grow with the collection
+    (Python's C encoder writes them ~10x faster than its indenting one)."""
+    if compact:
+        atomic_write_text(path, json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str) + "\n")
+    else:
+        atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def json_checksum(obj: dict[str, Any], field: str = "checksum") -> str:
@@ -169,9 +187,12 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def sweep_temp_files(folder: Path) -> int:
-    """Remove temp files left by writes a killed run did not finish; returns how many."""
+    """Remove temp files (``.*.tmp``) left by writes a killed run did not finish, anywhere under ``folder``;
+    returns how many. One ``os.walk`` that compares names only (no ``stat`` per file)."""
     removed = 0
-    for p in Path(folder).rglob(".*.tmp"):
-        p.unlink(missing_ok=True)
-        removed += 1
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if len(name) > 4 and name[0] == "." and name.endswith(".tmp"):
+                Path(root, name).unlink(missing_ok=True)
+                removed += 1
     return removed

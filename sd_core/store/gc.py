@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,21 +37,37 @@ def is_leftover(name: str) -> bool:
 
 
 def size_of(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
-    """Bytes of a file, or of every file under a folder (hard links counted once); 0 when absent."""
+    """Bytes of a file, or of every file under a folder (hard links counted once; symbolic links to folders
+    not followed); 0 when absent. One ``scandir`` per folder and one ``lstat`` per file."""
     seen = set() if seen is None else seen
-    total = 0
     try:
         st = os.lstat(path)
     except OSError:
         return 0
-    if not os.path.isdir(path) or os.path.islink(path):
+    if not stat.S_ISDIR(st.st_mode):
         if (st.st_dev, st.st_ino) in seen:
             return 0
         seen.add((st.st_dev, st.st_ino))
         return st.st_size
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            total += size_of(Path(root) / name, seen)
+    total, folders = 0, [os.fspath(path)]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir():  # a link to a folder is neither descended nor counted, as os.walk does
+                        if not entry.is_symlink():
+                            folders.append(entry.path)
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
     return total
 
 
@@ -139,7 +156,7 @@ def stale_shards(store_root: Path, live_keys: Iterable[Mapping[str, object]]) ->
 
     An entry is live when its key is in ``live_keys`` and the store's index points at this copy of it
     (an older copy of a key stored again later is dead)."""
-    from sd_core.store.tensors import TensorStore, entry_id
+    from sd_core.store.tensors import TensorStore
 
     shards_dir = Path(store_root) / "shards"
     damaged = Path(store_root) / "damaged"  # shards moved aside when their checksums failed; already recomputed
@@ -148,11 +165,8 @@ def stale_shards(store_root: Path, live_keys: Iterable[Mapping[str, object]]) ->
     if not shards_dir.is_dir():
         return moved_aside, []
     store = TensorStore(store_root, sweep=False)  # planning removes nothing
-    where: dict[str, list[Mapping[str, object]]] = {}
-    for key in {entry_id(k): k for k in live_keys}.values():
-        name = store.shard_of(key)
-        if name is not None:
-            where.setdefault(name, []).append(key)
+    # by_stat: a shard verified before and untouched since is not read again
+    where = store.keys_by_shard(list(live_keys), by_stat=True)
     removals, rewrites = moved_aside, []
     for path in sorted(p for p in shards_dir.iterdir() if _SHARD_RE.match(p.name)):
         size = size_of(path)

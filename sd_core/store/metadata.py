@@ -14,12 +14,15 @@ undone without ambiguity. :func:`read_metadata` undoes it: later stages read the
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_text
+from sd_core.store.files import write_if_changed
 
 METADATA_COLUMNS = (
     "file_name", "image_url", "image_title", "tag", "md5", "width", "height", "source_format", "animated",
@@ -40,21 +43,68 @@ def unescape_cell(value: str) -> str:
     return value[1:] if isinstance(value, str) and value.startswith("'") else value
 
 
-def _escaped(row: dict[str, object]) -> dict[str, object]:
-    return {k: escape_cell(v) for k, v in row.items()}
+@dataclass(frozen=True)
+class _Parsed:
+    digest: bytes  # of the file's bytes
+    header: tuple[str, ...]
+    rows: list[dict[str, str]]  # as read_metadata returns them (unescaped, file names in today's form)
+    migrated: bool  # some file_name was read in the old form (the file itself still holds it)
+
+
+# The last metadata.csv parsed (or written) in this process, by a digest of its bytes: a run reads the table in
+# several stages and key functions, and reading the bytes again is ~50x cheaper than parsing them.
+_PARSED: dict[Path, _Parsed] = {}
+_PARSED_LOCK = threading.Lock()
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _remember(path: Path, parsed: _Parsed) -> None:
+    with _PARSED_LOCK:
+        _PARSED.clear()  # one table at a time: a process that reads several data dirs keeps only the last
+        _PARSED[path] = parsed
+
+
+def _parsed(catalog: Catalog) -> _Parsed | None:
+    """metadata.csv as parsed rows (None when there is none), parsed only when its bytes changed."""
+    path = catalog.metadata_csv
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    digest = _digest(data)
+    with _PARSED_LOCK:
+        hit = _PARSED.get(path)
+    if hit is not None and hit.digest == digest:
+        return hit
+    reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""))
+    header = next(reader, [])
+    width = len(header)
+    rows = []
+    for cells in reader:  # as csv.DictReader reads it (blank lines skipped, short rows padded with None), faster
+        if not cells:
+            continue
+        values: list[str | None] = [c[1:] if c.startswith("'") else c for c in cells[:width]]
+        rows.append(dict(zip(header, values + [None] * (width - len(values)))))
+    migrated = False
+    for row in rows:
+        if row.get("file_name"):
+            name = catalog.dataset_file_name(row["file_name"])
+            migrated = migrated or name != row["file_name"]
+            row["file_name"] = name
+    hit = _Parsed(digest, tuple(header), rows, migrated)
+    _remember(path, hit)
+    return hit
 
 
 def read_metadata(catalog: Catalog) -> list[dict[str, str]]:
-    """The rows of metadata.csv, ``file_name`` relative to the csv (old bare names read as ``images/…``)."""
-    try:
-        with open(catalog.metadata_csv, newline="", encoding="utf-8") as f:
-            rows = [{k: unescape_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except FileNotFoundError:
-        return []
-    for row in rows:
-        if row.get("file_name"):
-            row["file_name"] = catalog.dataset_file_name(row["file_name"])
-    return rows
+    """The rows of metadata.csv, ``file_name`` relative to the csv (old bare names read as ``images/…``).
+    Each call returns new dicts (the caller may change them); the file is parsed again only when its bytes
+    changed since it was last parsed or written in this process."""
+    hit = _parsed(catalog)
+    return [] if hit is None else [dict(row) for row in hit.rows]
 
 
 def needs_migration(catalog: Catalog) -> bool:
@@ -74,42 +124,69 @@ def migrate_metadata(catalog: Catalog) -> bool:
     return True
 
 
-def write_metadata(catalog: Catalog, rows: list[dict[str, object]]) -> None:
-    """Write metadata.csv atomically, keeping columns later stages added (e.g. ``prompt``) by md5."""
+def _cells(row: dict[str, object], columns: list[str]) -> list[str]:
+    """A row's values as the CSV holds them (what ``csv`` writes for each, before escaping)."""
+    return [v if v.__class__ is str else "" if v is None else str(v) for v in map(row.get, columns)]
+
+
+def _write_table(catalog: Catalog, header: list[str], rows: list[list[str]]) -> bool:
+    """Write metadata.csv with ``header`` and ``rows`` (cells as read back: unescaped) unless it holds exactly
+    them already; True when it wrote. The check compares with the parsed table, not the bytes, so an unchanged
+    table costs no CSV encoding; a file still in the old form is always rewritten."""
+    old = _parsed(catalog)
+    if (old is not None and not old.migrated and old.header == tuple(header) and len(old.rows) == len(rows)
+            and all([r.get(c) for c in header] == new for r, new in zip(old.rows, rows))):
+        return False
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([("'" + c) if c.startswith(_FORMULA_START) else c for c in row] for row in rows)
+    text = buf.getvalue()
+    wrote = write_if_changed(catalog.metadata_csv, text)
+    _remember(catalog.metadata_csv, _Parsed(_digest(text.encode("utf-8")), tuple(header),
+                                            [dict(zip(header, row)) for row in rows], False))
+    return wrote
+
+
+def write_metadata(catalog: Catalog, rows: list[dict[str, object]]) -> bool:
+    """Write metadata.csv atomically, keeping columns later stages added (e.g. ``prompt``) by md5, unless it
+    already holds exactly these rows; True when it wrote."""
     previous = {r["md5"]: r for r in read_metadata(catalog) if r.get("md5")}
     extra = [c for c in (next(iter(previous.values())).keys() if previous else []) if c not in METADATA_COLUMNS]
     columns = [*METADATA_COLUMNS, *extra]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    known, out = set(columns), []
     for row in rows:
+        if not known.issuperset(row):
+            raise ValueError(f"metadata.csv has no column {sorted(set(row) - known)} (METADATA_COLUMNS)")
         old = previous.get(str(row["md5"]), {})
-        writer.writerow(_escaped({**{c: old.get(c, "") for c in extra}, **row,
-                                  "file_name": catalog.dataset_file_name(str(row["file_name"]))}))
-    atomic_write_text(catalog.metadata_csv, buf.getvalue())
+        cells = {**{c: old.get(c, "") for c in extra}, **row,
+                 "file_name": catalog.dataset_file_name(str(row["file_name"]))}
+        out.append(_cells(cells, columns))
+    return _write_table(catalog, columns, out)
 
 
-def update_metadata(catalog: Catalog, columns: dict[str, dict[str, object]]) -> None:
-    """Set per-row columns (by md5) in metadata.csv, atomically; rows not named keep their values."""
+def update_metadata(catalog: Catalog, columns: dict[str, dict[str, object]]) -> bool:
+    """Set per-row columns (by md5) in metadata.csv, atomically; rows not named keep their values. Nothing is
+    written when no value changes; True when it wrote."""
     rows = read_metadata(catalog)
     names = list(rows[0].keys()) if rows else list(METADATA_COLUMNS)
     for values in columns.values():
         names.extend(k for k in values if k not in names)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n", restval="")
-    writer.writeheader()
+    out = []
     for row in rows:
-        writer.writerow(_escaped({**row, **columns.get(row["md5"], {})}))
-    atomic_write_text(catalog.metadata_csv, buf.getvalue())
+        cells = {**row, **columns.get(row["md5"], {})}
+        out.append(_cells(cells, names))
+    return _write_table(catalog, names, out)
 
 
-def write_csv_table(path: Path, header: tuple[str, ...], rows: Iterable[tuple]) -> None:
-    """A small CSV side table (duplicates.csv, quarantine.csv), atomically and spreadsheet-safe."""
+def write_csv_table(path: Path, header: tuple[str, ...], rows: Iterable[tuple]) -> bool:
+    """A small CSV side table (duplicates.csv, quarantine.csv), atomically and spreadsheet-safe, written only
+    when its content changed; True when it wrote."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(tuple(escape_cell(v) for v in row) for row in rows)
-    atomic_write_text(path, buf.getvalue())
+    return write_if_changed(path, buf.getvalue())
 
 
 def read_csv_table(path: Path) -> list[dict[str, str]]:

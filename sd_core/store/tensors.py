@@ -12,9 +12,16 @@ then rename) and never rewritten; a later ``put`` of the same key lands in a new
 index points there. Reads open one shard at a time and load only the tensors asked for.
 
 Every shard also carries a SHA-256 of each entry's tensor bytes (metadata ``checksums``). The first time a
-process touches a shard it reads it whole and checks them; a shard that fails (bit rot, a same-size
+process reads a shard's data it reads it whole and checks them; a shard that fails (bit rot, a same-size
 overwrite, or no checksums at all) is moved to ``damaged/`` with a warning naming it, and its entries read
 as missing, so the stage that owns the store computes them again.
+
+Questions that read no tensor (``missing``/``shard_of`` with ``by_stat=True``: what to encode, ``status``,
+``gc``) need not read every shard's data each run: the index records, per shard, the file's size, mtime, ctime
+and inode when its data was last verified (``verified``; shards are never rewritten, so these change only
+when something else touched the file). A shard whose stat still matches counts as intact; one that does not,
+or was never recorded, is verified by reading it, as above. What such a look-up cannot see is a change that
+keeps all four (silent media corruption): that is found when the data is read (training).
 """
 
 from __future__ import annotations
@@ -80,6 +87,9 @@ class TensorStore:
         self._verified: set[str] = set()
         self._index: dict[str, str] = {}
         self._indexed_shards: set[str] = set()
+        self._stats: dict[str, list[int]] = {}  # shard -> its file's stat when its data was last verified
+        self._stat_matched: set[str] = set()  # shards whose file had that stat when this process looked
+        self._stats_changed = False
         self._load_index()
 
     @property
@@ -111,6 +121,9 @@ class TensorStore:
             return
         self._index = dict(data["entries"])
         self._indexed_shards = indexed
+        stats = data.get("verified")
+        if isinstance(stats, dict):
+            self._stats = {n: v for n, v in stats.items() if n in indexed and isinstance(v, list)}
         unindexed = [n for n in self._shard_files() if n not in indexed]
         if unindexed:
             for name in unindexed:
@@ -139,8 +152,22 @@ class TensorStore:
         return len(self._index)
 
     def _write_index(self) -> None:
-        data = {"version": INDEX_VERSION, "shards": sorted(self._indexed_shards), "entries": self._index}
+        data = {"version": INDEX_VERSION, "shards": sorted(self._indexed_shards), "entries": self._index,
+                "verified": {n: self._stats[n] for n in sorted(self._indexed_shards) if n in self._stats}}
         atomic_write_text(self.index_path, json.dumps(data, separators=(",", ":")) + "\n")
+        self._stats_changed = False
+
+    def _file_stat(self, name: str) -> list[int] | None:
+        try:
+            st = os.stat(self.shards_dir / name)
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def _save_stats(self) -> None:
+        """Write the index when this process verified shards it did not know to be intact (not read-only)."""
+        if self._stats_changed and self.repair:
+            self._write_index()
 
     def _shard_metadata(self, name: str) -> dict[str, str] | None:
         """The shard's header metadata (entry id → key JSON), from a small LRU cache."""
@@ -163,18 +190,26 @@ class TensorStore:
     def damaged_dir(self) -> Path:
         return self.root / "damaged"
 
-    def _locate(self, key: Key) -> tuple[str, str] | None:
+    def _locate(self, key: Key, by_stat: bool = False) -> tuple[str, str] | None:
         """(entry id, shard name) when the index holds ``key``, the shard's metadata confirms it and the shard's
-        data matches its checksums (checked once per shard and process)."""
-        eid = entry_id(key)
+        data matches its checksums (checked once per shard and process; with ``by_stat``, a shard whose file
+        has the stat recorded when its data was last verified counts as checked)."""
+        key_json = canonical_key(key)
+        eid = hashlib.sha256(key_json.encode("utf-8")).hexdigest()[:32]  # entry_id(key)
         name = self._index.get(eid)
         if name is None:
             return None
         meta = self._shard_metadata(name)
-        if meta is None or meta.get(eid) != canonical_key(key):
+        if meta is None or meta.get(eid) != key_json:
             return None
-        if name not in self._verified and not self._verify(name):
-            return None
+        if name not in self._verified:
+            if by_stat and name in self._stat_matched:
+                return eid, name
+            if by_stat and name in self._stats and self._stats[name] == self._file_stat(name):
+                self._stat_matched.add(name)  # one stat per shard and process
+                return eid, name
+            if not self._verify(name):
+                return None
         return eid, name
 
     def _verify(self, name: str) -> bool:
@@ -184,8 +219,12 @@ class TensorStore:
         try:
             sums = json.loads(meta["checksums"])
             with safe_open(self.shards_dir / name, framework="pt") as f:
+                tensor_names: dict[str, list[str]] = {}  # entry id -> its tensors' names, listed once per shard
+                for k in f.keys():
+                    tensor_names.setdefault(k.partition("/")[0], []).append(k)
                 for eid in (e for e in meta if _is_entry_id(e)):
-                    if _digest(_read_entry(f, eid)) != sums.get(eid):
+                    entry = {k[len(eid) + 1 :]: f.get_tensor(k) for k in tensor_names.get(eid, ())}
+                    if _digest(entry) != sums.get(eid):
                         problem = f"entry {eid} does not match its checksum"
                         break
         except KeyError:
@@ -194,6 +233,10 @@ class TensorStore:
             problem = f"its data does not read ({type(e).__name__})"
         if problem is None:
             self._verified.add(name)
+            stat = self._file_stat(name)
+            if stat is not None and self._stats.get(name) != stat:
+                self._stats[name] = stat
+                self._stats_changed = True
             return True
         if not self.repair:
             return False
@@ -207,6 +250,7 @@ class TensorStore:
             del self._index[e]
         self._indexed_shards.discard(name)
         self._metadata.pop(name, None)
+        self._stats.pop(name, None)
         self._write_index()
         log.warning("%s is damaged (%s): moved to %s; its %d entries will be computed again",
                     self.shards_dir / name, problem, self.damaged_dir, len(dropped))
@@ -233,10 +277,22 @@ class TensorStore:
         except Exception:  # a shard damaged after its header was read
             return None
 
-    def shard_of(self, key: Key) -> str | None:
-        """Name of the shard holding ``key`` (None when absent or stale)."""
-        found = self._locate(key)
+    def shard_of(self, key: Key, *, by_stat: bool = False) -> str | None:
+        """Name of the shard holding ``key`` (None when absent or stale); ``by_stat`` as in :meth:`missing`."""
+        found = self._locate(key, by_stat)
         return None if found is None else found[1]
+
+    def keys_by_shard(self, keys: Sequence[Key], *, by_stat: bool = False) -> dict[str, list[Key]]:
+        """The keys present (as :meth:`missing` tells), each once, grouped by the shard that holds it."""
+        out: dict[str, list[Key]] = {}
+        seen: set[str] = set()
+        for key in keys:
+            found = self._locate(key, by_stat)
+            if found is not None and found[0] not in seen:
+                seen.add(found[0])
+                out.setdefault(found[1], []).append(key)
+        self._save_stats()
+        return out
 
     def read_many(self, keys: Sequence[Key], names: Sequence[str] | None = None) -> list[Tensors]:
         """The entries of ``keys``, in order, opening each shard once (``names``: only these tensors).
@@ -255,11 +311,18 @@ class TensorStore:
                 for pos, eid in entries:
                     out[pos] = ({t: f.get_tensor(f"{eid}/{t}") for t in names} if names is not None
                                 else _read_entry(f, eid))
+        self._save_stats()
         return out  # type: ignore[return-value]
 
-    def missing(self, keys: Sequence[Key]) -> list[int]:
-        """Positions of the keys that ``get`` would answer None for."""
-        return [i for i, key in enumerate(keys) if self._locate(key) is None]
+    def missing(self, keys: Sequence[Key], *, by_stat: bool = False) -> list[int]:
+        """Positions of the keys that ``get`` would answer None for.
+
+        ``by_stat``: a shard verified before (its stat recorded in the index) whose file still has that stat
+        counts as intact without reading its data (see the module's docstring): what planning, ``status`` and
+        ``gc`` ask, at the cost of a ``stat`` per shard instead of a read of every cached byte."""
+        out = [i for i, key in enumerate(keys) if self._locate(key, by_stat) is None]
+        self._save_stats()
+        return out
 
     def stats(self) -> dict[str, int]:
         """Shards, entries and bytes on disk."""
@@ -320,6 +383,9 @@ class TensorStore:
             tmp.unlink(missing_ok=True)
         self._metadata[name] = metadata
         self._verified.add(name)
+        stat = self._file_stat(name)  # after the temp name is gone (its unlink moves the ctime)
+        if stat is not None:
+            self._stats[name] = stat
         return name
 
     def _claim_name(self, tmp: Path) -> str:

@@ -57,7 +57,8 @@ def _split_counts(run: Path, train_cfg: dict[str, Any]) -> tuple[list[str], int,
     md5s = [item[0] for item in plan.get("items") or []]
     if not md5s:
         return [], 0, 0
-    train, held = split_ids(md5s, float(train_cfg.get("val_fraction", 0.1)), int(train_cfg.get("split_seed", 42)))
+    train, held = split_ids(md5s, float(train_cfg.get("val_fraction", 0.1)), int(train_cfg.get("split_seed", 42)),
+                            int(train_cfg.get("val_min_items", 48)))
     return md5s, len(train), len(held)
 
 

@@ -99,13 +99,6 @@ def load_failure(catalog: Catalog, stage: str) -> StageResult | None:
 def save_stage(catalog: Catalog, result: StageResult) -> None:
     atomic_write_json(catalog.stage_manifest(result.stage), asdict(result))
     failure_manifest(catalog, result.stage).unlink(missing_ok=True)
-    legacy = catalog.legacy_stage_manifest(result.stage)
-    if legacy.exists():
-        legacy.unlink()
-        try:
-            legacy.parent.rmdir()
-        except OSError:  # other stages' records are still there
-            pass
 
 
 def skipped_stage(catalog: Catalog, stage: str, why: str) -> StageResult:
@@ -126,35 +119,33 @@ def record_stage(
 
 def stage_record_problem(catalog: Catalog, stage: str) -> tuple[Path, str] | None:
     """The stage's record file and what is wrong with it, when it exists but does not read as a record."""
-    for path in (catalog.stage_manifest(stage), catalog.legacy_stage_manifest(stage)):
-        data, why = json_problem(path)
-        if why is None and data is None:
-            continue
-        if why is None:
-            try:
-                StageResult(**data)
-                return None
-            except TypeError:
-                why = "not a stage record"
-        return path, why
-    return None
+    path = catalog.stage_manifest(stage)
+    data, why = json_problem(path)
+    if why is None and data is None:
+        return None
+    if why is None:
+        try:
+            StageResult(**data)
+            return None
+        except TypeError:
+            why = "not a stage record"
+    return path, why
 
 
 def load_stage(catalog: Catalog, stage: str, *, warn: bool = True) -> StageResult | None:
     """What ``stage`` did last, None when it never ran. A damaged record (empty, truncated, garbled) counts as
     none, with a warning naming it; the stage's next run rewrites it."""
-    for path in (catalog.stage_manifest(stage), catalog.legacy_stage_manifest(stage)):
-        data, why = json_problem(path)
-        if why is None and data is None:
-            continue
-        if why is None:
-            try:
-                return StageResult(**data)
-            except TypeError:
-                why = "not a stage record"
-        if warn:
-            log.warning("%s is damaged (%s); ignored: the stage's next run rewrites it", path, why)
+    path = catalog.stage_manifest(stage)
+    data, why = json_problem(path)
+    if why is None and data is None:
         return None
+    if why is None:
+        try:
+            return StageResult(**data)
+        except TypeError:
+            why = "not a stage record"
+    if warn:
+        log.warning("%s is damaged (%s); ignored: the stage's next run rewrites it", path, why)
     return None
 
 

@@ -119,6 +119,22 @@ def test_slow_drip_download_stops_at_its_deadline(tmp_path):
         wait_for(lambda: site.image_aborted[items[1].path] == 1, 5, "the server to see the hang-up")
 
 
+def test_a_server_silent_before_its_headers_is_cut_at_the_deadline():
+    from sd_core.ingest.fetch import Fetcher
+
+    slow = item(1, "slow")  # the server waits slow_s before it answers anything
+    with DemoSite([slow], slow_s=8.0) as site:
+        fetcher = Fetcher(crawl_cfg(site, download_deadline_s=2.0, timeout_s=20.0))
+        try:
+            start = time.monotonic()
+            res = fetcher.fetch(site.image_url(slow))
+            took = time.monotonic() - start
+        finally:
+            fetcher.close()
+    assert res.status == "failed" and res.error.startswith("deadline"), res
+    assert took < 2.0 + 1.5, f"the download took {took:.1f}s with a 2s deadline (the server was silent for 8s)"
+
+
 def test_failed_url_waits_for_its_backoff_and_old_ledgers_are_migrated(tmp_path):
     # A ledger written before the back-off columns existed, with one URL that failed back then.
     items = [item(1), item(2, "drip"), item(3)]
@@ -417,6 +433,26 @@ def test_private_addresses_are_refused_for_a_public_listing():
         local = Fetcher(CrawlConfig(base_url=site.base_url, allowed_hosts=("localhost",)))
         assert local.fetch(f"http://localhost:{port}/emoji/0000001.png").status == "ok"
         local.close()
+
+
+def test_an_address_that_changes_after_the_check_is_refused_before_the_request(monkeypatch):
+    """DNS rebinding: the host resolved to a public address when the policy checked it, and the connection
+    reached a loopback one. The connected address is checked before the request is sent."""
+    from sd_core.ingest import fetch
+
+    with DemoSite([item(1)]) as site:
+        port = site.base_url.rsplit(":", 1)[1]
+        # a listing on a public address (never contacted), whose images are allowed on "localhost"
+        cfg = CrawlConfig(base_url="http://93.184.216.34", allowed_hosts=("localhost",), retries=0)
+        monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["93.184.216.34"])  # what the check saw
+        fetcher = fetch.Fetcher(cfg)
+        try:
+            res = fetcher.fetch(f"http://localhost:{port}/emoji/0000001.png")
+        finally:
+            fetcher.close()
+        assert res.status == "refused", res
+        assert res.error.startswith("refused (private address): localhost connected to 127.0.0.1")
+        assert site.total_image_gets() == 0  # no request reached the server
 
 
 def test_hostile_servers_fail_with_a_reason_and_store_nothing(tmp_path):

@@ -376,6 +376,57 @@ def test_hung_driver_cannot_block_the_listing(tmp_path):
         del os.environ["EMOJI_SD_TEST_TOKEN"]
 
 
+HANGS_AT_SESSION = """#!{python}
+# A chromedriver that answers its status check, notes the new-session request in a file, and never answers it.
+import http.server, json, pathlib, sys, time
+port = int(next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--port=")))
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = json.dumps({{"value": {{"ready": True, "message": "ready"}}}}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_POST(self):
+        pathlib.Path({marker!r}).touch()
+        time.sleep(3600)
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_a_signal_while_the_browser_starts_is_raised_as_it_is(tmp_path):
+    """SIGTERM during the browser's start-up (Prefect raises it as its TerminationSignal, a BaseException)
+    propagates as it is: it is no listing deadline, also when the clean-up has to kill the driver."""
+    from sd_core.ingest.browser import Browser
+
+    class Terminated(BaseException):  # like prefect.exceptions.TerminationSignal
+        pass
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    marker = tmp_path / "session-requested"
+    driver = tmp_path / "chromedriver"
+    driver.write_text(HANGS_AT_SESSION.format(python=sys.executable, marker=str(marker)))
+    driver.chmod(0o755)
+    token = uuid.uuid4().hex
+    os.environ["EMOJI_SD_TEST_TOKEN"] = token
+    previous = signal.signal(signal.SIGUSR1, raise_terminated)
+    try:
+        def signal_at_the_session_start() -> None:
+            wait_for(marker.exists, 30, "the new-session request", interval=0.05)
+            os.kill(os.getpid(), signal.SIGUSR1)  # handled in the main thread, blocked on the driver's answer
+
+        threading.Thread(target=signal_at_the_session_start, daemon=True).start()
+        cfg = CrawlConfig(base_url="http://127.0.0.1:9", chromedriver_path=str(driver), listing_deadline_s=600)
+        with pytest.raises(Terminated):
+            with Browser(cfg, time.monotonic() + 600):
+                pytest.fail("the hung driver started a session")
+        wait_for(lambda: processes_with(token) == [], 5, "the driver to be gone")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        del os.environ["EMOJI_SD_TEST_TOKEN"]
+
+
 # -- host policy -----------------------------------------------------------------------------------------
 
 

@@ -284,8 +284,10 @@ class Browser:
         try:
             self.driver = make_driver(self.cfg, self.service)
         except BaseException as e:
+            timed_out = self.killed  # by the deadline's timer (the clean-up below may kill what is left, too)
             self._finish()
-            if self.killed and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            # a signal (Ctrl-C, SIGTERM as Prefect's TerminationSignal or our Interrupted, SystemExit) is no deadline
+            if timed_out and isinstance(e, Exception):
                 raise self.deadline_error("starting the browser") from None
             raise
         with self._lock:

@@ -356,6 +356,8 @@ class _Retries(Retry):
     on Ctrl-C or at the deadline, also waits for the host's rate-limit slot, and a pause asked for past the
     deadline ends the retries with the server's answer."""
 
+    RETRY_AFTER_STATUS_CODES = frozenset({429, 503})  # urllib3's also retries a 413 that has one
+
     def get_retry_after(self, response: Any) -> float | None:
         try:
             return super().get_retry_after(response)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from imagegen import emoji, encode
+from polling import wait_for
 
 from sd_core.demo.emoji_art import SiteItem
 from sd_core.demo.site import DemoSite
@@ -87,14 +88,6 @@ def processes_with(token: str) -> list[int]:
             if token.encode() in env and state != b"Z":
                 found.append(int(entry))
     return found
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    stop = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > stop:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- deadlines -------------------------------------------------------------------------------------------
@@ -191,9 +184,9 @@ def test_downloads_are_recorded_as_they_finish_and_numbered_in_listing_order(tmp
                                   kwargs={"progress": False})
         thread.start()
         try:
-            wait_for(lambda: sum(site.image_done.values()) == 5, 10, "the five fast downloads")
+            wait_for(lambda: sum(site.image_done.values()) == 5, 10, "the five fast downloads", interval=0.02)
             wait_for(lambda: sum(r["status"] == "ok" for r in url_rows(tmp_path).values()) == 5, 2,
-                     "the five fast downloads in the ledger")
+                     "the five fast downloads in the ledger", interval=0.02)
             assert site.image_done[items[-1].path] == 0  # ...while the slow one is still in flight
             assert url_rows(tmp_path)[site.image_url(items[-1])]["status"] is None
         finally:
@@ -230,7 +223,7 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path):
                                 start_new_session=True)
         try:
             wait_for(lambda: sum(r["status"] == "ok" for r in url_rows(killed).values()) == 5, 20,
-                     "the fast downloads to be recorded")
+                     "the fast downloads to be recorded", interval=0.02)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid-download
             proc.wait()
@@ -269,8 +262,9 @@ def test_interrupted_crawl_stops_at_once_and_keeps_what_finished(tmp_path, sig):
                                 env={**os.environ, "EMOJI_SD_TEST_TOKEN": token})
         try:
             wait_for(lambda: sum(site.image_done.values()) == 8 and sum(site.image_gets[d.path] for d in drips) == 2,
-                     30, "the fast downloads while the slow ones drip")
-            time.sleep(0.3)
+                     30, "the fast downloads while the slow ones drip", interval=0.05)
+            wait_for(lambda: sum(r["status"] == "ok" for r in url_rows(tmp_path).values()) == 8, 10,
+                     "the fast downloads in the ledger", interval=0.05)
             sent = time.monotonic()
             proc.send_signal(sig)
             code = proc.wait(timeout=30)

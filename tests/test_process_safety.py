@@ -4,12 +4,12 @@ killed together with its reaper left."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -223,6 +223,16 @@ def test_a_live_run_is_left_alone(tmp_path):
 # --- the CLI with the temporary Prefect server, Chromium and Dask workers -----------------------------
 
 
+def recorded(run_file: Path, procs: list[psutil.Process]) -> bool:
+    """Whether the reaper's run file names each of ``procs`` that still runs (the reaper by its own key)."""
+    try:
+        record = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        return False
+    named = {c.get("pid") for c in record.get("children", [])} | {record.get("reaper")}
+    return all(p.pid in named for p in running(procs))
+
+
 @pytest.fixture()
 def slow_crawl(tmp_path):
     """`emoji-sd run` on a demo site, pausing 120 s between listing pages with Chromium open; yields
@@ -249,11 +259,12 @@ def slow_crawl(tmp_path):
                 kids = psutil.Process(proc.pid).children(recursive=True)
                 lines = [cmdline(k) for k in kids]
                 if any("uvicorn" in c for c in lines) and any("chromium" in c for c in lines):
-                    time.sleep(1.0)  # the reaper polls twice a second
-                    return psutil.Process(proc.pid).children(recursive=True)
+                    return kids
                 return None
 
             tree = wait_for(ready, 240, "Prefect's server and Chromium", interval=1.0)
+            run_file = tmp_path / "data" / "state" / "run.json"
+            wait_for(lambda: recorded(run_file, tree), 30, "the reaper to record the run's processes", interval=0.2)
             yield proc, tree, err
         finally:
             if proc.poll() is None:

@@ -9,9 +9,10 @@ from prefect.utilities.annotations import unmapped
 
 from sd_core.config import STAGES, PipelineConfig, Stage
 from sd_core.encode.stage import uses_trained_vae
+from sd_core.runtime.running import run_stage
 from sd_core.store.catalog import Catalog
 from sd_core.store.lock import data_dir_lock
-from sd_core.store.records import StageFailed, StageResult, run_stage, select_stages, skipped_stage
+from sd_core.store.records import StageFailed, StageResult, select_stages, skipped_stage
 from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
 from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task
 from tasks.eval import eval_task

@@ -18,12 +18,13 @@ from sd_core.encode import stage as encode_stage
 from sd_core.eval import stage as eval_stage
 from sd_core.ingest import convert
 from sd_core.ingest.ledger import Ledger, LedgerError
+from sd_core.runtime.running import running_state
 from sd_core.sample import stage as sample_stage
 from sd_core.store import gc
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import DamagedFileError, sha256_text
 from sd_core.store.metadata import read_metadata
-from sd_core.store.records import load_failure, load_stage, running_state, stage_record_problem
+from sd_core.store.records import load_failure, load_stage, stage_record_problem
 from sd_core.training import plan as train_plan
 from sd_core.training import stage as train_stage
 from sd_core.vae import stage as vae_stage

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from sd_core.ingest.browser import Browser, ListingDeadlineError, walk_listing
 from sd_core.ingest.convert import not_an_image
 from sd_core.ingest.fetch import Fetcher, FetchResult
-from sd_core.ingest.interrupt import sigterm_raises
 from sd_core.ingest.ledger import RETRIED_LATER, Ledger, UrlState
 from sd_core.ingest.recover import NOT_AN_IMAGE_REASONS, convert_items, open_ledger, quarantine_verdicts
 from sd_core.ingest.settings import CrawlConfig, origin_of
+from sd_core.runtime.signals import sigterm_raises
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_bytes, atomic_write_json, read_json, sweep_temp_files
 

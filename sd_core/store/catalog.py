@@ -29,12 +29,12 @@ class Catalog:
 
     @staticmethod
     def dataset_file_name(file_name: str) -> str:
-        """A metadata ``file_name`` in today's form: a bare name (written before file names were relative
-        to metadata.csv) is an image of ``images/``. Absolute paths and ``..`` are refused."""
+        """A metadata ``file_name`` checked and with ``/`` separators: relative to metadata.csv, as ``datasets``'
+        imagefolder reads it (a bare name is a file beside metadata.csv). Absolute paths and ``..`` are refused."""
         path = PurePosixPath(file_name.replace("\\", "/"))
         if not file_name or path.is_absolute() or ".." in path.parts:
             raise ValueError(f"metadata.csv file_name must be a path inside the data directory, got {file_name!r}")
-        return str(path) if len(path.parts) > 1 else f"{IMAGES}/{path}"
+        return str(path)
 
     def image_path(self, file_name: str) -> Path:
         """Where the image of a metadata.csv ``file_name`` is."""
@@ -178,10 +178,6 @@ class Catalog:
         like a split (``train.json``, ``eval.json``) as that split and would skip metadata.csv, and it skips
         hidden folders."""
         return self.state_dir / ".stages" / f"{stage}.json"
-
-    def legacy_stage_manifest(self, stage: str) -> Path:
-        """Where data directories written before kept the record (moved on the stage's next record)."""
-        return self.state_dir / "stages" / f"{stage}.json"
 
     @property
     def run_file(self) -> Path:

@@ -1,9 +1,7 @@
 """The dataset table, ``metadata.csv``: one row per unique image, columns added by later stages.
 
 ``file_name`` is relative to metadata.csv (``images/Blobs_0000001.jpg``), so ``datasets``' imagefolder
-reads the data directory as it is. Data directories written before held bare names (``Blobs_0000001.jpg``):
-:func:`read_metadata` returns them in today's form and every write stores that form, so the next run
-migrates the file without changing anything a stage key hashes (md5s and captions).
+reads the data directory as it is.
 
 Cells are written spreadsheet-safe: text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
 return would be run as a formula by Excel or LibreOffice, so it is written with a leading ``'`` (OWASP's
@@ -45,7 +43,7 @@ def _escaped(row: dict[str, object]) -> dict[str, object]:
 
 
 def read_metadata(catalog: Catalog) -> list[dict[str, str]]:
-    """The rows of metadata.csv, ``file_name`` relative to the csv (old bare names read as ``images/…``)."""
+    """The rows of metadata.csv, ``file_name`` relative to the csv (checked: a path inside the data directory)."""
     try:
         with open(catalog.metadata_csv, newline="", encoding="utf-8") as f:
             rows = [{k: unescape_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -55,23 +53,6 @@ def read_metadata(catalog: Catalog) -> list[dict[str, str]]:
         if row.get("file_name"):
             row["file_name"] = catalog.dataset_file_name(row["file_name"])
     return rows
-
-
-def needs_migration(catalog: Catalog) -> bool:
-    """Whether metadata.csv still holds file names of the old form (bare, not relative to the csv)."""
-    try:
-        with open(catalog.metadata_csv, newline="", encoding="utf-8") as f:
-            return any(r.get("file_name") and "/" not in r["file_name"] for r in csv.DictReader(f))
-    except FileNotFoundError:
-        return False
-
-
-def migrate_metadata(catalog: Catalog) -> bool:
-    """Rewrite an old metadata.csv with file names relative to it (nothing else changes); True when it did."""
-    if not needs_migration(catalog):
-        return False
-    update_metadata(catalog, {})
-    return True
 
 
 def write_metadata(catalog: Catalog, rows: list[dict[str, object]]) -> None:

@@ -33,7 +33,6 @@ LOSS_PNG = "loss.png"
 # Not "train_metrics.json": a file named train[-._]* anywhere in a data directory makes `datasets`' imagefolder
 # take it for a "train" split and skip metadata.csv (datasets.data_files.DEFAULT_PATTERNS_SPLIT_IN_FILENAME).
 METRICS_JSON = "metrics.json"
-LEGACY_METRICS_JSON = "train_metrics.json"
 _DECAY_SHARE = 0.2
 
 
@@ -197,7 +196,7 @@ def train_vae(
     """Train on ``image_paths`` (random horizontal flips) and save the VAE folder at ``out_dir``.
 
     Deterministic for ``cfg.seed`` on one machine. The folder appears complete or not at all
-    (written beside it, then renamed). Returns the metrics also written to ``train_metrics.json``.
+    (written beside it, then renamed). Returns the metrics also written to ``metrics.json``.
     """
     if not image_paths:
         raise ValueError("train_vae needs at least one image")

@@ -73,21 +73,28 @@ def test_an_epoch_is_several_windows_of_whole_shards_within_the_budget(store: Pa
     assert orders[0] != orders[1] != orders[2]
 
 
-def test_each_window_is_read_once_an_epoch_and_a_restart_at_any_step_repeats_the_stream(store: Path) -> None:
+@pytest.mark.parametrize("world,rank,accumulation", [(1, 0, 1), (2, 1, 1), (1, 0, 2)])
+def test_each_window_is_read_once_an_epoch_and_a_restart_at_any_step_repeats_the_stream(
+        store: Path, world: int, rank: int, accumulation: int) -> None:
     pairs = open_pairs(store)
     items = list(range(40))
     budget = WINDOW_ITEMS * pairs.item_bytes()
-    data = BatchSource(pairs, items, batch_size=8, seed=5, memory_bytes=budget, prefetch=0)
-    steps_per_epoch = len(items) // 8
+
+    def source(prefetch: int) -> BatchSource:
+        return BatchSource(pairs, items, batch_size=4, world=world, rank=rank, accumulation=accumulation, seed=5,
+                           memory_bytes=budget, prefetch=prefetch)
+
+    data = source(prefetch=0)
+    micro_per_epoch = len(items) // 4 // world // accumulation * accumulation  # whole optimizer steps an epoch
     epochs = 3
     stream = data.batches()
-    full = [next(stream) for _ in range(epochs * steps_per_epoch)]
+    full = [next(stream) for _ in range(epochs * micro_per_epoch)]
     stream.close()
     assert data.windows_loaded == sum(len(data.windows(e)) for e in range(epochs))
-    assert [(b.epoch, b.position) for b in full[:steps_per_epoch]] == [(0, 8), (0, 16), (0, 24), (0, 32), (1, 0)]
-    for k in range(1, len(full)):  # a checkpoint after step k holds (epoch, position) of batch k - 1
-        restarted = BatchSource(pairs, items, batch_size=8, seed=5, memory_bytes=budget)  # with the prefetch thread
-        again = restarted.batches(full[k - 1].epoch, full[k - 1].position)
+    assert full[micro_per_epoch - 1].epoch == 1 and full[micro_per_epoch - 1].position == 0  # the epoch's last step
+    assert [(b.epoch, b.position) for b in full[:2]] == [(0, 4 * world), (0, 8 * world)]
+    for k in range(accumulation, len(full), accumulation):  # a checkpoint after a step holds where its last batch left
+        again = source(prefetch=2).batches(full[k - 1].epoch, full[k - 1].position)  # with the prefetch thread
         for want in full[k : k + 3]:
             got = next(again)
             assert (got.epoch, got.position) == (want.epoch, want.position)

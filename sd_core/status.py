@@ -122,7 +122,7 @@ def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
                 rows.append(StageState(stage, "stale", f"{_unreadable(e, catalog)}; {when}"))
                 continue
             detail = f"{c['images']} unique images from {c['ok']} URLs ({c['gone']} gone, {c['failed']} failed); {when}"
-            rows.append(StageState(stage, "cached", detail + "; the site itself is checked on the next run"))
+            rows.append(StageState(stage, "cached", detail + "; the source itself is read on the next run"))
             continue
         try:
             fresh = not upstream_changed and KEY_NOW[stage](cfg, catalog) == record.key

@@ -190,7 +190,12 @@ def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from sd_core.ingest.browser import check_browser
 
     if args.only in (None, "crawl") and args.start in (None, "crawl"):
-        check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
+        if cfg.source.kind == "site":
+            check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
+        else:
+            from sd_core.ingest.source import check_source
+
+            check_source(cfg.source)  # a missing folder or a list without a URL column: one line, exit 2
     check_packaged_models(cfg.encode)
     from flows.pipeline import pipeline
 

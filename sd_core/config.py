@@ -21,6 +21,7 @@ from sd_core.encode.config import EncodeStageConfig
 from sd_core.eval.config import EvalConfig
 from sd_core.ingest.convert import ConvertConfig
 from sd_core.ingest.settings import CrawlConfig
+from sd_core.ingest.source_config import SourceConfig
 from sd_core.sample.config import SampleConfig
 from sd_core.training.config import TrainStageConfig
 from sd_core.vae.config import VAETrainConfig
@@ -35,6 +36,8 @@ class ConfigError(ValueError):
 
 class PipelineConfig(StrictModel):
     data_dir: Path = Path("data")
+    source: SourceConfig = Field(SourceConfig(), description="where the images come from: the site crawl.base_url "
+                                 "lists (the default), a folder, a dataset or a URL list (docs/sources.md)")
     crawl: CrawlConfig = CrawlConfig()
     convert: ConvertConfig = ConvertConfig()
     caption: CaptionConfig = CaptionConfig()

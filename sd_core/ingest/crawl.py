@@ -68,7 +68,11 @@ class Listing:
 
     ``walk``: the walk that produced it. After a partial or cut walk, the items it did not reach are those
     of the previous listing, merged after the walked ones: an item removed from an unwalked page stays
-    listed until the next complete walk. ``full_walk_at``: when the last complete walk ran (None: never)."""
+    listed until the next complete walk. ``full_walk_at``: when the last complete walk ran (None: never).
+
+    ``kind``: the source that listed it (``site``, or ``folder``, ``dataset``, ``urls``: see
+    :mod:`sd_core.ingest.source`); ``captions``: item id -> the caption the source gives it (the site gives
+    none). The dataset holds the images of the listed items only (:mod:`sd_core.ingest.membership`)."""
 
     tag: str
     pages: int
@@ -78,16 +82,20 @@ class Listing:
     base_url: str = ""
     walk: Walk = field(default_factory=Walk)
     full_walk_at: str | None = None
+    kind: str = "site"
+    captions: dict[str, str] = field(default_factory=dict)
 
     @property
     def unique_urls(self) -> list[str]:
         return list(dict.fromkeys(u for u, _, _ in self.items))
 
     def save(self, path: Path) -> None:
+        source = {} if self.kind == "site" else {"kind": self.kind}
+        captions = {"captions": self.captions} if self.captions else {}
         atomic_write_json(path, {"tag": self.tag, "base_url": self.base_url, "pages": self.pages,
                                  "seconds": round(self.seconds, 3), "origins": list(self.origins),
-                                 "walk": asdict(self.walk), "full_walk_at": self.full_walk_at,
-                                 "items": [list(i) for i in self.items]})
+                                 "walk": asdict(self.walk), "full_walk_at": self.full_walk_at, **source,
+                                 "items": [list(i) for i in self.items], **captions})
 
     @classmethod
     def load(cls, path: Path) -> "Listing":
@@ -102,16 +110,18 @@ class Listing:
         try:
             items = tuple((str(u), str(t), int(p)) for u, t, p in data["items"])
             walk = Walk(**data["walk"]) if data.get("walk") else Walk()
+            captions = {str(k): str(v) for k, v in (data.get("captions") or {}).items()}
             return cls(data["tag"], int(data["pages"]), items, float(data.get("seconds", 0.0)),
-                       tuple(data.get("origins", ())), data.get("base_url", ""), walk, data.get("full_walk_at"))
+                       tuple(data.get("origins", ())), data.get("base_url", ""), walk, data.get("full_walk_at"),
+                       str(data.get("kind", "site")), captions)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it and the next crawl walks "
                              "the whole listing") from None
 
     def same_listing(self, cfg: CrawlConfig) -> bool:
         """Whether this listing was read from the tag and site ``cfg`` lists (a listing saved before the site
-        was recorded matches on the tag)."""
-        return self.tag == cfg.tag and self.base_url in ("", cfg.base_url)
+        was recorded matches on the tag; another source's listing never does)."""
+        return self.kind == "site" and self.tag == cfg.tag and self.base_url in ("", cfg.base_url)
 
     def walk_summary(self) -> dict[str, object]:
         """The walk for the crawl stage's record: kind and why, pages read, why it ended, and an alert if cut."""

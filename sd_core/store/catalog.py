@@ -45,6 +45,22 @@ class Catalog:
         return self.image_path(file_name).with_suffix(".txt")
 
     @property
+    def delisted_dir(self) -> Path:
+        """``delisted/``: the JPEGs and caption sidecars of images their source no longer lists (out of the
+        dataset; moved back to ``images/`` when listed again, removed by ``emoji-sd gc``)."""
+        return self.root / "delisted"
+
+    def delisted_path(self, file_name: str) -> Path:
+        """Where a de-listed image's file (``Blobs_0000001.jpg`` or its ``.txt``) is kept."""
+        return self.delisted_dir / PurePosixPath(file_name.replace("\\", "/")).name
+
+    @property
+    def sidecar_record(self) -> Path:
+        """What the caption stage wrote into each caption sidecar (a hash per file), so that a sidecar edited
+        by hand since is told apart from one the pipeline wrote."""
+        return self.state_dir / "sidecars.json"
+
+    @property
     def dataset_card(self) -> Path:
         """``README.md``: what the dataset is, where it came from and whose licence its images carry."""
         return self.root / "README.md"
@@ -194,7 +210,7 @@ class Catalog:
         return {
             "crawl": (self.raw_dir, self.ledger_db, self.listing_json),
             "convert": (self.images_dir, self.metadata_csv, self.duplicates_csv, self.quarantine_dir,
-                        self.convert_state),
+                        self.convert_state, self.delisted_dir),
             "caption": (self.captions_dir,),
             "vae": (self.vae_dir,),
             "encode": (self.latent_store, self.text_store),

@@ -19,8 +19,11 @@ from typing import Iterable
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_text
 
+# ``fit``: how the model's square input is made of a non-square image (pad, crop, stretch; empty for a square
+# one); ``source_caption``: the caption the source gives the image (a folder's .txt, a caption column), if any.
 METADATA_COLUMNS = (
     "file_name", "image_url", "image_title", "tag", "md5", "width", "height", "source_format", "animated",
+    "fit", "source_caption",
 )
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")

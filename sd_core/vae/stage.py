@@ -25,7 +25,7 @@ def ensure_vae(cfg: VAETrainConfig, catalog: Catalog, *, force: bool = False, pr
     record = read_json(marker)
     if record and record.get("key") == stage_key(cfg) and not force:
         return False, record.get("metrics", {})
-    paths = [catalog.image_path(r["file_name"]) for r in read_metadata(catalog)]
+    paths = [(catalog.image_path(r["file_name"]), r.get("fit") or "") for r in read_metadata(catalog)]
     metrics = train_vae(cfg, paths, catalog.vae_dir, progress=progress)
     atomic_write_json(marker, {"key": stage_key(cfg), "images": len(paths), "metrics": metrics})
     return True, metrics

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -14,6 +13,7 @@ from typing import Any, Iterator, NoReturn, Sequence
 # Only torch-free modules here: `--help` and argument errors answer without loading the model code.
 from sd_core.config import STAGES, ConfigError, PipelineConfig, config_to_toml, load_config, preset
 from sd_core.diffusion.config import SAMPLERS
+from sd_core.runtime.signals import signals_unwind, stop_reason
 from sd_core.store.lock import DataDirBusy, check_data_dir, data_dir_lock
 from sd_core.store.records import StageFailed
 
@@ -176,7 +176,7 @@ def _run_guard(data_dir: Path, args: argparse.Namespace) -> Iterator[None]:
     """Hold the data dir for the run, before Prefect starts (a busy dir is refused in a second); stop what
     a killed earlier run left; and have every process this run starts stopped when it ends, however."""
     from sd_core.store.catalog import Catalog
-    from sd_core.store.children import guard_children, reap_dead_run
+    from sd_core.runtime.reaper import guard_children, reap_dead_run
 
     catalog = Catalog(data_dir)
     with data_dir_lock(data_dir, wait=args.wait_for_lock):
@@ -190,7 +190,12 @@ def _run_pipeline(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from sd_core.ingest.browser import check_browser
 
     if args.only in (None, "crawl") and args.start in (None, "crawl"):
-        check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
+        if cfg.source.kind == "site":
+            check_browser(cfg.crawl)  # before Prefect's server start-up, so a bad path fails in a second
+        else:
+            from sd_core.ingest.source import check_source
+
+            check_source(cfg.source)  # a missing folder or a list without a URL column: one line, exit 2
     check_packaged_models(cfg.encode)
     from flows.pipeline import pipeline
 
@@ -321,7 +326,7 @@ def _train(args: argparse.Namespace) -> int:
     """The train stage alone, recorded as the pipeline records it. Under a launcher (several processes) only the
     main process takes the data-dir lock and writes; the others train their share and wait for it."""
     from sd_core.store.catalog import Catalog
-    from sd_core.store.records import mark_running
+    from sd_core.runtime.running import mark_running
     from sd_core.training import distributed
     from sd_core.training.stage import train_stage
 
@@ -338,39 +343,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT: unwinds the run like an exception, so every ``finally`` and ``with`` exit runs
-    (the browser quits, the demo site and Dask stop, Prefect's temporary server stops at exit)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def _signals_unwind() -> Iterator[None]:
-    """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread; a second one exits at once
-    (what the run started is then stopped by its reaper, see ``sd_core.store.children``)."""
-    received: list[int] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if received:
-            os._exit(128 + signum)
-        received.append(signum)
-        raise Interrupted(signum)
-
-    try:
-        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
 def one_line(text: str) -> str:
     """A message on one line: ``head:\n  a\n  b`` becomes ``head: a; b``."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
@@ -382,8 +354,8 @@ def one_line(text: str) -> str:
 def _error(e: BaseException) -> tuple[int, str]:
     """Exit code and one-line message of an error."""
     if not isinstance(e, Exception):  # Interrupted, a plain KeyboardInterrupt, Prefect's TerminationSignal
-        signum = int(getattr(e, "signum", getattr(e, "signal", signal.SIGINT)))
-        return 128 + signum, f"stopped by {signal.Signals(signum).name}; the run's processes were stopped"
+        code, why = stop_reason(e)
+        return code, f"{why}; the run's processes were stopped"
     if isinstance(e, DataDirBusy):
         return 3, str(e)
     if isinstance(e, StageFailed):  # the stage's reason; the report and `emoji-sd status` show it too
@@ -433,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     # `serve` keeps Prefect's own signal handling: its runner stops the served runs
     try:
-        with _signals_unwind() if args.command != "serve" else nullcontext():
+        with signals_unwind() if args.command != "serve" else nullcontext():
             return _dispatch(args)
     except SystemExit:
         raise

@@ -9,14 +9,15 @@ from prefect.utilities.annotations import unmapped
 
 from sd_core.config import STAGES, PipelineConfig, Stage
 from sd_core.encode.stage import uses_trained_vae
+from sd_core.runtime.running import run_stage
 from sd_core.store.catalog import Catalog
 from sd_core.store.lock import data_dir_lock
-from sd_core.store.records import StageFailed, StageResult, run_stage, select_stages, skipped_stage
+from sd_core.store.records import StageFailed, StageResult, select_stages, skipped_stage
 from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
 from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task
 from tasks.eval import eval_task
 from tasks.fanout import gather
-from tasks.ingest import convert_task, download_task, list_site_task
+from tasks.ingest import convert_task, download_task, ingest_source_task, list_site_task
 from tasks.report import report_task
 from tasks.sample import sample_task
 from tasks.train import train_task
@@ -34,6 +35,8 @@ Runner = Callable[[PipelineConfig, RunOptions, bool], StageResult]  # (config, o
 
 
 def _crawl(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
+    if cfg.source.kind != "site":  # a folder, a dataset or a URL list
+        return ingest_source_task(cfg.source, cfg.crawl, cfg.data_dir, opts.progress, force)
     listing = list_site_task(cfg.crawl, cfg.data_dir, opts.progress, opts.full_listing)
     return download_task(cfg.crawl, cfg.data_dir, listing, opts.progress, force)
 

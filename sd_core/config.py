@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sd_core.caption.config import CaptionConfig
@@ -20,6 +21,7 @@ from sd_core.encode.config import EncodeStageConfig
 from sd_core.eval.config import EvalConfig
 from sd_core.ingest.convert import ConvertConfig
 from sd_core.ingest.settings import CrawlConfig
+from sd_core.ingest.source_config import SourceConfig
 from sd_core.sample.config import SampleConfig
 from sd_core.training.config import TrainStageConfig
 from sd_core.vae.config import VAETrainConfig
@@ -34,6 +36,8 @@ class ConfigError(ValueError):
 
 class PipelineConfig(StrictModel):
     data_dir: Path = Path("data")
+    source: SourceConfig = Field(SourceConfig(), description="where the images come from: the site crawl.base_url "
+                                 "lists (the default), a folder, a dataset or a URL list (docs/sources.md)")
     crawl: CrawlConfig = CrawlConfig()
     convert: ConvertConfig = ConvertConfig()
     caption: CaptionConfig = CaptionConfig()
@@ -166,17 +170,6 @@ def load_config(
 
 
 def config_to_toml(cfg: BaseModel) -> str:
-    """Render a config as TOML (tables for nested models) so a run can record what it used."""
-    lines: list[str] = []
-    _emit_table(json.loads(cfg.model_dump_json(exclude_none=True)), [], lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _emit_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    if path and scalars:
-        lines.append(f"\n[{'.'.join(path)}]")
-    lines.extend(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in scalars.items())
-    for k, v in table.items():
-        if isinstance(v, dict):
-            _emit_table(v, [*path, k], lines)
+    """Render a config as TOML (``tomli_w``: tables for nested models) so a run can record what it used.
+    TOML has no null: fields that are None are left out, and read back as their default (None)."""
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))

@@ -18,12 +18,13 @@ from sd_core.encode import stage as encode_stage
 from sd_core.eval import stage as eval_stage
 from sd_core.ingest import convert
 from sd_core.ingest.ledger import Ledger, LedgerError
+from sd_core.runtime.running import running_state
 from sd_core.sample import stage as sample_stage
 from sd_core.store import gc
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import DamagedFileError, sha256_text
 from sd_core.store.metadata import read_metadata
-from sd_core.store.records import load_failure, load_stage, running_state, stage_record_problem
+from sd_core.store.records import load_failure, load_stage, stage_record_problem
 from sd_core.training import plan as train_plan
 from sd_core.training import stage as train_stage
 from sd_core.vae import stage as vae_stage
@@ -122,7 +123,7 @@ def _stage_states(cfg: PipelineConfig, catalog: Catalog) -> list[StageState]:
                 rows.append(StageState(stage, "stale", f"{_unreadable(e, catalog)}; {when}"))
                 continue
             detail = f"{c['images']} unique images from {c['ok']} URLs ({c['gone']} gone, {c['failed']} failed); {when}"
-            rows.append(StageState(stage, "cached", detail + "; the site itself is checked on the next run"))
+            rows.append(StageState(stage, "cached", detail + "; the source itself is read on the next run"))
             continue
         try:
             fresh = not upstream_changed and KEY_NOW[stage](cfg, catalog) == record.key
@@ -165,6 +166,20 @@ def _no_record(catalog: Catalog, stage: str) -> StageState:
     return StageState(stage, "missing", "never ran in this data dir")
 
 
+def _delisted_files(catalog: Catalog) -> list[gc.Removal]:
+    """The JPEGs and caption sidecars of images their source no longer lists (``delisted/``); a sidecar edited
+    by hand is kept (the caption stage's record tells it from one it wrote)."""
+    if not catalog.delisted_dir.is_dir():
+        return []
+    record = caption_stage.read_sidecar_record(catalog)
+    out = []
+    for path in sorted(catalog.delisted_dir.iterdir()):
+        if path.suffix == ".txt" and not caption_stage.written_by_stage(catalog, path, record):
+            continue
+        out.append(gc.Removal(path, gc.size_of(path), "file of an image its source no longer lists"))
+    return out
+
+
 def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
     """What in ``cfg.data_dir`` no current key refers to: tensor-cache entries of other encoder settings or
     of images and captions no longer in the dataset, caption logs of other caption settings, downloaded
@@ -188,7 +203,7 @@ def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
         except (OSError, RuntimeError, ValueError) as e:
             plan.kept.append(f"{catalog.latent_store.relative_to(catalog.root)}: VAE does not load: {e}")
         else:
-            _add(plan, gc.stale_shards(catalog.latent_store, [{**lbase, "md5": r["md5"]} for r in rows]))
+            _add(plan, gc.stale_shards(catalog.latent_store, encode_stage.latent_keys(lbase, rows)))
         if enc is None:
             plan.kept.append(f"{catalog.text_store.relative_to(catalog.root)}: encode settings do not resolve")
         elif "prompt" not in rows[0]:
@@ -200,6 +215,7 @@ def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
                                        [{**tbase, "caption_sha256": sha256_text(c)} for c in captions]))
 
     plan.removals += gc.stale_caption_logs(catalog.captions_dir, cfg.caption.cache_digest())
+    plan.removals += _delisted_files(catalog)
 
     if catalog.ledger_db.exists():
         with Ledger(catalog.ledger_db) as ledger:

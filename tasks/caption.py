@@ -46,6 +46,7 @@ def caption_finish_task(cfg: CaptionConfig, data_dir: Path, plan: Plan, calls: l
     release_captioners()  # the batches run here (sequential runner) are done: free Qwen before encode and train
     summary = finish_captions(cfg, catalog, CaptionSummary(captioned=plan.items, model_calls=sum(calls)))
     result = record_stage(catalog, "caption", key=stage_key(cfg, catalog), summary=summary.as_dict(),
-                          seconds=time.time() - plan.started, ran=summary.captioned > 0)
+                          seconds=time.time() - plan.started,
+                          ran=summary.captioned > 0 or summary.prompts_changed > 0)
     get_run_logger().info(result.line())
     return result

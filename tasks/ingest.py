@@ -10,8 +10,11 @@ from prefect.cache_policies import NO_CACHE
 from sd_core.ingest.browser import BrowserError, ListingDeadlineError
 from sd_core.ingest.convert import ConvertConfig, convert_dataset, stage_key
 from sd_core.ingest.crawl import DownloadsFailed, Listing, download_new, refresh_listing
+from sd_core.ingest.hf_dataset import MissingDatasetsPackage
 from sd_core.ingest.ledger import LedgerError
 from sd_core.ingest.settings import CrawlConfig
+from sd_core.ingest.source import ingest_source, source_summary
+from sd_core.ingest.source_config import SourceConfig
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import stable_hash
 from sd_core.store.records import StageResult, Timer, record_stage
@@ -69,6 +72,34 @@ def download_task(
     return result
 
 
+def _ingest_retryable(task, task_run, state) -> bool:  # type: ignore[no-untyped-def]
+    """As a download, and never a source that cannot be read (a missing folder, a list without its URL
+    column: the same again in 5 s) or a missing extra."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, (DownloadsFailed, LedgerError, ValueError, MissingDatasetsPackage))
+
+
+@task(name="ingest-source", retries=1, retry_delay_seconds=5, retry_condition_fn=_ingest_retryable,
+      cache_policy=NO_CACHE)
+def ingest_source_task(
+    source: SourceConfig, cfg: CrawlConfig, data_dir: Path, progress: bool = True, force: bool = False
+) -> StageResult:
+    """The crawl stage for a folder, a dataset or a URL list: read (download) what is new, list everything;
+    record the stage."""
+    catalog = Catalog(data_dir)
+    with Timer() as t:
+        listing, summary = ingest_source(source, cfg, catalog, progress=progress, force=force)
+    result = record_stage(
+        catalog, "crawl",
+        key=stable_hash({"source": source.kind, "tag": listing.tag, "urls": sorted(listing.unique_urls)}),
+        summary={**source_summary(source, listing), **summary.as_dict()},
+        seconds=t.seconds,
+        ran=summary.gets > 0,
+    )
+    get_run_logger().info(result.line())
+    return result
+
+
 @task(name="convert", cache_policy=NO_CACHE)
 def convert_task(cfg: ConvertConfig, data_dir: Path, progress: bool = True, force: bool = False) -> StageResult:
     """Bring the JPEG dataset and metadata.csv up to date with the crawl ledger."""
@@ -77,7 +108,7 @@ def convert_task(cfg: ConvertConfig, data_dir: Path, progress: bool = True, forc
         summary = convert_dataset(cfg, catalog, progress=progress, force=force)
     result = record_stage(
         catalog, "convert", key=stage_key(cfg, catalog), summary=summary.as_dict(), seconds=t.seconds,
-        ran=summary.reused < summary.images,
+        ran=summary.reused < summary.images or summary.relisted + summary.set_aside > 0,
     )
     get_run_logger().info(result.line())
     return result

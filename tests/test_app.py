@@ -26,7 +26,7 @@ from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
 from sd_core.ingest.browser import BASE_ARGS
 from sd_core.ingest.settings import CrawlConfig
 from sd_core.store.catalog import Catalog
-from sd_core.store.children import child_popen_kw
+from sd_core.runtime.process import child_popen_kw
 from sd_core.store.metadata import read_metadata
 
 pytestmark = pytest.mark.slow

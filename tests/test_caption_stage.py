@@ -27,7 +27,7 @@ def make_dataset(root: Path, n: int, start: int = 0) -> Catalog:
     cat.images_dir.mkdir(parents=True, exist_ok=True)
     rows = [dict(r) for r in _rows(cat)]
     for i in range(start, start + n):
-        name = f"Blobs_{i + 1:07d}.jpg"
+        name = cat.image_file_name(f"Blobs_{i + 1:07d}.jpg")
         img = emoji(COLOURS[i % 5], size=96, shape="circle" if i % 2 else "square", mark=i)
         flat = img.convert("RGBA")
         from PIL import Image
@@ -144,7 +144,6 @@ def test_caption_sidecars_follow_the_prompt_column(tmp_path):
     on = caption_dataset(CaptionConfig(captioner="offline"), cat, progress=False)
     assert (on.captioned, on.sidecars_written) == (0, 3), "the switch is not part of the caption cache key"
     for r in _rows(cat):
-        assert r["file_name"].startswith("images/")  # rows written with bare names before are migrated
         assert cat.caption_sidecar(r["file_name"]).read_text("utf-8") == r["prompt"]
     assert caption_dataset(CaptionConfig(captioner="offline"), cat, progress=False).sidecars_written == 0
     assert "3 unique images" in cat.dataset_card.read_text("utf-8")
@@ -173,3 +172,62 @@ def test_captioners_are_released_after_the_stage() -> None:
     release_captioners()
     gc.collect()
     assert ref() is None
+
+
+def test_hand_edited_sidecars_and_source_captions_win_over_the_captioner(tmp_path):
+    cat = make_dataset(tmp_path, 4)
+    cfg = CaptionConfig(captioner="offline")
+    caption_dataset(cfg, cat, progress=False)
+    first = _rows(cat)
+    edited = cat.caption_sidecar(first[0]["file_name"])
+    edited.write_text("  my own words\nfor this one \n")
+
+    s = caption_dataset(cfg, cat, progress=False)
+    assert (s.user_captions, s.sidecars_edited, s.prompts_changed, s.sidecars_written) == (1, 1, 1, 0)
+    rows = _rows(cat)
+    assert (rows[0]["prompt"], rows[0]["captioner"]) == ("my own words for this one", "user")
+    assert edited.read_text() == "  my own words\nfor this one \n"  # never rewritten
+    assert [r["prompt"] for r in rows[1:]] == [r["prompt"] for r in first[1:]]
+
+    # another caption setting recaptions the others, not this one; ignore hands it to the captioner but
+    # leaves the file as the person wrote it; keep again brings it back
+    v2 = CaptionConfig(captioner="offline", prompt_version="v2")
+    s = caption_dataset(v2, cat, progress=False)
+    assert s.captioned == 3 and _rows(cat)[0]["captioner"] == "user"
+    ignore = CaptionConfig(captioner="offline", user_captions="ignore")
+    s = caption_dataset(ignore, cat, progress=False)
+    assert s.user_captions == 0 and _rows(cat)[0]["captioner"] == "offline"
+    assert edited.read_text() == "  my own words\nfor this one \n"
+    assert caption_dataset(cfg, cat, progress=False).user_captions == 1
+
+    # deleted: the captioner's caption again, and the stage writes the sidecar anew (its own from then on)
+    edited.unlink()
+    s = caption_dataset(cfg, cat, progress=False)
+    assert s.user_captions == 0 and _rows(cat)[0]["prompt"] == first[0]["prompt"]
+    assert edited.read_text() == first[0]["prompt"]
+    assert caption_dataset(cfg, cat, progress=False).user_captions == 0
+
+    # a caption the source gives (metadata.csv's source_caption) is the image's, unless a sidecar was edited
+    from sd_core.store.metadata import update_metadata
+
+    update_metadata(cat, {first[1]["md5"]: {"source_caption": "from the folder"},
+                          first[2]["md5"]: {"source_caption": "from the folder too"}})
+    cat.caption_sidecar(first[2]["file_name"]).write_text("edited by hand")
+    caption_dataset(cfg, cat, progress=False)
+    rows = {r["md5"]: r for r in _rows(cat)}
+    assert rows[first[1]["md5"]]["prompt"] == "from the folder" == cat.caption_sidecar(first[1]["file_name"]).read_text()
+    assert rows[first[2]["md5"]]["prompt"] == "edited by hand"
+
+
+def test_sidecars_written_before_records_were_kept_are_told_apart(tmp_path):
+    """A data dir captioned by an earlier version has sidecars but no state/sidecars.json: the stage wrote each
+    sidecar with the prompt column, so a sidecar that differs from its row's prompt was edited by hand."""
+    cat = make_dataset(tmp_path, 3)
+    cfg = CaptionConfig(captioner="offline")
+    caption_dataset(cfg, cat, progress=False)
+    cat.sidecar_record.unlink()
+    rows = _rows(cat)
+    cat.caption_sidecar(rows[1]["file_name"]).write_text("kept from before")
+    s = caption_dataset(cfg, cat, progress=False)
+    assert s.user_captions == 1 and _rows(cat)[1]["prompt"] == "kept from before"
+    assert s.sidecars_written == 0 and cat.sidecar_record.exists()

@@ -59,6 +59,17 @@ def test_config_command_prints_loadable_toml(tmp_path, capsys):
     assert load_config(f) == load_config(sets=["crawl.tag=Panda"])
 
 
+def test_printed_config_loads_back_with_inf_and_escaped_text(tmp_path, capsys):
+    """inf (TOML has it, JSON has not), and a tag with quotes, a backslash and a non-ASCII letter."""
+    sets = ["crawl.max_retry_after_s=inf", """crawl.tag='Blob "\\ é'"""]
+    assert main(["config", *(a for s in sets for a in ("--set", s))]) == 0
+    f = tmp_path / "c.toml"
+    f.write_text(capsys.readouterr().out)
+    loaded = load_config(f)
+    assert loaded == load_config(sets=sets)
+    assert loaded.crawl.max_retry_after_s == float("inf") and loaded.crawl.tag == 'Blob "\\ é'
+
+
 def test_every_command_has_help():
     for cmd in ([], ["run"], ["demo"], ["config"], ["sample"], ["status"], ["serve"], ["gc"], ["push"], ["app"]):
         r = subprocess.run([sys.executable, "-m", "flows.cli", *cmd, "--help"], capture_output=True, text=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from imagegen import emoji, encode
+from polling import wait_for
 
 from sd_core.demo.emoji_art import SiteItem
 from sd_core.demo.site import DemoSite
@@ -89,14 +90,6 @@ def processes_with(token: str) -> list[int]:
     return found
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    stop = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > stop:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 # -- deadlines -------------------------------------------------------------------------------------------
 
 
@@ -117,6 +110,22 @@ def test_slow_drip_download_stops_at_its_deadline(tmp_path):
         assert {rows[site.image_url(it)]["status"] for it in (items[0], items[2])} == {"ok"}
         assert raw_files(tmp_path) == {md5(items[0].body), md5(items[2].body)}
         wait_for(lambda: site.image_aborted[items[1].path] == 1, 5, "the server to see the hang-up")
+
+
+def test_a_server_silent_before_its_headers_is_cut_at_the_deadline():
+    from sd_core.ingest.fetch import Fetcher
+
+    slow = item(1, "slow")  # the server waits slow_s before it answers anything
+    with DemoSite([slow], slow_s=8.0) as site:
+        fetcher = Fetcher(crawl_cfg(site, download_deadline_s=2.0, timeout_s=20.0))
+        try:
+            start = time.monotonic()
+            res = fetcher.fetch(site.image_url(slow))
+            took = time.monotonic() - start
+        finally:
+            fetcher.close()
+    assert res.status == "failed" and res.error.startswith("deadline"), res
+    assert took < 2.0 + 1.5, f"the download took {took:.1f}s with a 2s deadline (the server was silent for 8s)"
 
 
 def test_failed_url_waits_for_its_backoff_and_old_ledgers_are_migrated(tmp_path):
@@ -175,9 +184,9 @@ def test_downloads_are_recorded_as_they_finish_and_numbered_in_listing_order(tmp
                                   kwargs={"progress": False})
         thread.start()
         try:
-            wait_for(lambda: sum(site.image_done.values()) == 5, 10, "the five fast downloads")
+            wait_for(lambda: sum(site.image_done.values()) == 5, 10, "the five fast downloads", interval=0.02)
             wait_for(lambda: sum(r["status"] == "ok" for r in url_rows(tmp_path).values()) == 5, 2,
-                     "the five fast downloads in the ledger")
+                     "the five fast downloads in the ledger", interval=0.02)
             assert site.image_done[items[-1].path] == 0  # ...while the slow one is still in flight
             assert url_rows(tmp_path)[site.image_url(items[-1])]["status"] is None
         finally:
@@ -214,7 +223,7 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path):
                                 start_new_session=True)
         try:
             wait_for(lambda: sum(r["status"] == "ok" for r in url_rows(killed).values()) == 5, 20,
-                     "the fast downloads to be recorded")
+                     "the fast downloads to be recorded", interval=0.02)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid-download
             proc.wait()
@@ -253,8 +262,9 @@ def test_interrupted_crawl_stops_at_once_and_keeps_what_finished(tmp_path, sig):
                                 env={**os.environ, "EMOJI_SD_TEST_TOKEN": token})
         try:
             wait_for(lambda: sum(site.image_done.values()) == 8 and sum(site.image_gets[d.path] for d in drips) == 2,
-                     30, "the fast downloads while the slow ones drip")
-            time.sleep(0.3)
+                     30, "the fast downloads while the slow ones drip", interval=0.05)
+            wait_for(lambda: sum(r["status"] == "ok" for r in url_rows(tmp_path).values()) == 8, 10,
+                     "the fast downloads in the ledger", interval=0.05)
             sent = time.monotonic()
             proc.send_signal(sig)
             code = proc.wait(timeout=30)
@@ -360,6 +370,57 @@ def test_hung_driver_cannot_block_the_listing(tmp_path):
         del os.environ["EMOJI_SD_TEST_TOKEN"]
 
 
+HANGS_AT_SESSION = """#!{python}
+# A chromedriver that answers its status check, notes the new-session request in a file, and never answers it.
+import http.server, json, pathlib, sys, time
+port = int(next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--port=")))
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = json.dumps({{"value": {{"ready": True, "message": "ready"}}}}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_POST(self):
+        pathlib.Path({marker!r}).touch()
+        time.sleep(3600)
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_a_signal_while_the_browser_starts_is_raised_as_it_is(tmp_path):
+    """SIGTERM during the browser's start-up (Prefect raises it as its TerminationSignal, a BaseException)
+    propagates as it is: it is no listing deadline, also when the clean-up has to kill the driver."""
+    from sd_core.ingest.browser import Browser
+
+    class Terminated(BaseException):  # like prefect.exceptions.TerminationSignal
+        pass
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    marker = tmp_path / "session-requested"
+    driver = tmp_path / "chromedriver"
+    driver.write_text(HANGS_AT_SESSION.format(python=sys.executable, marker=str(marker)))
+    driver.chmod(0o755)
+    token = uuid.uuid4().hex
+    os.environ["EMOJI_SD_TEST_TOKEN"] = token
+    previous = signal.signal(signal.SIGUSR1, raise_terminated)
+    try:
+        def signal_at_the_session_start() -> None:
+            wait_for(marker.exists, 30, "the new-session request", interval=0.05)
+            os.kill(os.getpid(), signal.SIGUSR1)  # handled in the main thread, blocked on the driver's answer
+
+        threading.Thread(target=signal_at_the_session_start, daemon=True).start()
+        cfg = CrawlConfig(base_url="http://127.0.0.1:9", chromedriver_path=str(driver), listing_deadline_s=600)
+        with pytest.raises(Terminated):
+            with Browser(cfg, time.monotonic() + 600):
+                pytest.fail("the hung driver started a session")
+        wait_for(lambda: processes_with(token) == [], 5, "the driver to be gone")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        del os.environ["EMOJI_SD_TEST_TOKEN"]
+
+
 # -- host policy -----------------------------------------------------------------------------------------
 
 
@@ -417,6 +478,26 @@ def test_private_addresses_are_refused_for_a_public_listing():
         local = Fetcher(CrawlConfig(base_url=site.base_url, allowed_hosts=("localhost",)))
         assert local.fetch(f"http://localhost:{port}/emoji/0000001.png").status == "ok"
         local.close()
+
+
+def test_an_address_that_changes_after_the_check_is_refused_before_the_request(monkeypatch):
+    """DNS rebinding: the host resolved to a public address when the policy checked it, and the connection
+    reached a loopback one. The connected address is checked before the request is sent."""
+    from sd_core.ingest import fetch
+
+    with DemoSite([item(1)]) as site:
+        port = site.base_url.rsplit(":", 1)[1]
+        # a listing on a public address (never contacted), whose images are allowed on "localhost"
+        cfg = CrawlConfig(base_url="http://93.184.216.34", allowed_hosts=("localhost",), retries=0)
+        monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["93.184.216.34"])  # what the check saw
+        fetcher = fetch.Fetcher(cfg)
+        try:
+            res = fetcher.fetch(f"http://localhost:{port}/emoji/0000001.png")
+        finally:
+            fetcher.close()
+        assert res.status == "refused", res
+        assert res.error.startswith("refused (private address): localhost connected to 127.0.0.1")
+        assert site.total_image_gets() == 0  # no request reached the server
 
 
 def test_hostile_servers_fail_with_a_reason_and_store_nothing(tmp_path):

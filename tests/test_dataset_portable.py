@@ -1,6 +1,6 @@
 """A data directory other tools read, and that survives being moved: file names relative to metadata.csv,
 caption sidecars, the dataset card, `datasets`' imagefolder, caches keyed by ids and content (not paths),
-the migration of a data directory written before, and the extras a feature needs."""
+and the extras a feature needs."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from sd_core.config import STAGES
 from sd_core.demo.emoji_art import build_demo_items
 from sd_core.demo.site import DemoSite
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_json, read_json
-from sd_core.store.records import load_stage
 
 
 @pytest.fixture(scope="module")
@@ -145,50 +143,6 @@ def test_caption_sidecars_and_dataset_card(demo_run):
     assert "licence the source site grants" in text and "**not** emoji-sd's" in text
 
 
-def test_old_data_dir_is_migrated_without_recomputing(demo_run, tmp_path):
-    site, first, _ = demo_run
-    old = tmp_path / "old"
-    shutil.copytree(first, old, symlinks=True)
-    cat = Catalog(old)
-    # as written before: bare file names in metadata.csv and the convert state, no sidecars, no card, and the
-    # VAE's metrics and the stage records under names `datasets` reads as a "train" split
-    with open(cat.metadata_csv, newline="") as f:
-        reader = csv.DictReader(f)
-        fields, before = reader.fieldnames, list(reader)
-    legacy = [{**r, "file_name": r["file_name"].removeprefix("images/")} for r in before]
-    with open(cat.metadata_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(legacy)
-    state = read_json(cat.convert_state)
-    for item in state["items"].values():
-        if "file_name" in item:
-            item["file_name"] = item["file_name"].removeprefix("images/")
-    atomic_write_json(cat.convert_state, state)
-    for sidecar in cat.images_dir.glob("*.txt"):
-        sidecar.unlink()
-    cat.dataset_card.unlink()
-    (cat.vae_dir / "metrics.json").rename(cat.vae_dir / "train_metrics.json")
-    cat.legacy_stage_manifest("train").parent.mkdir()
-    for stage in STAGES:
-        cat.stage_manifest(stage).rename(cat.legacy_stage_manifest(stage))
-    keys = {s: load_stage(cat, s).key for s in STAGES}
-
-    again = rerun(site, old)
-    assert {s: again[s].status for s in STAGES} == {s: "reused" for s in STAGES}
-    assert {s: again[s].key for s in STAGES} == keys
-    assert site.total_image_gets() == 0
-    assert rows(cat) == before, "file names relative to metadata.csv, every other column as it was"
-    assert all((old / r["file_name"]).with_suffix(".txt").read_text("utf-8") == r["prompt"] for r in before)
-    assert cat.dataset_card.exists()
-    assert (cat.vae_dir / "metrics.json").exists() and not (cat.vae_dir / "train_metrics.json").exists()
-    assert all(cat.stage_manifest(s).exists() for s in STAGES)
-    assert not cat.legacy_stage_manifest("train").parent.exists()
-    from datasets.data_files import get_data_patterns
-
-    assert list(get_data_patterns(str(old)).values()) == [["**"]]
-
-
 def test_missing_extras_fail_in_one_line(tmp_path, monkeypatch, capsys):
     from flows.cli import main
 
@@ -209,7 +163,7 @@ def test_file_names_are_relative_to_metadata_csv(tmp_path):
     cat = Catalog(tmp_path)
     assert cat.image_file_name("Blobs_0000001.jpg") == "images/Blobs_0000001.jpg"
     assert cat.image_path("images/Blobs_0000001.jpg") == tmp_path / "images" / "Blobs_0000001.jpg"
-    assert cat.image_path("Blobs_0000001.jpg") == tmp_path / "images" / "Blobs_0000001.jpg", "written before"
+    assert cat.image_path("Blobs_0000001.jpg") == tmp_path / "Blobs_0000001.jpg"  # as imagefolder reads it
     assert cat.caption_sidecar("images/Blobs_0000001.jpg") == tmp_path / "images" / "Blobs_0000001.txt"
     for bad in ("/etc/passwd", "../outside.jpg", "images/../../x.jpg", ""):
         with pytest.raises(ValueError, match="inside the data directory"):

@@ -1,5 +1,10 @@
 """The library's layering: a module imports only from its own layer or lower ones, and only what trains
-imports the trainer. Read from the source (every import, at module level or inside functions)."""
+imports the trainer. Read from the source (every import, at module level or inside functions).
+
+Lowest first: ``store`` (the data directory: catalog, atomic files, records of what stages did), ``runtime``
+(the processes of a run: identity, the reaper, signals, which process runs a stage; it keeps its files
+through the store), ``common``, then the stages in pipeline order and what reads their outputs. See
+docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 import sd_core
 
 ROOT = Path(sd_core.__file__).parent
-LAYERS = ["store", "common", "demo", "ingest", "caption", "vae", "encode", "diffusion", "training", "sample",
+LAYERS = ["store", "runtime", "common", "demo", "ingest", "caption", "vae", "encode", "diffusion", "training", "sample",
           "eval", "report", "publish", "presets", "config", "status", "app"]
 
 
@@ -71,3 +76,20 @@ def test_only_training_imports_the_trainer() -> None:
     assert users == ["sd_core.training.stage"]
     for module in ("sd_core.config", "sd_core.sample.stage", "sd_core.diffusion.export", "sd_core.report.page"):
         assert "sd_core.training.trainer" not in closure(module), module
+
+
+def test_the_store_supervises_no_process() -> None:
+    """Processes (identity, signals, the reaper) are the runtime layer's; the store only keeps files."""
+    supervising = {"psutil", "signal", "subprocess"}
+    found = []
+    for module, path in modules().items():
+        if not module.startswith("sd_core.store"):
+            continue
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found += [f"{module} imports {n}" for n in sorted(names & supervising)]
+    assert not found, "\n".join(found)

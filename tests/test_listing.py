@@ -289,7 +289,8 @@ def test_old_damaged_and_foreign_listings_lead_to_a_full_walk(tmp_path):
 
 
 def test_a_raising_stage_is_recorded_apart_from_its_last_good_record(tmp_path):
-    from sd_core.store.records import load_failure, load_stage, record_stage, run_stage
+    from sd_core.runtime.running import run_stage
+    from sd_core.store.records import load_failure, load_stage, record_stage
 
     cat = Catalog(tmp_path)
     good = run_stage(cat, "convert", lambda: record_stage(cat, "convert", key="k1", summary={"n": 1}, seconds=1.0,

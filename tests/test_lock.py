@@ -3,12 +3,14 @@ leaves the directory free."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from sd_core.store.lock import DataDirBusy, data_dir_lock
 
@@ -51,17 +53,35 @@ def test_second_run_stops_naming_the_holder(holder) -> None:
         pass
 
 
+def waiting_for_lock(path: Path, pid: int) -> bool:
+    """Whether the kernel lists process ``pid`` as blocked waiting for a lock on ``path`` (``/proc/locks``
+    marks a waiter with ``->``; its fields: type, mode, access, pid, major:minor:inode, range)."""
+    inode = path.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields:
+            waiter = fields[fields.index("->") + 1:]
+            if int(waiter[3]) == pid and int(waiter[4].rsplit(":", 1)[1]) == inode:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="the kernel's lock table, as Linux shows it")
 def test_waiting_run_enters_when_the_first_finishes(holder) -> None:
     data_dir, proc = holder
-    entered = threading.Event()
+    started, entered = threading.Event(), threading.Event()
 
     def second_run() -> None:
+        started.set()
         with data_dir_lock(data_dir, wait=True):
             entered.set()
 
     t = threading.Thread(target=second_run, daemon=True)
     t.start()
-    assert not entered.wait(1.0)  # still held by the other process
+    assert started.wait(10), "the waiting run never started"
+    # the kernel shows it blocked on the data dir's lock, behind the other process
+    wait_for(lambda: waiting_for_lock(data_dir / ".emoji-sd.lock", os.getpid()), 10, "the run to wait for the lock")
+    assert not entered.is_set()
     release(proc)
     assert entered.wait(10)
     t.join(10)

@@ -4,12 +4,12 @@ killed together with its reaper left."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -87,7 +87,8 @@ def wait_recorded(run_file, pids):  # until the reaper's run file names those st
 OWNER = RECORDED + """
 import subprocess, sys, time
 from pathlib import Path
-from sd_core.store.children import child_popen_kw, guard_children
+from sd_core.runtime.process import child_popen_kw
+from sd_core.runtime.reaper import guard_children
 with guard_children(Path(sys.argv[1])):
     a = subprocess.Popen(["sleep", "300"])                                          # in our process group
     b = subprocess.Popen(["sh", "-c", "sleep 301 & sleep 302 & wait"], **child_popen_kw())  # a group of its own
@@ -114,7 +115,7 @@ def orphan_children(tmp_path: Path) -> tuple[list[psutil.Process], list[psutil.P
     fresh-clone CI run counted it as left, and then it was gone before the reaping: 3 stopped of 4)."""
     owner, kids = start_owner(tmp_path)
     try:
-        reaper = next(p for p in kids if "sd_core.store.children import main" in cmdline(p))
+        reaper = next(p for p in kids if "sd_core.runtime.reaper import main" in cmdline(p))
         sh = next(p for p in kids if cmdline(p).startswith("sh -c sleep 301"))
         reaper.kill()
         owner.kill()
@@ -140,7 +141,7 @@ def test_children_of_a_killed_process_are_stopped(tmp_path):
 
 
 def test_next_run_stops_what_a_run_killed_with_its_reaper_left(tmp_path):
-    from sd_core.store.children import reap_dead_run
+    from sd_core.runtime.reaper import reap_dead_run
 
     bystander = subprocess.Popen(["sleep", "303"])  # started after the owner's record, not by it
     kids, left = orphan_children(tmp_path)
@@ -158,7 +159,7 @@ DASK_OWNER = RECORDED + """
 import sys, time
 from pathlib import Path
 from distributed import LocalCluster
-from sd_core.store.children import guard_children
+from sd_core.runtime.reaper import guard_children
 with guard_children(Path(sys.argv[1])) as reaper:
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
     kids = psutil.Process().children(recursive=True)
@@ -193,7 +194,7 @@ def test_a_clock_step_after_the_record_hides_no_process(tmp_path, monkeypatch, s
     recorded process no longer matches its record. Reaping must not depend on it."""
     import psutil._pslinux as pslinux
 
-    from sd_core.store.children import reap_dead_run
+    from sd_core.runtime.reaper import reap_dead_run
 
     kids, left = orphan_children(tmp_path)
     try:
@@ -206,7 +207,7 @@ def test_a_clock_step_after_the_record_hides_no_process(tmp_path, monkeypatch, s
 
 
 def test_a_live_run_is_left_alone(tmp_path):
-    from sd_core.store.children import reap_dead_run
+    from sd_core.runtime.reaper import reap_dead_run
 
     owner, kids = start_owner(tmp_path)
     try:
@@ -220,6 +221,16 @@ def test_a_live_run_is_left_alone(tmp_path):
 
 
 # --- the CLI with the temporary Prefect server, Chromium and Dask workers -----------------------------
+
+
+def recorded(run_file: Path, procs: list[psutil.Process]) -> bool:
+    """Whether the reaper's run file names each of ``procs`` that still runs (the reaper by its own key)."""
+    try:
+        record = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        return False
+    named = {c.get("pid") for c in record.get("children", [])} | {record.get("reaper")}
+    return all(p.pid in named for p in running(procs))
 
 
 @pytest.fixture()
@@ -248,11 +259,12 @@ def slow_crawl(tmp_path):
                 kids = psutil.Process(proc.pid).children(recursive=True)
                 lines = [cmdline(k) for k in kids]
                 if any("uvicorn" in c for c in lines) and any("chromium" in c for c in lines):
-                    time.sleep(1.0)  # the reaper polls twice a second
-                    return psutil.Process(proc.pid).children(recursive=True)
+                    return kids
                 return None
 
             tree = wait_for(ready, 240, "Prefect's server and Chromium", interval=1.0)
+            run_file = tmp_path / "data" / "state" / "run.json"
+            wait_for(lambda: recorded(run_file, tree), 30, "the reaper to record the run's processes", interval=0.2)
             yield proc, tree, err
         finally:
             if proc.poll() is None:
@@ -289,7 +301,7 @@ def test_a_stage_marker_whose_pid_now_names_another_process_reads_interrupted(tm
     status must still call the stage interrupted, not running."""
     from sd_core.store.catalog import Catalog
     from sd_core.store.files import atomic_write_json, read_json
-    from sd_core.store.records import mark_running, running_marker, running_state
+    from sd_core.runtime.running import mark_running, running_marker, running_state
 
     cat = Catalog(tmp_path / "data")
     assert running_state(cat, "train") is None

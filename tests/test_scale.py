@@ -58,7 +58,7 @@ def versions(cat: Catalog) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of every file a data run writes per item or per dataset: an atomic rewrite gets a new
     inode even when its bytes are the same, so an unchanged pair means the file was not written."""
     paths = [cat.metadata_csv, cat.duplicates_csv, cat.quarantine_csv, cat.dataset_card, cat.convert_state,
-             cat.caption_sidecars_index, *cat.captions_dir.glob("*.key.json"), *cat.images_dir.iterdir(),
+             cat.sidecar_record, *cat.captions_dir.glob("*.key.json"), *cat.images_dir.iterdir(),
              *(cat.latent_store / "shards").iterdir(), *(cat.text_store / "shards").iterdir(),
              cat.latent_store / "index.json", cat.text_store / "index.json"]
     out = {}
@@ -146,9 +146,9 @@ def test_sidecars_missing_or_of_a_changed_caption_are_written_again(tmp_path):
     assert row["prompt"] == "a recaptioned emoji"
     assert cat.caption_sidecar(row["file_name"]).read_text("utf-8") == "a recaptioned emoji"
 
-    cat.caption_sidecars_index.unlink()  # no index (an older data dir): each sidecar is read and compared
+    cat.sidecar_record.unlink()  # no index (an older data dir): each sidecar is read and compared
     assert caption_dataset(CaptionConfig(captioner="offline"), cat, progress=False).sidecars_written == 0
-    assert cat.caption_sidecars_index.exists()
+    assert cat.sidecar_record.exists()
 
 
 def test_read_metadata_sees_a_same_size_edit(tmp_path):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from sd_core.diffusion.models import ModelConfig
 from sd_core.diffusion.unet import UNetConfig
-from sd_core.encode.pairs import Pairs
+from sd_core.encode.pairs import CachedPairs, Pairs
 from sd_core.training.config import TrainConfig
 
 
@@ -59,6 +60,26 @@ def synthetic_pairs(n: int = 40, *, latent_size: int = 8, tokens: int = 8, dim: 
         mean_flip=mean.flip(3) if flip else None, std_flip=std.flip(3) if flip else None,
         captions=[f"class {int(c)} emoji" for c in cls],
     )
+
+
+def stored_pairs(root: Path, pairs: Pairs, *, shard_size: int) -> CachedPairs:
+    """``pairs`` in the encode stage's own stores under ``root`` (written the first time, in shards of
+    ``shard_size`` entries), read back as the train stage reads them: a source with one group per shard."""
+    from sd_core.store.tensors import TensorStore
+
+    latents = TensorStore(Path(root) / "latents", shard_size=shard_size)
+    texts = TensorStore(Path(root) / "text", shard_size=shard_size)
+    lkeys = [{"kind": "latent", "md5": i} for i in pairs.ids]
+    tkeys = [{"kind": "text", "md5": i} for i in pairs.ids]
+    empty = {"kind": "text", "md5": ""}
+    if not len(latents):
+        flips = ("mean_flip", "std_flip") if pairs.flipped else ()
+        latents.put([(k, {n: getattr(pairs, n)[i] for n in ("mean", "std", *flips)}) for i, k in enumerate(lkeys)])
+        texts.put([(k, {"last_hidden_state": pairs.text[i], "attention_mask": pairs.mask[i]})
+                   for i, k in enumerate(tkeys)])
+        texts.put([(empty, {"last_hidden_state": pairs.empty_text.half(), "attention_mask": pairs.empty_mask})])
+    return CachedPairs(latents, texts, ids=pairs.ids, captions=pairs.captions, latent_keys=lkeys, text_keys=tkeys,
+                       empty_key=empty, scaling_factor=pairs.scaling_factor)
 
 
 @contextmanager

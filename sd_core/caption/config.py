@@ -39,6 +39,14 @@ class CaptionConfig(StrictModel):
     device_map: str | None = Field(None, description="None: 'auto' on CUDA, plain CPU otherwise.")
     sidecars: bool = Field(True, description="also write each caption beside its image as images/<name>.txt, "
                            "as kohya, SimpleTuner and OneTrainer read captions (not part of the cache key)")
+    user_captions: Literal["keep", "ignore"] = Field(
+        "keep",
+        description="keep: a caption a person gave stays the image's caption (captioner = user) and is never "
+        "overwritten: the source's (a folder's .txt or metadata.csv prompt, a dataset's or URL list's caption "
+        "column), or an images/<name>.txt sidecar edited by hand since the caption stage wrote it (it wins "
+        "over the source's; delete it to go back). ignore: the captioner captions every image; a hand-edited "
+        "sidecar is then left as it is, unused (not part of the cache key)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:

@@ -6,11 +6,18 @@ the batch in flight, and a rerun with the same settings makes no model call.
 
 When the captions are in metadata.csv, the stage also writes them beside the images
 (``images/<name>.txt``, with ``caption.sidecars``) and the data directory's dataset card (``README.md``).
+
+Captions a person gave win (``caption.user_captions = "keep"``): a sidecar edited by hand since the stage wrote
+it, else the caption the source gives (metadata.csv's ``source_caption``), is the image's caption, with
+``captioner = user``; the model captions only the others, and a hand-edited sidecar is never overwritten. The
+stage tells its own sidecars from edited ones by a hash of what it wrote into each (``state/sidecars.json``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -23,10 +30,17 @@ from tqdm.auto import tqdm
 from sd_core.caption.captioners import CaptionResult, build_captioner, caption_batch
 from sd_core.caption.config import CaptionConfig
 from sd_core.caption.offline import OfflineCaptioner
+from sd_core.ingest.membership import clean_caption_text
 from sd_core.store.card import write_dataset_card
 from sd_core.store.catalog import Catalog
-from sd_core.store.files import atomic_write_text, json_problem, sha256_text, stable_hash, write_if_changed
+from sd_core.store.files import (
+    atomic_write_json, atomic_write_text, read_json, sha256_text, stable_hash, write_if_changed,
+)
 from sd_core.store.metadata import read_metadata, update_metadata
+
+log = logging.getLogger(__name__)
+
+USER = "user"  # metadata.csv's captioner of a caption a person gave (the source's, or a hand-edited sidecar)
 
 
 class CaptionLog:
@@ -81,14 +95,109 @@ class CaptionSummary:
     flagged: int = 0
     model_calls: int = 0
     sidecars_written: int = 0
+    user_captions: int = 0  # rows whose caption a person gave (captioner = user)
+    sidecars_edited: int = 0  # sidecars edited by hand since the stage wrote them: never overwritten
+    prompts_changed: int = 0  # rows whose prompt is not what metadata.csv held before
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
 def stage_key(cfg: CaptionConfig, catalog: Catalog) -> str:
-    """Key of the caption stage: the captioner settings and the dataset rows it captions."""
-    return stable_hash({"captioner": cfg.cache_digest(), "md5": [r["md5"] for r in read_metadata(catalog)]})
+    """Key of the caption stage: the captioner settings, the dataset rows it captions and the captions their
+    source gives them (a hand-edited sidecar is seen when the stage runs, not here)."""
+    rows = read_metadata(catalog)
+    key: dict[str, object] = {"captioner": cfg.cache_digest(), "md5": [r["md5"] for r in rows]}
+    given = [(r["md5"], sha256_text(c)[:16]) for r in rows if (c := clean_caption_text(r.get("source_caption")))]
+    if given and cfg.user_captions == "keep":
+        key["source_captions"] = given
+    return stable_hash(key)
+
+
+def _bytes_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _text_hash(text: str) -> str:
+    return _bytes_hash(text.encode("utf-8"))
+
+
+def written_by_stage(catalog: Catalog, sidecar: Path, record: dict[str, str]) -> bool:
+    """Whether the sidecar file at ``sidecar`` (in images/ or delisted/) holds what the stage last wrote for
+    its image (a hand-edited one does not)."""
+    written = record.get(catalog.image_file_name(sidecar.with_suffix(".jpg").name))
+    try:
+        return written is not None and _bytes_hash(sidecar.read_bytes()) == written
+    except OSError:
+        return False
+
+
+def read_sidecar_record(catalog: Catalog) -> dict[str, str]:
+    """file_name -> hash of what the stage last wrote into that image's sidecar ({} when there is no record; a
+    damaged one is named in a warning and read as none)."""
+    try:
+        data = read_json(catalog.sidecar_record)
+    except ValueError as e:
+        log.warning("%s does not read (%s): sidecars that differ from metadata.csv's prompt count as edited by hand",
+                    catalog.sidecar_record, e)
+        return {}
+    written = data.get("written") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in written.items()} if isinstance(written, dict) else {}
+
+
+def _sidecar_bytes(catalog: Catalog, file_name: str, contents: dict[str, bytes | None] | None = None) -> bytes | None:
+    """What the image's sidecar holds (None: no sidecar, or one that cannot be read, named in a warning); kept in
+    ``contents`` so that one run reads each sidecar once."""
+    if contents is not None and file_name in contents:
+        return contents[file_name]
+    path = catalog.caption_sidecar(file_name)
+    try:
+        data: bytes | None = path.read_bytes()
+    except FileNotFoundError:
+        data = None
+    except OSError as e:
+        log.warning("caption sidecar %s cannot be read (%s): not used", path, e)
+        data = None
+    if contents is not None:
+        contents[file_name] = data
+    return data
+
+
+def hand_edited_sidecar(catalog: Catalog, row: dict[str, str], record: dict[str, str],
+                        contents: dict[str, bytes | None] | None = None) -> str | None:
+    """The caption in ``row``'s sidecar when a person edited it since the stage wrote it (on one line), else
+    None: no sidecar, the stage's own, or emptied (the stage writes it again). Without a record of what the
+    stage wrote (sidecars written before records were kept), a sidecar that differs from the prompt the stage
+    last wrote to metadata.csv counts as edited, since the stage wrote both together."""
+    data = _sidecar_bytes(catalog, row["file_name"], contents)
+    if data is None:
+        return None
+    written = record.get(row["file_name"])
+    prompt = (row.get("prompt") or "").encode("utf-8")
+    edited = _bytes_hash(data) != written if written is not None else data != prompt
+    return (clean_caption_text(data.decode("utf-8", errors="replace")) or None) if edited else None
+
+
+def user_captions(cfg: CaptionConfig, catalog: Catalog, rows: list[dict[str, str]],
+                  record: dict[str, str] | None = None, contents: dict[str, bytes | None] | None = None,
+                  ) -> tuple[dict[str, str], dict[str, str]]:
+    """(md5 -> the caption a person gave, file_name -> the text of each sidecar edited by hand) of ``rows``.
+    A hand-edited sidecar wins over the source's caption; with ``user_captions = "ignore"`` the first is empty
+    (the edited sidecars are still returned: they are never overwritten). ``contents`` keeps the sidecars read."""
+    record = read_sidecar_record(catalog) if record is None else record
+    edited: dict[str, str] = {}
+    if cfg.sidecars:
+        for r in rows:
+            if (text := hand_edited_sidecar(catalog, r, record, contents)) is not None:
+                edited[r["file_name"]] = text
+    if cfg.user_captions == "ignore":
+        return {}, edited
+    given: dict[str, str] = {}
+    for r in rows:
+        text = edited.get(r["file_name"]) or clean_caption_text(r.get("source_caption"))
+        if text:
+            given[r["md5"]] = text
+    return given, edited
 
 
 @dataclass(frozen=True)
@@ -99,13 +208,15 @@ class CaptionJob:
 
 
 def plan_captions(cfg: CaptionConfig, catalog: Catalog, *, force: bool = False) -> list[list[CaptionJob]]:
-    """Batches of the dataset rows that have no caption under this setting (all of them with ``force``)."""
+    """Batches of the dataset rows that have no caption under this setting (all of them with ``force``), but
+    those whose caption a person gave (see :func:`user_captions`)."""
     digest = cfg.cache_digest()
     key_json = json.dumps(cfg.cache_key(), indent=2, sort_keys=True, default=str) + "\n"
-    write_if_changed(catalog.caption_log(digest).with_suffix(".key.json"), key_json)
+    write_if_changed(catalog.caption_log(digest).with_suffix(".key.json"), key_json)  # a rerun leaves it as it is
     done = set() if force else set(CaptionLog(catalog.caption_log(digest)).read())
-    todo = [CaptionJob(r["md5"], r["file_name"], r["image_title"]) for r in read_metadata(catalog)
-            if r["md5"] not in done]
+    rows = [r for r in read_metadata(catalog) if r["md5"] not in done]
+    given, _ = user_captions(cfg, catalog, rows)
+    todo = [CaptionJob(r["md5"], r["file_name"], r["image_title"]) for r in rows if r["md5"] not in given]
     return [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
 
 
@@ -141,57 +252,53 @@ def caption_jobs(cfg: CaptionConfig, catalog: Catalog, jobs: list[CaptionJob], c
 
 
 def finish_captions(cfg: CaptionConfig, catalog: Catalog, summary: CaptionSummary) -> CaptionSummary:
-    """Write the ``prompt`` column (the final caption), ``captioner`` and ``caption_flagged``."""
+    """Write the ``prompt`` column (the final caption: the one a person gave, else the model's), ``captioner``
+    (``user`` for the first) and ``caption_flagged``; the sidecars but those edited by hand; the dataset card."""
     rows = read_metadata(catalog)
     done = CaptionLog(catalog.caption_log(cfg.cache_digest())).read()
-    missing = [r["md5"] for r in rows if r["md5"] not in done]
+    record, contents = read_sidecar_record(catalog), {}
+    given, edited = user_captions(cfg, catalog, rows, record, contents)
+    missing = [r["md5"] for r in rows if r["md5"] not in done and r["md5"] not in given]
     if missing:
         raise RuntimeError(f"{len(missing)} dataset rows have no caption (first: {missing[0]})")
     columns = {
-        r["md5"]: {"prompt": done[r["md5"]].text, "captioner": done[r["md5"]].source,
-                   "caption_flagged": done[r["md5"]].flagged}
+        r["md5"]: ({"prompt": given[r["md5"]], "captioner": USER, "caption_flagged": False} if r["md5"] in given else
+                   {"prompt": done[r["md5"]].text, "captioner": done[r["md5"]].source,
+                    "caption_flagged": done[r["md5"]].flagged})
         for r in rows
     }
+    summary.prompts_changed = sum(1 for r in rows if r.get("prompt") != columns[r["md5"]]["prompt"])
     update_metadata(catalog, columns)
     summary.items = len(rows)
     summary.reused = len(rows) - summary.captioned
     summary.flagged = sum(1 for c in columns.values() if c["caption_flagged"])
+    summary.user_captions = len(given)
+    summary.sidecars_edited = len(edited)
     if cfg.sidecars:
         summary.sidecars_written = write_caption_sidecars(
-            catalog, {r["file_name"]: str(columns[r["md5"]]["prompt"]) for r in rows})
+            catalog, {r["file_name"]: str(columns[r["md5"]]["prompt"]) for r in rows if r["file_name"] not in edited},
+            record, contents)
     write_dataset_card(catalog, captioner=captioner_label(cfg))
     return summary
 
 
-def write_caption_sidecars(catalog: Catalog, captions: dict[str, str]) -> int:
-    """Write each caption to the ``.txt`` beside its image (``file_name`` → caption) where it is missing or
-    differs from what this stage last wrote there; returns how many files were written.
-
-    What was written is kept as a digest per file in ``state/sidecars.json``, so a run reads one directory
-    listing and that index instead of every sidecar; a sidecar not in the index (or with another digest) is
-    read and compared first, and written only when it differs. A sidecar edited by hand therefore stays until
-    its caption changes (delete it to have it written again)."""
-    index = catalog.caption_sidecars_index
-    data, _ = json_problem(index)  # missing or damaged: every sidecar is read and compared, as before
-    before = data.get("written") if isinstance(data, dict) and isinstance(data.get("written"), dict) else {}
-    listed: dict[Path, set[str]] = {}
-    now: dict[str, str] = {}
+def write_caption_sidecars(catalog: Catalog, captions: dict[str, str], record: dict[str, str] | None = None,
+                           contents: dict[str, bytes | None] | None = None) -> int:
+    """Write each caption to the ``.txt`` beside its image (``file_name`` → caption), only where it differs
+    from what is there; returns how many files were written. The hash of what each sidecar now holds is kept
+    in ``state/sidecars.json`` (written only when it changed), so that a later edit by hand is told apart
+    (``record``: that file as :func:`read_sidecar_record` read it; ``contents``: sidecars already read)."""
+    record = read_sidecar_record(catalog) if record is None else record
+    before = dict(record)
     written = 0
     for file_name, text in captions.items():
-        path = catalog.caption_sidecar(file_name)
-        digest = now[file_name] = sha256_text(text)[:16]
-        if path.parent not in listed:
-            listed[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
-        if before.get(file_name) == digest and path.name in listed[path.parent]:
+        record[file_name] = _text_hash(text)
+        if _sidecar_bytes(catalog, file_name, contents) == text.encode("utf-8"):
             continue
-        try:
-            if path.read_text("utf-8") == text:
-                continue
-        except FileNotFoundError:
-            pass
-        atomic_write_text(path, text)
+        atomic_write_text(catalog.caption_sidecar(file_name), text)
         written += 1
-    write_if_changed(index, json.dumps({"written": now}, sort_keys=True, separators=(",", ":")) + "\n")
+    if record != before or (captions and not catalog.sidecar_record.exists()):
+        atomic_write_json(catalog.sidecar_record, {"written": record})
     return written
 
 

@@ -14,9 +14,6 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made, so image-only use
 
 from sd_core.store.files import atomic_write_bytes
 
-if TYPE_CHECKING:  # torch is imported where a tensor is made, so config loading stays torch-free
-    import torch
-
 
 def flatten_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """RGB image with any transparency (alpha band or palette transparency) composited on ``background``."""
@@ -29,16 +26,53 @@ def flatten_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 
     return canvas.convert("RGB")
 
 
-def image_to_tensor(image: Image.Image | Path | str, resolution: int) -> torch.Tensor:
-    """RGB (transparency on white), bicubic resize to resolution², float (3, r, r) in [-1, 1]."""
+FITS = ("pad", "crop", "stretch")  # how a non-square image becomes the square a model takes (convert.fit)
+
+
+def border_colour(rgb: Image.Image) -> tuple[int, int, int]:
+    """The colour around an RGB image: the per-channel median of its outermost row and column of pixels (the
+    background an emoji sits on; robust to the few border pixels the drawing itself touches)."""
+    import numpy as np
+
+    a = np.asarray(rgb.convert("RGB"))
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return tuple(int(v) for v in np.median(border, axis=0))  # type: ignore[return-value]
+
+
+def fit_square(image: Image.Image, fit: str | None) -> Image.Image:
+    """``image`` (RGB, transparency on white) made square as ``fit`` says: ``pad`` centres it on a square of
+    its border colour (:func:`border_colour`), ``crop`` keeps its centre square, ``stretch`` (or ``""``/None,
+    and any square image) leaves it as it is, for the resize to stretch it."""
+    rgb = flatten_rgb(image)
+    w, h = rgb.size
+    if w == h or fit not in ("pad", "crop"):
+        return rgb
+    if fit == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return rgb.crop((left, top, left + side, top + side))
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), border_colour(rgb))
+    canvas.paste(rgb, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def open_fitted(path: Path | str, fit: str | None = None) -> Image.Image:
+    """The image file at ``path`` as RGB, made square by ``fit`` (:func:`fit_square`), fully read."""
+    with Image.open(path) as img:
+        img.load()
+        return fit_square(img, fit)
+
+
+def image_to_tensor(image: Image.Image | Path | str, resolution: int, fit: str | None = None) -> torch.Tensor:
+    """RGB (transparency on white), made square by ``fit`` (see :func:`fit_square`; None: stretched),
+    bicubic resize to resolution², float (3, r, r) in [-1, 1]."""
     import numpy as np
     import torch
 
     if not isinstance(image, Image.Image):
-        with Image.open(image) as img:
-            img.load()
-            image = img.copy()
-    rgb = flatten_rgb(image).resize((resolution, resolution), Image.Resampling.BICUBIC)
+        image = open_fitted(image, fit)
+    rgb = fit_square(image, fit).resize((resolution, resolution), Image.Resampling.BICUBIC)
     array = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 

@@ -22,7 +22,7 @@ from sd_core.diffusion.export import (ATTN2_WEIGHTS, CARD, CARD_GRID, CARD_SAMPL
                                       ModelFolderError, model_digest, read_manifest)
 from sd_core.encode.held_out import held_out_prompts
 from sd_core.encode.pairs import split_ids
-from sd_core.store.card import dataset_summary
+from sd_core.store.card import dataset_summary, source_text
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
@@ -57,7 +57,8 @@ def _split_counts(run: Path, train_cfg: dict[str, Any]) -> tuple[list[str], int,
     md5s = [item[0] for item in plan.get("items") or []]
     if not md5s:
         return [], 0, 0
-    train, held = split_ids(md5s, float(train_cfg.get("val_fraction", 0.1)), int(train_cfg.get("split_seed", 42)))
+    train, held = split_ids(md5s, float(train_cfg.get("val_fraction", 0.1)), int(train_cfg.get("split_seed", 42)),
+                            int(train_cfg.get("val_min_items", 48)))
     return md5s, len(train), len(held)
 
 
@@ -216,13 +217,11 @@ def model_card(folder: Path, *, catalog: Catalog | None = None, repo_id: str | N
     if catalog is not None:
         md5s, n_train, n_held = _split_counts(run, train_cfg)
         facts = dataset_summary(catalog, set(md5s) if md5s else None)
-        sources = ", ".join(facts["sites"]) or "(unknown)"
-        tags_text = ", ".join(f"`{t}`" for t in facts["tags"]) or "(none)"
         captioners = "; ".join(f"{name} ({n} images)" for name, n in facts["captioners"].items()) or "(none)"
         counts = (f"{len(md5s)} images, {n_train} trained on and {n_held} held out for evaluation"
                   if md5s else f"{facts['images']} images")
-        data_text = (f"- **Source**: images listed under the tag(s) {tags_text} on {sources}, downloaded once each "
-                     "and deduplicated by the md5 of their bytes.\n"
+        data_text = (f"- **Source**: {source_text(facts, tag_word='tag(s)')}, each image read once and deduplicated by the md5 "
+                     "of its bytes.\n"
                      f"- **Counts**: {counts} (the run's item set, `plan.json`); the data directory also "
                      f"listed {facts['duplicates']} duplicates and quarantined {facts['quarantined']} files that "
                      "did not decode.\n"

@@ -199,9 +199,22 @@ def latent_key_base(vae_cfg: VAEConfig, scaling: float | None = None) -> dict[st
     }
 
 
-def latent_key(vae_cfg: VAEConfig, md5: str, scaling: float | None = None) -> dict[str, Any]:
+KEYED_FITS = ("pad", "crop")  # a non-square image's fit (convert.fit) that changes its latents from a stretch
+
+
+def item_latent_key(base: dict[str, Any], md5: str, fit: str | None = None) -> dict[str, Any]:
+    """One image's latent key from :func:`latent_key_base`: ``fit`` (metadata.csv's fit column: how a
+    non-square image was made square) is named only when it is ``pad`` or ``crop``, so the keys of square
+    images, and of images stretched as before the setting existed, stay what they were."""
+    key = {**base, "md5": md5}
+    if fit in KEYED_FITS:
+        key["fit"] = fit
+    return key
+
+
+def latent_key(vae_cfg: VAEConfig, md5: str, scaling: float | None = None, fit: str | None = None) -> dict[str, Any]:
     """Store key of one image's latents; ``scaling`` defaults to the VAE config's scaling_factor."""
-    return {**latent_key_base(vae_cfg, scaling), "md5": md5}
+    return item_latent_key(latent_key_base(vae_cfg, scaling), md5, fit)
 
 
 def text_key_base(text_cfg: TextEncoderConfig) -> dict[str, Any]:
@@ -316,22 +329,26 @@ class _Writer:
 
 def encode_images(
     vae_cfg: VAEConfig,
-    images: Sequence[tuple[str, Path | str]],
+    images: Sequence[tuple[str, Path | str] | tuple[str, Path | str, str]],
     store: TensorStore,
     *,
     progress: bool = True,
     load: Callable[[VAEConfig], Any] = load_vae,
 ) -> EncodeSummary:
-    """Store the latent distribution of every ``(md5, path)`` not already cached; an unreadable image is a failure.
+    """Store the latent distribution of every ``(md5, path)`` or ``(md5, path, fit)`` not already cached (``fit``:
+    how a non-square image is made square, see :func:`~sd_core.common.images.fit_square`; none: stretched); an
+    unreadable image is a failure.
 
     New entries are written ``store.shard_size`` at a time; the model comes from ``load`` (called only when
     something is missing; the encode stage passes :func:`shared_vae`)."""
     summary = EncodeSummary()
     paths: dict[str, Path | str] = {}
-    for md5, path in images:
+    fits: dict[str, str | None] = {}
+    for md5, path, *fit in images:
         paths.setdefault(md5, path)
+        fits.setdefault(md5, fit[0] if fit else None)
     base = latent_key_base(vae_cfg)
-    keys = {md5: {**base, "md5": md5} for md5 in paths}
+    keys = {md5: item_latent_key(base, md5, fits[md5]) for md5 in paths}
     todo = [md5 for md5 in paths if not store.contains(keys[md5])]
     summary.reused = len(paths) - len(todo)
     if not todo:
@@ -346,7 +363,7 @@ def encode_images(
             pixels: list[torch.Tensor] = []
             for md5 in batch:
                 try:
-                    pixels.append(image_to_tensor(paths[md5], vae_cfg.resolution))
+                    pixels.append(image_to_tensor(paths[md5], vae_cfg.resolution, fits[md5]))
                     ok.append(md5)
                 except (OSError, ValueError, SyntaxError) as e:
                     summary.failures[md5] = f"{type(e).__name__}: {e}"

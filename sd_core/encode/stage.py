@@ -21,6 +21,7 @@ from sd_core.encode.encoders import (
     EncodeSummary,
     encode_images,
     encode_texts,
+    item_latent_key,
     latent_key_base,
     shared_text_encoder,
     shared_vae,
@@ -97,7 +98,7 @@ def resolve(cfg: EncodeStageConfig, catalog: Catalog) -> EncodeStageConfig:
 @dataclass(frozen=True)
 class EncodeJob:
     kind: Literal["image", "text"]
-    items: tuple  # (md5, path) pairs for images; caption strings for text
+    items: tuple  # (md5, path, fit) for images (fit: metadata.csv's fit column); caption strings for text
 
     def __len__(self) -> int:
         return len(self.items)
@@ -121,8 +122,8 @@ def plan_encode(cfg: EncodeStageConfig, catalog: Catalog, *, force: bool = False
     texts = TensorStore(catalog.text_store, shard_size=cfg.shard_size)
     lbase, tbase = latent_key_base(cfg.vae), text_key_base(cfg.text)
     # by_stat: shards verified before and untouched since are not read again (a rerun reads no cached tensor)
-    images = [(rows[i]["md5"], str(catalog.image_path(rows[i]["file_name"])))
-              for i in latents.missing([{**lbase, "md5": r["md5"]} for r in rows], by_stat=True)]
+    images = [(rows[i]["md5"], str(catalog.image_path(rows[i]["file_name"])), rows[i].get("fit") or "")
+              for i in latents.missing(latent_keys(lbase, rows), by_stat=True)]
     every_caption = list(dict.fromkeys([*(r["prompt"] for r in rows), EMPTY_PROMPT]))
     captions = [every_caption[i] for i in texts.missing(
         [{**tbase, "caption_sha256": sha256_text(c)} for c in every_caption], by_stat=True)]
@@ -156,12 +157,29 @@ def merge_summaries(jobs: Sequence[EncodeJob], results: Sequence[EncodeSummary])
     return out
 
 
+def row_latent_key(base: dict, row: dict[str, str]) -> dict:
+    """The latent key of a metadata.csv row (its md5, and its fit when that changes the latents)."""
+    return item_latent_key(base, row["md5"], row.get("fit"))
+
+
+def latent_keys(base: dict, rows: Sequence[dict[str, str]]) -> list[dict]:
+    """:func:`row_latent_key` of every row (what gc keeps, what training reads)."""
+    return [row_latent_key(base, r) for r in rows]
+
+
+def _item(row: dict[str, str]) -> tuple[str, ...]:
+    """(md5, caption hash[, fit]): fit only where it changes the latents, so earlier keys stay as they were."""
+    key = row_latent_key({}, row)
+    return (row["md5"], sha256_text(row["prompt"]), *(() if "fit" not in key else (key["fit"],)))
+
+
 def stage_key(cfg: EncodeStageConfig, catalog: Catalog) -> str:
-    """Key of the encode stage: encoder settings (weights included) and the images and captions."""
+    """Key of the encode stage: encoder settings (weights included) and the images (with how a non-square one is
+    made square) and captions."""
     rows = _dataset(catalog)
     return stable_hash({
         "latent": latent_key_base(cfg.vae), "text": text_key_base(cfg.text),
-        "items": [(r["md5"], sha256_text(r["prompt"])) for r in rows],
+        "items": [_item(r) for r in rows],
     })
 
 
@@ -174,7 +192,7 @@ def verify_caches(cfg: EncodeStageConfig, catalog: Catalog) -> str | None:
     lbase, tbase = latent_key_base(cfg.vae), text_key_base(cfg.text)
     latents = TensorStore(catalog.latent_store, shard_size=cfg.shard_size, sweep=False, repair=False)
     texts = TensorStore(catalog.text_store, shard_size=cfg.shard_size, sweep=False, repair=False)
-    bad_l = latents.missing([{**lbase, "md5": r["md5"]} for r in rows], by_stat=True)
+    bad_l = latents.missing(latent_keys(lbase, rows), by_stat=True)
     bad_t = texts.missing([{**tbase, "caption_sha256": sha256_text(c)} for c in {r["prompt"] for r in rows}],
                           by_stat=True)
     if bad_l or bad_t:
@@ -193,7 +211,7 @@ def cached_pairs(cfg: EncodeStageConfig, catalog: Catalog) -> CachedPairs:
         TensorStore(catalog.latent_store, shard_size=cfg.shard_size),
         TensorStore(catalog.text_store, shard_size=cfg.shard_size),
         ids=[r["md5"] for r in rows], captions=[r["prompt"] for r in rows],
-        latent_keys=[{**lbase, "md5": r["md5"]} for r in rows],
+        latent_keys=latent_keys(lbase, rows),
         text_keys=[{**tbase, "caption_sha256": sha256_text(r["prompt"])} for r in rows],
         empty_key={**tbase, "caption_sha256": sha256_text(EMPTY_PROMPT)},
         scaling_factor=info.scaling_factor,

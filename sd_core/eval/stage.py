@@ -45,7 +45,7 @@ from sd_core.caption.captioners import build_captioner, caption_batch
 from sd_core.caption.config import CaptionConfig
 from sd_core.caption.offline import OfflineCaptioner
 from sd_core.common.devices import device
-from sd_core.common.images import image_to_tensor, make_grid, save_png
+from sd_core.common.images import image_to_tensor, make_grid, open_fitted, save_png
 from sd_core.diffusion.card import write_model_card
 from sd_core.diffusion.champion import ChampionError, find_champion
 from sd_core.diffusion.export import conditioning_digest, load_pipeline, model_digest
@@ -219,7 +219,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, cata
     unguided = generate(pipe, prompts, seeds, guidance_scale=0.0, **common)
     drawn_s = time.perf_counter() - started
     drawn, free = [row[0] for row in guided], [row[0] for row in unguided]
-    real = [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in items.rows]
+    real = [open_fitted(catalog.image_path(r["file_name"]), r.get("fit")) for r in items.rows]  # as trained on
     latents = encode_latents(pipe, real, batch_size=cfg.batch_size)  # each image file read and encoded once
     kept = vae_round_trip(pipe, latents, batch_size=cfg.batch_size)
     each_title = [t for t in titles for _ in seeds]  # item-major
@@ -237,7 +237,7 @@ def evaluate(model: Path, *, cfg: EvalConfig, captioner_cfg: CaptionConfig, cata
 
     def dataset() -> list[Image.Image]:  # the reference set of FID/KID: up to 1024 of the dataset's images
         rows = sorted(read_metadata(catalog), key=lambda r: stable_hash({"md5": r["md5"]}))[:1024]
-        return [Image.open(catalog.image_path(r["file_name"])).convert("RGB") for r in rows]
+        return [open_fitted(catalog.image_path(r["file_name"]), r.get("fit")) for r in rows]
 
     dist, skipped = distribution_scores(cfg, dataset, drawn, prompts)
     scores.update(chance=chance_rate(prompts, attributes), **dist)

@@ -26,7 +26,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
 from sd_core.ingest.settings import CrawlConfig
-from sd_core.store.children import child_popen_kw
+from sd_core.runtime.process import child_popen_kw
 
 BASE_ARGS = (
     "--headless=new",
@@ -161,7 +161,7 @@ def make_driver(cfg: CrawlConfig, service: Service | None = None) -> webdriver.C
         opts.add_argument(f"--user-agent={cfg.user_agent}")
     opts.add_experimental_option("prefs", {"profile.managed_default_content_settings.images": 2})
     # chromedriver and the Chromium it starts in a process group of their own; the driver gets the
-    # parent-death signal, so a killed run does not leave it behind (see sd_core.store.children)
+    # parent-death signal, so a killed run does not leave it behind (see sd_core.runtime.process)
     service = service or Service(executable_path=cfg.chromedriver_path, popen_kw=child_popen_kw())
     try:
         driver = webdriver.Chrome(service=service, options=opts)
@@ -284,8 +284,10 @@ class Browser:
         try:
             self.driver = make_driver(self.cfg, self.service)
         except BaseException as e:
+            timed_out = self.killed  # by the deadline's timer (the clean-up below may kill what is left, too)
             self._finish()
-            if self.killed and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            # a signal (Ctrl-C, SIGTERM as Prefect's TerminationSignal or our Interrupted, SystemExit) is no deadline
+            if timed_out and isinstance(e, Exception):
                 raise self.deadline_error("starting the browser") from None
             raise
         with self._lock:

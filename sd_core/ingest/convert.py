@@ -6,6 +6,11 @@ decode are quarantined with their reason and never enter the dataset.
 Only the first frame of an animation is decoded (it is the one kept); a truncated animation is found
 from the file's structure (:mod:`sd_core.ingest.frames`). Each image is decoded in a worker process
 with a time limit (``max_seconds_per_image``): an image over it is quarantined with reason ``timeout``.
+
+The dataset holds the images the source lists now (:mod:`sd_core.ingest.membership`): the JPEG and caption
+sidecar of an image no longer listed move to ``delisted/``, and back when it is listed again. The JPEGs keep
+their shape; ``convert.fit`` only says, in metadata.csv's ``fit`` column, how the model's square input is made
+from a non-square one (:func:`sd_core.common.images.fit_square`), so changing it converts nothing again.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
@@ -27,6 +32,7 @@ from sd_core.common.strict import StrictModel
 from sd_core.ingest.frames import scan_frames
 from sd_core.ingest.isolate import Worker, WorkerCrashed, WorkerTimeout
 from sd_core.ingest.ledger import ImageRecord, Ledger
+from sd_core.ingest.membership import current_membership
 from sd_core.ingest.recover import open_ledger
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import (
@@ -34,6 +40,7 @@ from sd_core.store.files import (
     atomic_write_json,
     md5_bytes,
     read_json,
+    sha256_text,
     stable_hash,
     sweep_temp_files,
 )
@@ -61,6 +68,14 @@ class ConvertConfig(StrictModel):
         30.0, gt=0,
         description="time limit to decode and re-encode one image (in a worker process, which is killed "
         "past it); the image is quarantined with reason 'timeout'",
+    )
+    fit: Literal["pad", "crop", "stretch"] = Field(
+        "pad",
+        description="how a non-square image becomes the square the model takes: 'pad' centres it on a square "
+        "of its border colour, 'crop' keeps its centre square, 'stretch' resizes it as it is. The JPEGs keep "
+        "their shape; metadata.csv's fit column says what is applied (empty for a square image). Changing it "
+        "recomputes the latents of non-square images (and what is trained on them), not the conversion or the "
+        "captions",
     )
 
     @field_validator("background")
@@ -229,20 +244,58 @@ class ConvertSummary:
     quarantined: int = 0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     dataset_rows: int = 0
+    delisted: int = 0  # images of the ledger no item of the source lists now: not in the dataset
+    relisted: int = 0  # de-listed images listed again this run (their files moved back from delisted/)
+    set_aside: int = 0  # images de-listed this run (their files moved to delisted/)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
 def config_key(cfg: ConvertConfig) -> str:
-    return stable_hash({"config": cfg.model_dump(mode="json"), "code_version": CODE_VERSION})
+    """What a converted JPEG depends on (``fit`` is not: it only fills metadata.csv's fit column)."""
+    return stable_hash({"config": cfg.model_dump(mode="json", exclude={"fit"}), "code_version": CODE_VERSION})
 
 
 def stage_key(cfg: ConvertConfig, catalog: Catalog) -> str:
-    """Key of the convert stage: its settings, its code version and the crawled images it reads."""
+    """Key of the convert stage: its settings, its code version, the listed images it reads and the
+    captions their source gives them."""
     with Ledger(catalog.ledger_db) as ledger:
-        images = [(r.seq, r.md5, r.tag) for r in ledger.images()]
-    return stable_hash({"config": config_key(cfg), "images": images})
+        member = current_membership(catalog, ledger)
+        images = [(r.seq, r.md5, r.tag) for r in ledger.images() if r.md5 in member]
+    key: dict[str, object] = {"config": config_key(cfg), "images": images, "fit": cfg.fit}
+    if member.captions:
+        key["captions"] = sorted((m, sha256_text(c)[:16]) for m, c in member.captions.items())
+    return stable_hash(key)
+
+
+def _move(src: Any, dst: Any) -> bool:
+    """Rename ``src`` to ``dst`` (one atomic step on one file system); False when ``src`` is not there."""
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _set_aside(catalog: Catalog, file_name: str) -> bool:
+    """Move a de-listed image's JPEG and caption sidecar from images/ to delisted/; True when it moved one."""
+    moved = False
+    for src in (catalog.image_path(file_name), catalog.caption_sidecar(file_name)):
+        if src.exists():
+            catalog.delisted_dir.mkdir(parents=True, exist_ok=True)
+            moved = _move(src, catalog.delisted_path(src.name)) or moved
+    return moved
+
+
+def _bring_back(catalog: Catalog, file_name: str) -> bool:
+    """Move a listed-again image's JPEG and sidecar back from delisted/ (only where images/ has none)."""
+    moved = False
+    for src, dst in ((catalog.delisted_path(file_name), catalog.image_path(file_name)),
+                     (catalog.delisted_path(catalog.caption_sidecar(file_name).name), catalog.caption_sidecar(file_name))):
+        if not dst.exists() and _move(src, dst):
+            moved = True
+    return moved
 
 
 def convert_dataset(
@@ -258,13 +311,19 @@ def convert_dataset(
     sweep_temp_files(catalog.root)
     ledger, _rebuilt = open_ledger(catalog)  # a damaged ledger is rebuilt from the dataset, with a warning
     with ledger:
-        records = ledger.images()
-        duplicates = ledger.duplicates()
+        member = current_membership(catalog, ledger)
+        everything = ledger.images()
+        duplicates = [d for d in ledger.duplicates() if member.lists(d.url)]
+    records = [r for r in everything if r.md5 in member]
     key = config_key(cfg)
     state = read_json(catalog.convert_state) or {}
     items: dict[str, dict] = state.get("items", {}) if state.get("config_key") == key and not force else {}
-    summary = ConvertSummary(images=len(records))
+    summary = ConvertSummary(images=len(records), delisted=len(everything) - len(records))
     reasons: Counter[str] = Counter()
+    for rec in records:  # listed again: its files come back from delisted/, nothing is converted again
+        item = items.get(rec.md5)
+        if item is not None and "file_name" in item and not catalog.image_path(item["file_name"]).exists():
+            summary.relisted += int(_bring_back(catalog, item["file_name"]))
     checked: list[str] = []  # images whose JPEG was read to check it (its stat is recorded anew)
     todo = [r for r in records if not _done(items.get(r.md5), catalog, checked)]
     summary.reused = len(records) - len(todo)
@@ -303,6 +362,11 @@ def convert_dataset(
                 save_state()
     if todo or checked or state.get("items") is not items:  # a rerun with nothing new leaves the state as it was
         save_state()
+    listed = {r.md5 for r in records}
+    for rec in everything:  # de-listed: its JPEG and sidecar leave images/ (kept in delisted/ until gc)
+        item = items.get(rec.md5)
+        if rec.md5 not in listed and item is not None and "file_name" in item:
+            summary.set_aside += int(_set_aside(catalog, item["file_name"]))
 
     rows, quarantine = [], []
     for rec in records:
@@ -318,6 +382,8 @@ def convert_dataset(
             "file_name": item["file_name"], "image_url": rec.url, "image_title": title, "tag": rec.tag,
             "md5": rec.md5, "width": item["width"], "height": item["height"],
             "source_format": item["source_format"], "animated": item["animated"],
+            "fit": cfg.fit if item["width"] != item["height"] else "",
+            "source_caption": member.captions.get(rec.md5, ""),
         })
     write_metadata(catalog, rows)
     write_csv_table(catalog.quarantine_csv, ("md5", "image_url", "image_title", "reason"), quarantine)

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from sd_core.ingest.browser import Browser, ListingDeadlineError, walk_listing
 from sd_core.ingest.convert import not_an_image
 from sd_core.ingest.fetch import Fetcher, FetchResult
-from sd_core.ingest.interrupt import sigterm_raises
 from sd_core.ingest.ledger import RETRIED_LATER, Ledger, UrlState
 from sd_core.ingest.recover import NOT_AN_IMAGE_REASONS, convert_items, open_ledger, quarantine_verdicts
 from sd_core.ingest.settings import CrawlConfig, origin_of
+from sd_core.runtime.signals import sigterm_raises
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_bytes, atomic_write_json, read_json, sweep_temp_files
 
@@ -68,7 +68,11 @@ class Listing:
 
     ``walk``: the walk that produced it. After a partial or cut walk, the items it did not reach are those
     of the previous listing, merged after the walked ones: an item removed from an unwalked page stays
-    listed until the next complete walk. ``full_walk_at``: when the last complete walk ran (None: never)."""
+    listed until the next complete walk. ``full_walk_at``: when the last complete walk ran (None: never).
+
+    ``kind``: the source that listed it (``site``, or ``folder``, ``dataset``, ``urls``: see
+    :mod:`sd_core.ingest.source`); ``captions``: item id -> the caption the source gives it (the site gives
+    none). The dataset holds the images of the listed items only (:mod:`sd_core.ingest.membership`)."""
 
     tag: str
     pages: int
@@ -78,6 +82,8 @@ class Listing:
     base_url: str = ""
     walk: Walk = field(default_factory=Walk)
     full_walk_at: str | None = None
+    kind: str = "site"
+    captions: dict[str, str] = field(default_factory=dict)
     walked: int | None = None  # how many of ``items`` (the first ones) the walk read; None: all of them
 
     @property
@@ -85,10 +91,13 @@ class Listing:
         return list(dict.fromkeys(u for u, _, _ in self.items))
 
     def save(self, path: Path) -> None:
+        source = {} if self.kind == "site" else {"kind": self.kind}
+        captions = {"captions": self.captions} if self.captions else {}
         atomic_write_json(path, {"tag": self.tag, "base_url": self.base_url, "pages": self.pages,
                                  "seconds": round(self.seconds, 3), "origins": list(self.origins),
-                                 "walk": asdict(self.walk), "full_walk_at": self.full_walk_at,
-                                 "walked_items": self.walked, "items": [list(i) for i in self.items]}, compact=True)
+                                 "walk": asdict(self.walk), "full_walk_at": self.full_walk_at, **source,
+                                 "walked_items": self.walked, "items": [list(i) for i in self.items], **captions},
+                         compact=True)
 
     @classmethod
     def load(cls, path: Path) -> "Listing":
@@ -103,18 +112,19 @@ class Listing:
         try:
             items = tuple((str(u), str(t), int(p)) for u, t, p in data["items"])
             walk = Walk(**data["walk"]) if data.get("walk") else Walk()
+            captions = {str(k): str(v) for k, v in (data.get("captions") or {}).items()}
             walked = data.get("walked_items")
             return cls(data["tag"], int(data["pages"]), items, float(data.get("seconds", 0.0)),
                        tuple(data.get("origins", ())), data.get("base_url", ""), walk, data.get("full_walk_at"),
-                       None if walked is None else int(walked))
+                       str(data.get("kind", "site")), captions, None if walked is None else int(walked))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it and the next crawl walks "
                              "the whole listing") from None
 
     def same_listing(self, cfg: CrawlConfig) -> bool:
         """Whether this listing was read from the tag and site ``cfg`` lists (a listing saved before the site
-        was recorded matches on the tag)."""
-        return self.tag == cfg.tag and self.base_url in ("", cfg.base_url)
+        was recorded matches on the tag; another source's listing never does)."""
+        return self.kind == "site" and self.tag == cfg.tag and self.base_url in ("", cfg.base_url)
 
     def walk_summary(self) -> dict[str, object]:
         """The walk for the crawl stage's record: kind and why, pages read, why it ended, and an alert if cut."""

@@ -1,6 +1,14 @@
 """Downloading image bytes: one pooled HTTP session, bounded concurrency, retries with backoff
 for 5xx/429/timeouts (never for 404), a per-host rate limit, a total deadline per URL, and a host policy.
 
+Retries are urllib3's :class:`~urllib3.util.retry.Retry` (through requests' ``HTTPAdapter``): which errors and
+statuses are retried, how many times (``crawl.retries``), the exponential back-off (``crawl.backoff_s`` is its
+factor: urllib3 retries the first failure at once, then waits 2×, 4×, ... the factor) and Retry-After (seconds
+or an HTTP date, capped by ``crawl.max_retry_after_s``). :class:`_Retries` changes only how it waits: in the
+download's scope (below), so Ctrl-C and the deadline end a wait at once, each retry also waits for its
+host's rate-limit slot, and a Retry-After that would pass the deadline ends the retries, the answer kept
+(its Retry-After becomes the URL's next try in the ledger).
+
 Deadline: ``timeout_s`` bounds each connect and each socket read, which does not bound a server
 that sends one byte every few seconds. Every download therefore runs in a *scope* with a deadline
 (``download_deadline_s``); a watchdog thread shuts down the sockets of a scope whose deadline passed
@@ -10,25 +18,38 @@ Host policy: images are fetched only from the listing's origin(s) and ``allowed_
 followed by hand (at most ``max_redirects`` hops), each hop checked the same way; and a host is refused
 when it resolves to a private, loopback or link-local address, unless the listing itself is on such an
 address (a local or intranet site). The address actually connected to is checked again (DNS rebinding).
+
+Why a connection class of our own: the deadline and the cancel need each download's sockets from the
+moment they connect (a server may stall before its headers as well as in its body), and the rebinding
+check needs the connected address before the request is sent. Neither requests nor urllib3 hands a
+connection's socket to its caller before the response, so :class:`_GuardedHTTPConnection` (urllib3's
+``HTTPConnection`` with its ``_new_conn``, the hook urllib3's own SOCKS connection overrides) does both.
+It is installed through public hooks: requests' ``HTTPAdapter.get_connection_with_tls_context`` (exposed for
+subclassing) sets urllib3's ``ConnectionCls`` on the pool it returns; no module or PoolManager state is
+patched. tests/test_crawl_safety.py checks what needs it, and both tests fail with a plain connection class
+(measured): a server silent for 8 s before its headers is cut at the 2 s deadline
+(``test_a_server_silent_before_its_headers_is_cut_at_the_deadline``; without the hook the download took
+8.0 s, as only ``timeout_s`` bounds that wait), and an address that changed between the policy's check and
+the connection is refused before the request (``test_an_address_that_changes_after_the_check_is_refused_
+before_the_request``; without the hook the image was downloaded).
 """
 
 from __future__ import annotations
 
-import email.utils
 import ipaddress
 import socket
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import InvalidHeader, MaxRetryError, ResponseError
+from urllib3.util.retry import Retry
 
 from sd_core.ingest.convert import not_an_image
 from sd_core.ingest.settings import CrawlConfig, origin_of, parse_host_rule
@@ -166,11 +187,17 @@ def _shutdown(sock: socket.socket | None) -> None:
 
 
 class _Scope:
-    """One URL's download: its deadline, the sockets it uses, and why it was stopped (if it was)."""
+    """One URL's download: its deadline, the sockets it uses, why it was stopped (if it was), and what its
+    waits need (the crawl's cancel event, the per-host rate limiter, the URL of the hop in flight)."""
 
-    def __init__(self, deadline: float, policy: HostPolicy) -> None:
+    def __init__(self, deadline: float, policy: HostPolicy, cancelled: threading.Event,
+                 limiter: "HostRateLimiter") -> None:
         self.deadline = deadline
         self.policy = policy
+        self.cancelled = cancelled
+        self.limiter = limiter
+        self.url = ""  # the hop in flight
+        self.gave_up_s: float | None = None  # the pause a server asked for past the deadline (no more retries)
         self.stopped: Literal["deadline", "cancelled"] | None = None
         self.requests = 0
         self._finished = False
@@ -179,6 +206,19 @@ class _Scope:
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds``, and for the host's next rate-limit slot; :class:`_Aborted` at once when the crawl
+        is cancelled or the deadline passes first."""
+        seconds = max(seconds, self.limiter.delay(self.url))
+        if seconds > 0:
+            self.cancelled.wait(min(seconds, max(self.remaining(), 0.0)))
+        if self.cancelled.is_set():
+            self.stop("cancelled")
+        elif self.remaining() <= 0:
+            self.stop("deadline")
+        if self.stopped:
+            raise _Aborted(self.stopped)
 
     def attach(self, sock: socket.socket | None) -> None:
         """Called from the connection code in the downloading thread for every socket it uses."""
@@ -262,8 +302,11 @@ class _GuardedMixin:
     sock: socket.socket | None
 
     def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()  # type: ignore[misc]
         scope = _scope()
+        if scope is not None and self.timeout is not None:  # type: ignore[attr-defined]
+            # a retry's connect, too, ends by the deadline (a connect in progress has no socket to shut yet)
+            self.timeout = max(min(self.timeout, scope.remaining()), 0.001)  # type: ignore[attr-defined]
+        sock = super()._new_conn()  # type: ignore[misc]
         if scope is not None:
             scope.attach(sock)
             if not self.proxy:
@@ -293,27 +336,64 @@ class _GuardedHTTPSConnection(_GuardedMixin, HTTPSConnection):
     pass
 
 
-class _GuardedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _GuardedHTTPConnection
-
-
-class _GuardedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
-
-
-_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+_GUARDED = {HTTPConnection: _GuardedHTTPConnection, HTTPSConnection: _GuardedHTTPSConnection}
 
 
 class _GuardedAdapter(HTTPAdapter):
-    def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = dict(_POOLS)
+    """requests' adapter whose pools make guarded connections (urllib3's ``ConnectionCls``, set on each pool
+    before it connects; a SOCKS proxy's pools keep their own connection class)."""
 
-    def proxy_manager_for(self, proxy, **kwargs):  # type: ignore[no-untyped-def]
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        if not proxy.lower().startswith("socks"):  # SOCKS managers bring their own connection classes
-            manager.pool_classes_by_scheme = dict(_POOLS)
-        return manager
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):  # type: ignore[no-untyped-def]
+        pool = super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        guarded = _GUARDED.get(pool.ConnectionCls)
+        if guarded is not None:
+            pool.ConnectionCls = guarded
+        return pool
+
+
+class _Retries(Retry):
+    """urllib3's Retry, waiting through the download's scope (see the module docstring): a wait ends at once
+    on Ctrl-C or at the deadline, also waits for the host's rate-limit slot, and a pause asked for past the
+    deadline ends the retries with the server's answer."""
+
+    RETRY_AFTER_STATUS_CODES = frozenset({429, 503})  # urllib3's also retries a 413 that has one
+
+    def get_retry_after(self, response: Any) -> float | None:
+        try:
+            return super().get_retry_after(response)
+        except InvalidHeader:  # neither seconds nor an HTTP date: as if none was sent
+            return None
+
+    def pause_s(self, response: Any = None) -> float:
+        """What :meth:`sleep` waits before the next try: the server's Retry-After, else the back-off."""
+        asked = self.get_retry_after(response) if response is not None and self.respect_retry_after_header else None
+        return asked if asked else self.get_backoff_time()
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None,  # type: ignore[no-untyped-def]
+                  _stacktrace=None):
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)  # MaxRetryError when exhausted
+        scope = _scope()
+        if scope is not None and response is not None and retry.pause_s(response) >= scope.remaining():
+            scope.gave_up_s = retry.pause_s(response)  # urllib3 then returns this answer (raise_on_status=False)
+            raise MaxRetryError(_pool, url, ResponseError(f"asked to retry after {scope.gave_up_s:.0f}s"))
+        return retry
+
+    def sleep(self, response: Any = None) -> None:
+        scope = _scope()
+        if scope is None:
+            super().sleep(response)
+            return
+        scope.pause(self.pause_s(response))
+        scope.requests += 1  # the next try starts now
+
+
+def _retries(cfg: CrawlConfig) -> Retry:
+    """The crawl's retry policy: 5xx and 429 answers, failed connections and reads (never 404)."""
+    honour = cfg.max_retry_after_s > 0
+    return _Retries(total=cfg.retries, status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET"}),
+                    backoff_factor=cfg.backoff_s, raise_on_status=False, redirect=False,
+                    respect_retry_after_header=honour,
+                    retry_after_max=cfg.max_retry_after_s if honour else Retry.DEFAULT_RETRY_AFTER_MAX)
 
 
 # -- the downloader ------------------------------------------------------------------------------------
@@ -342,22 +422,6 @@ class HostRateLimiter:
         time.sleep(self.delay(url))
 
 
-def _retry_after(resp: requests.Response) -> float:
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return 0.0
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return 0.0
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
-
-
 def network_error(e: requests.RequestException) -> str:
     """A connection-level failure in a few words (``connection refused``, ``host not found``, ...): the
     cause, not requests' and urllib3's nested reprs."""
@@ -366,7 +430,7 @@ def network_error(e: requests.RequestException) -> str:
         return "TLS error"
     if isinstance(e, requests.exceptions.ConnectTimeout):
         return "timed out connecting"
-    if isinstance(e, requests.Timeout):
+    if isinstance(e, requests.Timeout) or "Read timed out" in text:  # the last of urllib3's retries timed out
         return "timed out reading"
     for needle, words in (
         ("Connection refused", "connection refused"),
@@ -393,7 +457,8 @@ class Fetcher:
         self.cfg = cfg
         self.policy = HostPolicy(cfg, listing_origins)
         self.limiter = HostRateLimiter(cfg.max_requests_per_second)
-        adapter = _GuardedAdapter(pool_connections=4, pool_maxsize=cfg.download_workers, max_retries=0)
+        self.retries = _retries(cfg)
+        adapter = _GuardedAdapter(pool_connections=4, pool_maxsize=cfg.download_workers, max_retries=self.retries)
         self.session = requests.Session()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -412,7 +477,7 @@ class Fetcher:
     def fetch(self, url: str) -> FetchResult:
         if self._stop.is_set():
             return FetchResult(url, "cancelled", 0)
-        scope = _Scope(time.monotonic() + self.cfg.download_deadline_s, self.policy)
+        scope = _Scope(time.monotonic() + self.cfg.download_deadline_s, self.policy, self._stop, self.limiter)
         self._watchdog.add(scope)
         _local.scope = scope
         result: FetchResult | None = None
@@ -455,48 +520,23 @@ class Fetcher:
         return FetchResult(url, "failed", scope.requests,
                            error=f"too many redirects: more than {self.cfg.max_redirects} (crawl.max_redirects)")
 
-    def _sleep(self, seconds: float, scope: _Scope) -> None:
-        if seconds > 0:
-            self._stop.wait(min(seconds, max(scope.remaining(), 0.0)))
-        if self._stop.is_set():
-            scope.stop("cancelled")
-        elif scope.remaining() <= 0:
-            scope.stop("deadline")
-        if scope.stopped:
-            raise _Aborted(scope.stopped)
-
     def _get(self, url: str, current: str, scope: _Scope) -> requests.Response | FetchResult:
-        """GET ``current`` (one hop), retrying 5xx/429 and connection errors; a response or a final failure."""
-        wait = 0.0
-        error = "error"
-        for attempt in range(self.cfg.retries + 1):
-            self._sleep(max(wait, self.limiter.delay(current)), scope)
-            scope.requests += 1
-            connect = max(min(self.cfg.timeout_s, scope.remaining()), 0.001)
-            try:
-                resp = self.session.get(current, timeout=(connect, self.cfg.timeout_s), stream=True,
-                                        allow_redirects=False)
-            except (requests.ConnectionError, requests.Timeout) as e:
-                if scope.stopped:
-                    raise _Aborted(scope.stopped) from None
-                error = f"{network_error(e)}: {current}"[:300]
-                wait = self.cfg.backoff_s * 2**attempt
-                continue
-            except requests.RequestException as e:
-                if scope.stopped:
-                    raise _Aborted(scope.stopped) from None
-                return FetchResult(url, "failed", scope.requests, error=f"{type(e).__name__}: {e}"[:300])
-            if resp.status_code in RETRY_STATUSES and attempt < self.cfg.retries:
-                asked = self._retry_after(resp)
-                wait = max(self.cfg.backoff_s * 2**attempt, asked or 0.0)
-                resp.close()
-                if wait >= scope.remaining():  # the server asks for a pause past the deadline: give up now
-                    return FetchResult(url, "failed", scope.requests, resp.status_code,
-                                       error=f"HTTP {resp.status_code} (asked to retry after {wait:.0f}s)",
-                                       retry_after_s=asked)
-                continue
-            return resp
-        return FetchResult(url, "failed", scope.requests, error=error)
+        """GET ``current`` (one hop; urllib3 retries it, see :class:`_Retries`): a response or a final failure."""
+        scope.url, scope.gave_up_s = current, None
+        scope.pause(0.0)  # the host's rate-limit slot
+        scope.requests += 1
+        connect = max(min(self.cfg.timeout_s, scope.remaining()), 0.001)
+        try:
+            return self.session.get(current, timeout=(connect, self.cfg.timeout_s), stream=True,
+                                    allow_redirects=False)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            if scope.stopped:
+                raise _Aborted(scope.stopped) from None
+            return FetchResult(url, "failed", scope.requests, error=f"{network_error(e)}: {current}"[:300])
+        except requests.RequestException as e:
+            if scope.stopped:
+                raise _Aborted(scope.stopped) from None
+            return FetchResult(url, "failed", scope.requests, error=f"{type(e).__name__}: {e}"[:300])
 
     def _answer(self, url: str, resp: requests.Response, scope: _Scope) -> FetchResult:
         status = resp.status_code
@@ -504,7 +544,9 @@ class Fetcher:
             return FetchResult(url, "gone", scope.requests, status, error=f"HTTP {status}")
         if status != 200:
             asked = self._retry_after(resp) if status in RETRY_STATUSES else None
-            return FetchResult(url, "failed", scope.requests, status, error=f"HTTP {status}", retry_after_s=asked)
+            why = f" (asked to retry after {scope.gave_up_s:.0f}s)" if scope.gave_up_s is not None else ""
+            return FetchResult(url, "failed", scope.requests, status, error=f"HTTP {status}{why}",
+                               retry_after_s=asked)
         too_big = f"larger than {self.cfg.max_image_bytes} bytes"
         declared = resp.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self.cfg.max_image_bytes:
@@ -528,9 +570,9 @@ class Fetcher:
 
     def _retry_after(self, resp: requests.Response) -> float | None:
         """The answer's Retry-After in seconds, at most ``crawl.max_retry_after_s``; None without one."""
-        if not resp.headers.get("Retry-After") or self.cfg.max_retry_after_s <= 0:
+        if not self.retries.respect_retry_after_header:
             return None
-        return min(_retry_after(resp), self.cfg.max_retry_after_s)
+        return self.retries.get_retry_after(resp.raw)
 
     def _read_capped(self, resp: requests.Response) -> bytes | None:
         chunks: list[bytes] = []

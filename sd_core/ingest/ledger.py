@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS urls (
     size         INTEGER,          -- of the body fetched (status ok)
     content_type TEXT,
     failures     INTEGER NOT NULL DEFAULT 0,  -- failed in a row
-    next_try     TEXT              -- a failed URL is not fetched again before this (UTC)
+    next_try     TEXT,             -- a failed URL is not fetched again before this (UTC)
+    version      TEXT              -- a local source's item as it was read (folder: size and mtime); NULL for URLs
 );
 CREATE TABLE IF NOT EXISTS images (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -85,6 +86,7 @@ _ADDED_COLUMNS = (
     ("content_type", "TEXT"),
     ("failures", "INTEGER NOT NULL DEFAULT 0"),
     ("next_try", "TEXT"),
+    ("version", "TEXT"),
 )
 
 
@@ -97,6 +99,8 @@ class UrlState:
     status: FetchStatus | None
     failures: int
     next_try: datetime | None
+    version: str | None = None  # what a local source's item was when it was read (see Ledger.record_fetch)
+    md5: str | None = None  # of the bytes it gave when fetched fine
 
     def due(self, now: datetime) -> bool:
         """A failed URL whose back-off has passed (or that has none)."""
@@ -212,11 +216,11 @@ class Ledger:
             for i in range(0, len(urls), 500):
                 chunk = urls[i : i + 500]
                 q = ",".join("?" * len(chunk))
-                for url, status, failures, next_try in self._db.execute(
-                    f"SELECT url, status, failures, next_try FROM urls WHERE url IN ({q})", chunk
+                for url, status, failures, next_try, version, md5 in self._db.execute(
+                    f"SELECT url, status, failures, next_try, version, md5 FROM urls WHERE url IN ({q})", chunk
                 ):
                     when = datetime.fromisoformat(next_try) if next_try else None
-                    out[url] = UrlState(status, int(failures or 0), when)
+                    out[url] = UrlState(status, int(failures or 0), when, version, md5)
             return out
 
     def record_fetch(
@@ -233,10 +237,12 @@ class Ledger:
         backoff_s: float = 0.0,
         backoff_max_s: float = 0.0,
         not_before_s: float = 0.0,
+        version: str | None = None,
     ) -> None:
         """Record one fetch outcome (its own transaction). A failed URL waits
         ``backoff_s * 2**(failures - 1)`` seconds (at most ``backoff_max_s``), and at least ``not_before_s``
-        (what the server asked for in Retry-After), before its next try."""
+        (what the server asked for in Retry-After), before its next try. ``version``: what a local source's
+        item was when read (a folder's file: its size and mtime), so that it is read again only when it changes."""
         now = datetime.now(timezone.utc)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -249,9 +255,9 @@ class Ledger:
                     next_try = (now + timedelta(seconds=wait)).isoformat(timespec="seconds") if wait > 0 else None
                 self._db.execute(
                     "UPDATE urls SET status=?, md5=?, http_status=?, error=?, attempts=attempts+?, fetched_at=?, "
-                    "size=?, content_type=?, failures=?, next_try=? WHERE url=?",
+                    "size=?, content_type=?, failures=?, next_try=?, version=? WHERE url=?",
                     (status, md5, http_status, error, attempts, now.isoformat(timespec="seconds"), size,
-                     content_type, failures, next_try, url),
+                     content_type, failures, next_try, version, url),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -262,6 +268,17 @@ class Ledger:
         """The latest ``next_try`` among ``urls`` (when all of them may be tried again), or None."""
         when = [st.next_try for st in self.states(urls).values() if st.next_try is not None]
         return max(when, default=None)
+
+    def fetched_md5s_of(self, urls: list[str]) -> dict[str, str]:
+        """url -> md5 of the bytes each of ``urls`` gave, for those fetched fine (duplicates included)."""
+        out: dict[str, str] = {}
+        with self._lock:
+            for i in range(0, len(urls), 500):
+                chunk = urls[i : i + 500]
+                q = ",".join("?" * len(chunk))
+                out.update(self._db.execute(
+                    f"SELECT url, md5 FROM urls WHERE status = 'ok' AND md5 IS NOT NULL AND url IN ({q})", chunk))
+        return out
 
     def image_urls(self) -> dict[str, str]:
         """md5 -> the URL each image was first fetched from."""

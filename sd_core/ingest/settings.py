@@ -90,7 +90,11 @@ class CrawlConfig(StrictModel):
     download_workers: int = Field(8, ge=1, le=64)
     max_requests_per_second: float = Field(10.0, ge=0, description="per host; 0 disables the limit")
     retries: int = Field(3, ge=0, le=10, description="retries of 5xx, 429 and timeouts; 404 is never retried")
-    backoff_s: float = Field(0.5, ge=0)
+    backoff_s: float = Field(
+        0.5, ge=0,
+        description="back-off factor of the retries within a run (urllib3's Retry): the first retry at once, "
+        "then after 2x, 4x, ... this many seconds",
+    )
     timeout_s: float = Field(20.0, gt=0, description="longest wait to connect and for each read of a download")
     download_deadline_s: float = Field(
         60.0, gt=0,

@@ -45,6 +45,24 @@ def _sites(rows: list[dict[str, str]]) -> list[str]:
     return [h for h, _ in hosts.most_common()]
 
 
+_LOCAL_KINDS = {"folder": "a folder of images", "dataset": "a dataset"}
+
+
+def _local_sources(rows: list[dict[str, str]]) -> list[str]:
+    """The kinds of local source the rows come from (``image_url`` = ``folder:…`` or ``dataset:…``)."""
+    return sorted({k for r in rows if (k := r.get("image_url", "").split(":", 1)[0]) in _LOCAL_KINDS})
+
+
+def source_text(facts: dict[str, Any], *, tag_word: str = "tag") -> str:
+    """Where the images came from, for a card: the tag(s) on the site(s) (or the URL list's hosts), a folder, a
+    dataset."""
+    tags = ", ".join(f"`{t}`" for t in facts["tags"]) or "(none)"
+    parts = [f"{_LOCAL_KINDS[k]} (named {tags})" for k in facts.get("local_sources", [])]
+    if facts["sites"] or not parts:
+        parts.insert(0, f"the images listed under the {tag_word} {tags} on {', '.join(facts['sites']) or '(unknown)'}")
+    return " and ".join(parts)
+
+
 def dataset_summary(catalog: Catalog, md5s: set[str] | None = None) -> dict[str, Any]:
     """What the data directory holds (only the rows of ``md5s`` when given): counts, sources and captioners."""
     rows = [r for r in read_metadata(catalog) if md5s is None or r.get("md5") in md5s]
@@ -52,6 +70,7 @@ def dataset_summary(catalog: Catalog, md5s: set[str] | None = None) -> dict[str,
         "images": len(rows),
         "tags": sorted({r.get("tag", "") for r in rows} - {""}),
         "sites": _sites(rows),
+        "local_sources": _local_sources(rows),
         "captioners": dict(Counter(r.get("captioner") or "unknown" for r in rows).most_common()),
         "flagged": sum(1 for r in rows if r.get("caption_flagged") == "True"),
         "duplicates": _count_rows(catalog.duplicates_csv),
@@ -68,9 +87,9 @@ def dataset_card(catalog: Catalog, *, captioner: str | None = None, repo_id: str
     facts = dataset_summary(catalog)
     tags, sites = facts["tags"], facts["sites"]
     duplicates, quarantined, flagged = facts["duplicates"], facts["quarantined"], facts["flagged"]
-    tag_text = ", ".join(f"`{t}`" for t in tags) or "(none)"
-    site_text = ", ".join(sites) or "(unknown)"
-    title = f"{' / '.join(tags) or 'Emoji'} emoji from {sites[0] if sites else 'the web'}"
+    local = facts["local_sources"]
+    origin = sites[0] if sites else _LOCAL_KINDS[local[0]] if local else "the web"
+    title = f"{' / '.join(tags) or 'Emoji'} emoji from {origin}"
     by_captioner = ", ".join(f"{name}: {n}" for name, n in facts["captioners"].items()) or "none yet"
     captioner = captioner or ", ".join(facts["captioners"]) or "no captioner yet"
     header = DatasetCardData(
@@ -90,8 +109,8 @@ def dataset_card(catalog: Catalog, *, captioner: str | None = None, repo_id: str
 
 {MARKER}
 
-- **Source**: the images listed under the tag {tag_text} on {site_text}. Each row's `image_url` and
-  `image_title` say where it was found and under which title.
+- **Source**: {source_text(facts)}. Each row's `image_url` and `image_title` say where it was found
+  (a URL, or `folder:<path>` / `dataset:<md5>`) and under which title.
 - **Images**: {facts["images"]} unique images (by md5 of the downloaded bytes), converted to RGB JPEG with
   transparency flattened on a background colour.
 - **Duplicates**: {duplicates} listed URLs whose bytes equal an image already kept (not in the dataset;
@@ -105,7 +124,8 @@ def dataset_card(catalog: Catalog, *, captioner: str | None = None, repo_id: str
 
 The images are the work of the site's uploaders and carry the licence the source site grants (see its
 terms), **not** emoji-sd's: the MIT licence of emoji-sd covers its code only. Check the site's terms
-before you redistribute the images or publish a model trained on them. The captions are machine-written.
+before you redistribute the images or publish a model trained on them. The captions are machine-written,
+but those whose `captioner` is `user` (given by the source or edited by hand).
 
 ## Files
 
@@ -116,7 +136,8 @@ before you redistribute the images or publish a model trained on them. The capti
 | `{IMAGES}/*.txt` | the caption of the image of the same name (kohya, SimpleTuner, OneTrainer), when written |
 
 metadata.csv's columns: `file_name` (the image, relative to this folder), `image_url`, `image_title`, `tag`,
-`md5`, `width`, `height`, `source_format`, `animated`, `prompt` (the caption), `captioner`, `caption_flagged`.
+`md5`, `width`, `height`, `source_format`, `animated`, `fit` (how training makes a non-square image square),
+`source_caption` (the caption the source gave), `prompt` (the caption), `captioner`, `caption_flagged`.
 
 ## Loading
 

@@ -29,16 +29,15 @@ class Catalog:
 
     @staticmethod
     def dataset_file_name(file_name: str) -> str:
-        """A metadata ``file_name`` in today's form: a bare name (written before file names were relative
-        to metadata.csv) is an image of ``images/``. Absolute paths and ``..`` are refused."""
-        head, sep, tail = file_name.partition("/")
-        if sep and tail and "/" not in tail and "\\" not in file_name and head not in ("", ".", "..") \
-                and tail not in (".", ".."):
-            return file_name  # ``folder/name``, as written today: what the general case below returns (per row: fast)
+        """A metadata ``file_name`` checked and with ``/`` separators: relative to metadata.csv, as ``datasets``'
+        imagefolder reads it (a bare name is a file beside metadata.csv). Absolute paths and ``..`` are refused."""
+        if file_name and "\\" not in file_name and file_name[0] != "/" and not any(
+                p in ("", ".", "..") for p in file_name.split("/")):
+            return file_name  # already in that form (every row of a table written today): what follows returns
         path = PurePosixPath(file_name.replace("\\", "/"))
         if not file_name or path.is_absolute() or ".." in path.parts:
             raise ValueError(f"metadata.csv file_name must be a path inside the data directory, got {file_name!r}")
-        return str(path) if len(path.parts) > 1 else f"{IMAGES}/{path}"
+        return str(path)
 
     def image_path(self, file_name: str) -> Path:
         """Where the image of a metadata.csv ``file_name`` is."""
@@ -47,6 +46,22 @@ class Catalog:
     def caption_sidecar(self, file_name: str) -> Path:
         """The caption beside an image (``images/Blobs_0000001.txt``), as kohya, SimpleTuner and OneTrainer read it."""
         return self.image_path(file_name).with_suffix(".txt")
+
+    @property
+    def delisted_dir(self) -> Path:
+        """``delisted/``: the JPEGs and caption sidecars of images their source no longer lists (out of the
+        dataset; moved back to ``images/`` when listed again, removed by ``emoji-sd gc``)."""
+        return self.root / "delisted"
+
+    def delisted_path(self, file_name: str) -> Path:
+        """Where a de-listed image's file (``Blobs_0000001.jpg`` or its ``.txt``) is kept."""
+        return self.delisted_dir / PurePosixPath(file_name.replace("\\", "/")).name
+
+    @property
+    def sidecar_record(self) -> Path:
+        """What the caption stage wrote into each caption sidecar (a hash per file), so that a sidecar edited
+        by hand since is told apart from one the pipeline wrote."""
+        return self.state_dir / "sidecars.json"
 
     @property
     def dataset_card(self) -> Path:
@@ -183,19 +198,10 @@ class Catalog:
         hidden folders."""
         return self.state_dir / ".stages" / f"{stage}.json"
 
-    def legacy_stage_manifest(self, stage: str) -> Path:
-        """Where data directories written before kept the record (moved on the stage's next record)."""
-        return self.state_dir / "stages" / f"{stage}.json"
-
     @property
     def run_file(self) -> Path:
         """The processes the current (or last) run started, so the next run can stop what a killed one left."""
         return self.state_dir / "run.json"
-
-    @property
-    def caption_sidecars_index(self) -> Path:
-        """What the caption stage last wrote to each ``images/<name>.txt`` (a digest per file)."""
-        return self.state_dir / "sidecars.json"
 
     @property
     def captions_dir(self) -> Path:
@@ -207,8 +213,8 @@ class Catalog:
         return {
             "crawl": (self.raw_dir, self.ledger_db, self.listing_json),
             "convert": (self.images_dir, self.metadata_csv, self.duplicates_csv, self.quarantine_dir,
-                        self.convert_state),
-            "caption": (self.captions_dir, self.caption_sidecars_index),
+                        self.convert_state, self.delisted_dir),
+            "caption": (self.captions_dir,),
             "vae": (self.vae_dir,),
             "encode": (self.latent_store, self.text_store),
             "train": (self.train_dir,),

@@ -1,9 +1,7 @@
 """The dataset table, ``metadata.csv``: one row per unique image, columns added by later stages.
 
 ``file_name`` is relative to metadata.csv (``images/Blobs_0000001.jpg``), so ``datasets``' imagefolder
-reads the data directory as it is. Data directories written before held bare names (``Blobs_0000001.jpg``):
-:func:`read_metadata` returns them in today's form and every write stores that form, so the next run
-migrates the file without changing anything a stage key hashes (md5s and captions).
+reads the data directory as it is.
 
 Cells are written spreadsheet-safe: text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
 return would be run as a formula by Excel or LibreOffice, so it is written with a leading ``'`` (OWASP's
@@ -24,8 +22,11 @@ from typing import Iterable
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import write_if_changed
 
+# ``fit``: how the model's square input is made of a non-square image (pad, crop, stretch; empty for a square
+# one); ``source_caption``: the caption the source gives the image (a folder's .txt, a caption column), if any.
 METADATA_COLUMNS = (
     "file_name", "image_url", "image_title", "tag", "md5", "width", "height", "source_format", "animated",
+    "fit", "source_caption",
 )
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
@@ -48,7 +49,7 @@ class _Parsed:
     digest: bytes  # of the file's bytes
     header: tuple[str, ...]
     rows: list[dict[str, str]]  # as read_metadata returns them (unescaped, file names in today's form)
-    migrated: bool  # some file_name was read in the old form (the file itself still holds it)
+    respelled: bool  # some file_name was read in another spelling (``\\`` or ``./``): the file still holds it
 
 
 # The last metadata.csv parsed (or written) in this process, by a digest of its bytes: a run reads the table in
@@ -88,13 +89,13 @@ def _parsed(catalog: Catalog) -> _Parsed | None:
             continue
         values: list[str | None] = [c[1:] if c.startswith("'") else c for c in cells[:width]]
         rows.append(dict(zip(header, values + [None] * (width - len(values)))))
-    migrated = False
+    respelled = False
     for row in rows:
         if row.get("file_name"):
             name = catalog.dataset_file_name(row["file_name"])
-            migrated = migrated or name != row["file_name"]
+            respelled = respelled or name != row["file_name"]
             row["file_name"] = name
-    hit = _Parsed(digest, tuple(header), rows, migrated)
+    hit = _Parsed(digest, tuple(header), rows, respelled)
     _remember(path, hit)
     return hit
 
@@ -107,23 +108,6 @@ def read_metadata(catalog: Catalog) -> list[dict[str, str]]:
     return [] if hit is None else [dict(row) for row in hit.rows]
 
 
-def needs_migration(catalog: Catalog) -> bool:
-    """Whether metadata.csv still holds file names of the old form (bare, not relative to the csv)."""
-    try:
-        with open(catalog.metadata_csv, newline="", encoding="utf-8") as f:
-            return any(r.get("file_name") and "/" not in r["file_name"] for r in csv.DictReader(f))
-    except FileNotFoundError:
-        return False
-
-
-def migrate_metadata(catalog: Catalog) -> bool:
-    """Rewrite an old metadata.csv with file names relative to it (nothing else changes); True when it did."""
-    if not needs_migration(catalog):
-        return False
-    update_metadata(catalog, {})
-    return True
-
-
 def _cells(row: dict[str, object], columns: list[str]) -> list[str]:
     """A row's values as the CSV holds them (what ``csv`` writes for each, before escaping)."""
     return [v if v.__class__ is str else "" if v is None else str(v) for v in map(row.get, columns)]
@@ -134,7 +118,7 @@ def _write_table(catalog: Catalog, header: list[str], rows: list[list[str]]) -> 
     them already; True when it wrote. The check compares with the parsed table, not the bytes, so an unchanged
     table costs no CSV encoding; a file still in the old form is always rewritten."""
     old = _parsed(catalog)
-    if (old is not None and not old.migrated and old.header == tuple(header) and len(old.rows) == len(rows)
+    if (old is not None and not old.respelled and old.header == tuple(header) and len(old.rows) == len(rows)
             and all([r.get(c) for c in header] == new for r, new in zip(old.rows, rows))):
         return False
     buf = io.StringIO()

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
-
-import psutil
+from typing import Any, Literal, Sequence
 
 from sd_core.store.catalog import Catalog
-from sd_core.store.children import started
 from sd_core.store.files import atomic_write_json, json_problem, read_json
 
 log = logging.getLogger(__name__)
@@ -103,13 +99,6 @@ def load_failure(catalog: Catalog, stage: str) -> StageResult | None:
 def save_stage(catalog: Catalog, result: StageResult) -> None:
     atomic_write_json(catalog.stage_manifest(result.stage), asdict(result))
     failure_manifest(catalog, result.stage).unlink(missing_ok=True)
-    legacy = catalog.legacy_stage_manifest(result.stage)
-    if legacy.exists():
-        legacy.unlink()
-        try:
-            legacy.parent.rmdir()
-        except OSError:  # other stages' records are still there
-            pass
 
 
 def skipped_stage(catalog: Catalog, stage: str, why: str) -> StageResult:
@@ -128,84 +117,35 @@ def record_stage(
     return result
 
 
-def running_marker(catalog: Catalog, stage: str) -> Path:
-    return catalog.stage_manifest(stage).with_suffix(".running")
-
-
-@contextmanager
-def mark_running(catalog: Catalog, stage: str) -> Iterator[None]:
-    """While a stage runs, ``state/stages/<stage>.running`` names the process; it is removed when the stage
-    ends, ran or failed. One left behind by a killed process says the stage was interrupted."""
-    me = psutil.Process()
-    atomic_write_json(running_marker(catalog, stage), {
-        "pid": me.pid, "started": started(me), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    try:
-        yield
-    finally:
-        running_marker(catalog, stage).unlink(missing_ok=True)
-
-
-def run_stage(catalog: Catalog, stage: str, run: Callable[[], StageResult]) -> StageResult:
-    """Run one stage (marked running meanwhile). Any exception it raises is recorded as its failure and
-    returned as a ``failed`` result; a success clears an earlier failure. Ctrl-C and SIGTERM propagate."""
-    start = time.perf_counter()
-    with mark_running(catalog, stage):
-        try:
-            result = run()
-        except Exception as e:  # noqa: BLE001 - whatever a stage raises is its failure, recorded with its reason
-            return record_failure(catalog, stage, e, time.perf_counter() - start)
-    failure_manifest(catalog, stage).unlink(missing_ok=True)
-    return result
-
-
-def running_state(catalog: Catalog, stage: str) -> str | None:
-    """'running' (its process is alive), 'interrupted' (its process is gone, or its pid now names another
-    process, as after a reboot) or None (not marked)."""
-    data, why = json_problem(running_marker(catalog, stage))
-    if why is not None:
-        return "interrupted"  # a marker cut short: the process that wrote it was killed while writing it
-    if not data:
-        return None
-    try:
-        proc = psutil.Process(int(data["pid"]))
-        if "started" in data and abs(started(proc) - float(data["started"])) > 1e-3:
-            return "interrupted"
-    except (psutil.Error, ValueError, KeyError, TypeError):
-        return "interrupted"
-    return "running"
-
-
 def stage_record_problem(catalog: Catalog, stage: str) -> tuple[Path, str] | None:
     """The stage's record file and what is wrong with it, when it exists but does not read as a record."""
-    for path in (catalog.stage_manifest(stage), catalog.legacy_stage_manifest(stage)):
-        data, why = json_problem(path)
-        if why is None and data is None:
-            continue
-        if why is None:
-            try:
-                StageResult(**data)
-                return None
-            except TypeError:
-                why = "not a stage record"
-        return path, why
-    return None
+    path = catalog.stage_manifest(stage)
+    data, why = json_problem(path)
+    if why is None and data is None:
+        return None
+    if why is None:
+        try:
+            StageResult(**data)
+            return None
+        except TypeError:
+            why = "not a stage record"
+    return path, why
 
 
 def load_stage(catalog: Catalog, stage: str, *, warn: bool = True) -> StageResult | None:
     """What ``stage`` did last, None when it never ran. A damaged record (empty, truncated, garbled) counts as
     none, with a warning naming it; the stage's next run rewrites it."""
-    for path in (catalog.stage_manifest(stage), catalog.legacy_stage_manifest(stage)):
-        data, why = json_problem(path)
-        if why is None and data is None:
-            continue
-        if why is None:
-            try:
-                return StageResult(**data)
-            except TypeError:
-                why = "not a stage record"
-        if warn:
-            log.warning("%s is damaged (%s); ignored: the stage's next run rewrites it", path, why)
+    path = catalog.stage_manifest(stage)
+    data, why = json_problem(path)
+    if why is None and data is None:
         return None
+    if why is None:
+        try:
+            return StageResult(**data)
+        except TypeError:
+            why = "not a stage record"
+    if warn:
+        log.warning("%s is damaged (%s); ignored: the stage's next run rewrites it", path, why)
     return None
 
 

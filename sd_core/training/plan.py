@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sd_core.diffusion.champion import champion_run
-from sd_core.encode.encoders import latent_key_base, text_key_base
+from sd_core.encode.encoders import KEYED_FITS, latent_key_base, text_key_base
 from sd_core.encode.pairs import split_marker
 from sd_core.encode.stage import EncodeStageConfig
 from sd_core.store.catalog import Catalog
@@ -71,8 +71,10 @@ def shaping(cfg: TrainStageConfig, enc: EncodeStageConfig) -> dict[str, Any]:
 
 
 def dataset_items(catalog: Catalog) -> list[list[str]]:
-    """(image md5, caption hash) of every dataset row: the item set a run trains on."""
-    return [[r["md5"], sha256_text(r["prompt"])[:16]] for r in read_metadata(catalog)]
+    """(image md5, caption hash) of every dataset row, and how a non-square image is made square (pad, crop)
+    where that changes its latents: the item set a run trains on."""
+    return [[r["md5"], sha256_text(r["prompt"])[:16], *([r["fit"]] if r.get("fit") in KEYED_FITS else [])]
+            for r in read_metadata(catalog)]
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ def _own_plan(cfg: TrainStageConfig, run_dir: Path) -> tuple[dict[str, Any] | No
 def plan_run(cfg: TrainStageConfig, enc: EncodeStageConfig, catalog: Catalog) -> RunPlan:
     """The run the train stage owes now (``enc`` resolved). Reads the disk; writes nothing."""
     fields, items = shaping(cfg, enc), dataset_items(catalog)
-    split = split_marker([md5 for md5, _ in items], cfg.val_fraction, cfg.split_seed, cfg.val_min_items)
+    split = split_marker([item[0] for item in items], cfg.val_fraction, cfg.split_seed, cfg.val_min_items)
     key = stable_hash({"shaping": fields, "items": items, **split})  # split: {} unless val_min_items moved it
     run_dir = catalog.run_dir(f"run-{key}")
     own, damaged = _own_plan(cfg, run_dir)

@@ -7,7 +7,7 @@ from typing import Any
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_json, read_json, stable_hash
 from sd_core.store.metadata import read_metadata
-from sd_core.vae.train import LEGACY_METRICS_JSON, METRICS_JSON, VAETrainConfig, train_vae
+from sd_core.vae.train import VAETrainConfig, train_vae
 
 CODE_VERSION = 1
 
@@ -22,13 +22,10 @@ def ensure_vae(cfg: VAETrainConfig, catalog: Catalog, *, force: bool = False, pr
                ) -> tuple[bool, dict[str, Any]]:
     """Train the dataset's VAE unless one with these settings exists; returns (trained now, metrics)."""
     marker = catalog.vae_dir / "emoji_sd_vae.json"
-    legacy = catalog.vae_dir / LEGACY_METRICS_JSON
-    if legacy.exists() and not (catalog.vae_dir / METRICS_JSON).exists():
-        legacy.rename(catalog.vae_dir / METRICS_JSON)  # a VAE trained before the file was renamed
     record = read_json(marker)
     if record and record.get("key") == stage_key(cfg) and not force:
         return False, record.get("metrics", {})
-    paths = [catalog.image_path(r["file_name"]) for r in read_metadata(catalog)]
+    paths = [(catalog.image_path(r["file_name"]), r.get("fit") or "") for r in read_metadata(catalog)]
     metrics = train_vae(cfg, paths, catalog.vae_dir, progress=progress)
     atomic_write_json(marker, {"key": stage_key(cfg), "images": len(paths), "metrics": metrics})
     return True, metrics

@@ -33,7 +33,6 @@ LOSS_PNG = "loss.png"
 # Not "train_metrics.json": a file named train[-._]* anywhere in a data directory makes `datasets`' imagefolder
 # take it for a "train" split and skip metadata.csv (datasets.data_files.DEFAULT_PATTERNS_SPLIT_IN_FILENAME).
 METRICS_JSON = "metrics.json"
-LEGACY_METRICS_JSON = "train_metrics.json"
 _DECAY_SHARE = 0.2
 
 
@@ -59,11 +58,13 @@ def build_vae(cfg: VAETrainConfig) -> Any:
     )
 
 
-def _load_uint8(paths: Sequence[Path | str], resolution: int) -> torch.Tensor:
-    """(N, 3, r, r) uint8, preprocessed exactly as the encode stage does."""
+def _load_uint8(paths: Sequence[Path | str | tuple[Path | str, str]], resolution: int) -> torch.Tensor:
+    """(N, 3, r, r) uint8, preprocessed exactly as the encode stage does (a ``(path, fit)`` pair is made square
+    by ``fit``, as metadata.csv's fit column says)."""
     out = torch.empty((len(paths), 3, resolution, resolution), dtype=torch.uint8)
     for i, p in enumerate(paths):
-        out[i] = ((image_to_tensor(p, resolution) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        path, fit = p if isinstance(p, tuple) else (p, None)
+        out[i] = ((image_to_tensor(path, resolution, fit) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return out
 
 
@@ -189,15 +190,16 @@ def _sweep_partial(out_dir: Path) -> None:
 
 def train_vae(
     cfg: VAETrainConfig,
-    image_paths: Sequence[Path | str],
+    image_paths: Sequence[Path | str | tuple[Path | str, str]],
     out_dir: Path,
     *,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train on ``image_paths`` (random horizontal flips) and save the VAE folder at ``out_dir``.
+    """Train on ``image_paths`` (or ``(path, fit)`` pairs; random horizontal flips) and save the VAE folder at
+    ``out_dir``.
 
     Deterministic for ``cfg.seed`` on one machine. The folder appears complete or not at all
-    (written beside it, then renamed). Returns the metrics also written to ``train_metrics.json``.
+    (written beside it, then renamed). Returns the metrics also written to ``metrics.json``.
     """
     if not image_paths:
         raise ValueError("train_vae needs at least one image")

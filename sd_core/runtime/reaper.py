@@ -1,4 +1,4 @@
-"""Child processes of a run never outlive it.
+"""The reaper: child processes of a run never outlive it.
 
 A run starts processes of its own: Prefect's temporary server (uvicorn), chromedriver and its Chromium
 processes, Dask workers. However the run ends (an exception, SIGTERM, SIGKILL), they end with it:
@@ -8,134 +8,36 @@ processes, Dask workers. However the run ends (an exception, SIGTERM, SIGKILL), 
   group) and writes them to the data directory's run file. When the run's process is gone (its pipe to the
   reaper closes, or it no longer exists), the reaper sends SIGTERM to whichever of them still run, and
   SIGKILL to those still there after a grace period.
-* :func:`new_group_dying_with_parent` (``preexec_fn``) and :func:`child_popen_kw` are for the children we
-  start ourselves (chromedriver): a process group of their own, so Chromium's processes, which chromedriver
-  starts, can be found and stopped together; and the parent-death signal, so the child itself ends with
-  the thread that started it.
+* The helpers a run starts itself (chromedriver) get a process group of their own and the parent-death
+  signal: :func:`sd_core.runtime.process.child_popen_kw`.
 * :func:`reap_dead_run` is called by the next run (holding the data-dir lock) for the case where the reaper
   was killed too: it stops what the run file names, if that run's process is gone.
 
-A process is named by its pid *and* start time, and a process group's members are only signalled when they
-started after the run did, so a pid reused by an unrelated process is never signalled. Start times are
-counted from boot (the kernel's clock ticks), not read off the wall clock: psutil's ``create_time()`` adds
-the boot time the kernel derives from the wall clock, which moves by a second when the clock is stepped or
-slewed across a second boundary (NTP, a VM's clock sync), and a run lasts hours.
+A process is named by its pid *and* start time (:class:`sd_core.runtime.process.Proc`), and a process
+group's members are only signalled when they started after the run did, so a pid reused by an unrelated
+process is never signalled.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import psutil
 
+from sd_core.runtime.process import CLK_TCK, Proc, started
 from sd_core.store.files import atomic_write_json, read_json
 
 POLL_S = 0.5
 GRACE_S = 3.0
-_PR_SET_PDEATHSIG = 1
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def started(p: psutil.Process) -> float:
-    """When ``p`` started, in seconds since boot (Linux: ``starttime`` of ``/proc/<pid>/stat``, which no
-    clock change moves); elsewhere psutil's wall-clock ``create_time()``. Compare only values of this
-    function with each other."""
-    if sys.platform.startswith("linux"):
-        try:
-            stat = Path(f"/proc/{p.pid}/stat").read_bytes()
-        except (FileNotFoundError, ProcessLookupError):
-            raise psutil.NoSuchProcess(p.pid) from None
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses; starttime is field 22
-        return int(stat[stat.rindex(b")") + 2:].split()[19]) / _CLK_TCK
-    return p.create_time()
-
-
-@dataclass(frozen=True)
-class Proc:
-    """One process, identified by pid and start time (``start``: :func:`started`; ``create_time``, the
-    wall-clock time, is kept for people reading the run file)."""
-
-    pid: int
-    create_time: float
-    pgid: int
-    name: str = ""
-    start: float | None = None  # None in run files written before it was recorded
-
-    @classmethod
-    def of(cls, p: psutil.Process) -> "Proc":
-        with p.oneshot():
-            return cls(p.pid, p.create_time(), os.getpgid(p.pid), p.name(), started(p))
-
-    def live(self) -> psutil.Process | None:
-        """The process if it still runs (same pid, same start time, not a zombie)."""
-        try:
-            p = psutil.Process(self.pid)
-            if self.start is not None:
-                same = abs(started(p) - self.start) < 0.5 / _CLK_TCK
-            else:
-                same = abs(p.create_time() - self.create_time) <= 0.01
-            if not same or p.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return p
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-            return None
-
-
-# --- children we start ourselves ---------------------------------------------------------------
-
-_libc: Any = None
-
-
-def _prctl() -> Any:
-    global _libc
-    if _libc is None:  # loaded before any fork: nothing is looked up in the child
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc.prctl
-
-
-def new_group_dying_with_parent(sig: int = signal.SIGTERM) -> Any:
-    """A ``preexec_fn`` (Linux): the child gets the parent-death signal ``sig``; pass it with
-    ``start_new_session=True`` so the child and what it starts form a process group of their own.
-
-    The signal comes when the *thread* that started the child ends, so start such children from the
-    thread that also stops them.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl, parent = _prctl(), os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: stop now
-            os.kill(os.getpid(), sig)
-
-    return preexec
-
-
-def child_popen_kw() -> dict[str, Any]:
-    """``subprocess.Popen`` arguments for a helper process of a run (e.g. Selenium's ``popen_kw``): its own
-    process group, and, when started from the main thread, the parent-death signal. (From another thread
-    the signal would come when that thread ends, which may be before the child is done with; there the
-    reaper of :func:`guard_children` alone stops it.)"""
-    kw: dict[str, Any] = {"start_new_session": True}
-    preexec = new_group_dying_with_parent() if threading.current_thread() is threading.main_thread() else None
-    if preexec is not None:
-        kw["preexec_fn"] = preexec
-    return kw
 
 
 # --- finding and stopping ----------------------------------------------------------------------
@@ -151,7 +53,7 @@ def _group_members(pgids: set[int], since: Proc, protect: set[int]) -> list[psut
             if p.pid in protect or p.info["status"] == psutil.STATUS_ZOMBIE or os.getpgid(p.pid) not in pgids:
                 continue
             if since.start is not None:
-                after = started(p) + 0.5 / _CLK_TCK >= since.start
+                after = started(p) + 0.5 / CLK_TCK >= since.start
             else:
                 after = (p.info["create_time"] or 0) + 0.01 >= since.create_time
             if after:
@@ -285,7 +187,7 @@ def watch(owner_pid: int, run_file: Path | None, *, wake_fd: int = 0, poll_s: fl
 
 # the reaper imports this very module, wherever the running sd_core comes from
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-_REAPER = "import sys; sys.path.insert(0, sys.argv[1]); from sd_core.store.children import main; sys.exit(main(sys.argv[2:]))"
+_REAPER = "import sys; sys.path.insert(0, sys.argv[1]); from sd_core.runtime.reaper import main; sys.exit(main(sys.argv[2:]))"
 _KEEP: list[Any] = []  # write ends of the reapers' pipes (and the reapers): open until this process exits
 
 

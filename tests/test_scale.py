@@ -224,3 +224,27 @@ def test_a_partial_walk_updates_the_ledger_rows_it_read_only(tmp_path):
     assert rows[old[0][0]][0] == 2 and rows[old[0][0]][1] != "before"
     assert all(rows[u] == (p, "before") for u, _, p in old[1:]), "rows the walk did not read are not written"
     assert rows["http://x/new.png"][0] == 1 and rows["http://x/lost.png"][0] == 3, "missing URLs are added"
+
+
+def test_a_rerun_reads_no_sidecar_and_still_sees_one_edited_by_hand(tmp_path, monkeypatch):
+    from sd_core.caption import stage
+
+    cat = make_dataset(tmp_path, 4)
+    cfg = CaptionConfig(captioner="offline")
+    assert caption_dataset(cfg, cat, progress=False).sidecars_written == 4
+    read: list[str] = []
+    real = stage._sidecar_bytes
+
+    def counting(catalog, file_name, contents=None):
+        read.append(file_name)
+        return real(catalog, file_name, contents)
+
+    monkeypatch.setattr(stage, "_sidecar_bytes", counting)
+    again = caption_dataset(cfg, cat, progress=False)
+    assert again.sidecars_written == 0 and read == [], "untouched sidecars are told by their stat, not read"
+
+    row = read_metadata(cat)[1]
+    cat.caption_sidecar(row["file_name"]).write_text("my own words", "utf-8")  # in place: same inode
+    edited = caption_dataset(cfg, cat, progress=False)
+    assert read == [row["file_name"]] and edited.sidecars_edited == 1
+    assert {r["md5"]: r["prompt"] for r in read_metadata(cat)}[row["md5"]] == "my own words"

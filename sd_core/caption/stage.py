@@ -34,7 +34,7 @@ from sd_core.ingest.membership import clean_caption_text
 from sd_core.store.card import write_dataset_card
 from sd_core.store.catalog import Catalog
 from sd_core.store.files import (
-    atomic_write_json, atomic_write_text, read_json, sha256_text, stable_hash, write_if_changed,
+    atomic_write_text, read_json, sha256_text, stable_hash, write_if_changed,
 )
 from sd_core.store.metadata import read_metadata, update_metadata
 
@@ -135,14 +135,39 @@ def written_by_stage(catalog: Catalog, sidecar: Path, record: dict[str, str]) ->
 def read_sidecar_record(catalog: Catalog) -> dict[str, str]:
     """file_name -> hash of what the stage last wrote into that image's sidecar ({} when there is no record; a
     damaged one is named in a warning and read as none)."""
+    return read_sidecar_state(catalog)[0]
+
+
+def read_sidecar_state(catalog: Catalog) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """:func:`read_sidecar_record`, and file_name -> the sidecar file's stat (size, mtime, ctime, inode) when it
+    last held what the record says: written by the stage then, or read and found so. A sidecar whose stat still
+    matches is not read again (a rerun stats each sidecar instead of reading it); one whose stat moved (edited,
+    touched, moved, copied) is read, as without a stat."""
     try:
         data = read_json(catalog.sidecar_record)
     except ValueError as e:
         log.warning("%s does not read (%s): sidecars that differ from metadata.csv's prompt count as edited by hand",
                     catalog.sidecar_record, e)
-        return {}
+        return {}, {}
     written = data.get("written") if isinstance(data, dict) else None
-    return {str(k): str(v) for k, v in written.items()} if isinstance(written, dict) else {}
+    stats = data.get("stats") if isinstance(data, dict) else None
+    record = {str(k): str(v) for k, v in written.items()} if isinstance(written, dict) else {}
+    return record, ({k: v for k, v in stats.items() if k in record and isinstance(v, list)}
+                    if isinstance(stats, dict) else {})
+
+
+def _file_stat(path: Path) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _holds_record(catalog: Catalog, file_name: str, record: dict[str, str], stats: dict[str, list[int]] | None) -> bool:
+    """Whether the sidecar is, by its stat, the file that held what ``record`` says when that stat was taken."""
+    known = None if stats is None else stats.get(file_name)
+    return known is not None and file_name in record and known == _file_stat(catalog.caption_sidecar(file_name))
 
 
 def _sidecar_bytes(catalog: Catalog, file_name: str, contents: dict[str, bytes | None] | None = None) -> bytes | None:
@@ -164,31 +189,41 @@ def _sidecar_bytes(catalog: Catalog, file_name: str, contents: dict[str, bytes |
 
 
 def hand_edited_sidecar(catalog: Catalog, row: dict[str, str], record: dict[str, str],
-                        contents: dict[str, bytes | None] | None = None) -> str | None:
+                        contents: dict[str, bytes | None] | None = None,
+                        stats: dict[str, list[int]] | None = None) -> str | None:
     """The caption in ``row``'s sidecar when a person edited it since the stage wrote it (on one line), else
     None: no sidecar, the stage's own, or emptied (the stage writes it again). Without a record of what the
     stage wrote (sidecars written before records were kept), a sidecar that differs from the prompt the stage
-    last wrote to metadata.csv counts as edited, since the stage wrote both together."""
+    last wrote to metadata.csv counts as edited, since the stage wrote both together. ``stats``
+    (:func:`read_sidecar_state`): a sidecar untouched since it held what the record says is not read; one read
+    and found to hold it gets its stat recorded there."""
+    if _holds_record(catalog, row["file_name"], record, stats):
+        return None
     data = _sidecar_bytes(catalog, row["file_name"], contents)
     if data is None:
         return None
     written = record.get(row["file_name"])
     prompt = (row.get("prompt") or "").encode("utf-8")
     edited = _bytes_hash(data) != written if written is not None else data != prompt
+    if stats is not None and written is not None and not edited:
+        if (stat := _file_stat(catalog.caption_sidecar(row["file_name"]))) is not None:
+            stats[row["file_name"]] = stat
     return (clean_caption_text(data.decode("utf-8", errors="replace")) or None) if edited else None
 
 
 def user_captions(cfg: CaptionConfig, catalog: Catalog, rows: list[dict[str, str]],
                   record: dict[str, str] | None = None, contents: dict[str, bytes | None] | None = None,
-                  ) -> tuple[dict[str, str], dict[str, str]]:
+                  stats: dict[str, list[int]] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(md5 -> the caption a person gave, file_name -> the text of each sidecar edited by hand) of ``rows``.
     A hand-edited sidecar wins over the source's caption; with ``user_captions = "ignore"`` the first is empty
-    (the edited sidecars are still returned: they are never overwritten). ``contents`` keeps the sidecars read."""
-    record = read_sidecar_record(catalog) if record is None else record
+    (the edited sidecars are still returned: they are never overwritten). ``contents`` keeps the sidecars read;
+    ``stats`` as in :func:`hand_edited_sidecar`."""
+    if record is None:
+        record, stats = read_sidecar_state(catalog)
     edited: dict[str, str] = {}
     if cfg.sidecars:
         for r in rows:
-            if (text := hand_edited_sidecar(catalog, r, record, contents)) is not None:
+            if (text := hand_edited_sidecar(catalog, r, record, contents, stats)) is not None:
                 edited[r["file_name"]] = text
     if cfg.user_captions == "ignore":
         return {}, edited
@@ -256,8 +291,8 @@ def finish_captions(cfg: CaptionConfig, catalog: Catalog, summary: CaptionSummar
     (``user`` for the first) and ``caption_flagged``; the sidecars but those edited by hand; the dataset card."""
     rows = read_metadata(catalog)
     done = CaptionLog(catalog.caption_log(cfg.cache_digest())).read()
-    record, contents = read_sidecar_record(catalog), {}
-    given, edited = user_captions(cfg, catalog, rows, record, contents)
+    (record, stats), contents = read_sidecar_state(catalog), {}
+    given, edited = user_captions(cfg, catalog, rows, record, contents, stats)
     missing = [r["md5"] for r in rows if r["md5"] not in done and r["md5"] not in given]
     if missing:
         raise RuntimeError(f"{len(missing)} dataset rows have no caption (first: {missing[0]})")
@@ -277,28 +312,39 @@ def finish_captions(cfg: CaptionConfig, catalog: Catalog, summary: CaptionSummar
     if cfg.sidecars:
         summary.sidecars_written = write_caption_sidecars(
             catalog, {r["file_name"]: str(columns[r["md5"]]["prompt"]) for r in rows if r["file_name"] not in edited},
-            record, contents)
+            record, contents, stats)
     write_dataset_card(catalog, captioner=captioner_label(cfg))
     return summary
 
 
 def write_caption_sidecars(catalog: Catalog, captions: dict[str, str], record: dict[str, str] | None = None,
-                           contents: dict[str, bytes | None] | None = None) -> int:
+                           contents: dict[str, bytes | None] | None = None,
+                           stats: dict[str, list[int]] | None = None) -> int:
     """Write each caption to the ``.txt`` beside its image (``file_name`` → caption), only where it differs
-    from what is there; returns how many files were written. The hash of what each sidecar now holds is kept
-    in ``state/sidecars.json`` (written only when it changed), so that a later edit by hand is told apart
-    (``record``: that file as :func:`read_sidecar_record` read it; ``contents``: sidecars already read)."""
-    record = read_sidecar_record(catalog) if record is None else record
-    before = dict(record)
+    from what is there; returns how many files were written. The hash of what each sidecar now holds, and the
+    file's stat then, are kept in ``state/sidecars.json`` (written only when they changed), so that a later edit
+    by hand is told apart and an untouched sidecar is not read again (``record``, ``stats``: that file as
+    :func:`read_sidecar_state` read it; ``contents``: sidecars already read)."""
+    if record is None:
+        record, stats = read_sidecar_state(catalog)
+    stats = {} if stats is None else stats
     written = 0
     for file_name, text in captions.items():
-        record[file_name] = _text_hash(text)
-        if _sidecar_bytes(catalog, file_name, contents) == text.encode("utf-8"):
-            continue
-        atomic_write_text(catalog.caption_sidecar(file_name), text)
-        written += 1
-    if record != before or (captions and not catalog.sidecar_record.exists()):
-        atomic_write_json(catalog.sidecar_record, {"written": record})
+        digest = _text_hash(text)
+        if record.get(file_name) == digest and _holds_record(catalog, file_name, record, stats):
+            continue  # holds this caption, by its stat: not read
+        record[file_name] = digest
+        path = catalog.caption_sidecar(file_name)
+        if _sidecar_bytes(catalog, file_name, contents) != text.encode("utf-8"):
+            atomic_write_text(path, text)
+            written += 1
+        if (stat := _file_stat(path)) is not None:
+            stats[file_name] = stat
+        else:
+            stats.pop(file_name, None)
+    if captions or record:
+        state = {"written": record, "stats": {k: v for k, v in stats.items() if k in record}}
+        write_if_changed(catalog.sidecar_record, json.dumps(state, sort_keys=True, separators=(",", ":")) + "\n")
     return written
 
 

@@ -4,6 +4,7 @@ through ``emoji-sd run`` (the CLI a user runs), for a first run, a rerun with no
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py [--sizes 1000 10000 50000]
         [--grow 0.01] [--work DIR] [--json results.json]
+    .venv/bin/python benchmarks/scale.py --summarize results-1k.json results-50k.json   # targets across runs
 
 The site is :func:`demo_site.lazy_demo_site` (images drawn when first requested), served by this process on one
 port for the three runs of a size, so a rerun sees the same URLs. The pipeline runs as
@@ -312,6 +313,12 @@ def targets(results: list[RunFigures]) -> list[str]:
     return lines
 
 
+def load_run(data: dict) -> RunFigures:
+    """A :class:`RunFigures` as ``--json`` saved it."""
+    stages = {k: StageFigures(**v) for k, v in data.pop("stages").items()}
+    return RunFigures(**{**data, "load": tuple(data.get("load", (0.0, 0.0, 0.0))), "stages": stages})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 50_000])
@@ -320,7 +327,14 @@ def main() -> None:
                                                "removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep each size's data dir")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
+    ap.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
+                    help="run nothing: print the figures and targets of results saved with --json (several files: "
+                         "sizes measured in separate invocations are compared as one)")
     args = ap.parse_args()
+    if args.summarize:
+        results = [load_run(r) for path in args.summarize for r in json.loads(path.read_text("utf-8"))]
+        print("\n".join([*map(format_run, results), *targets(results)]), flush=True)
+        return
     own = args.work is None
     work = Path(tempfile.mkdtemp(prefix="emoji-sd-scale-")) if own else args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,11 @@ def _file_stat(path: Path) -> list[int] | None:
 def _holds_record(catalog: Catalog, file_name: str, record: dict[str, str], stats: dict[str, list[int]] | None) -> bool:
     """Whether the sidecar is, by its stat, the file that held what ``record`` says when that stat was taken."""
     known = None if stats is None else stats.get(file_name)
-    return known is not None and file_name in record and known == _file_stat(catalog.caption_sidecar(file_name))
+    if known is None or file_name not in record:
+        return False
+    # catalog.caption_sidecar(file_name), with str operations (pathlib costs more than the stat here)
+    path = os.path.join(catalog.root, os.path.splitext(catalog.dataset_file_name(file_name))[0] + ".txt")
+    return known == _file_stat(path)
 
 
 def _sidecar_bytes(catalog: Catalog, file_name: str, contents: dict[str, bytes | None] | None = None) -> bytes | None:
@@ -195,8 +199,7 @@ def hand_edited_sidecar(catalog: Catalog, row: dict[str, str], record: dict[str,
     None: no sidecar, the stage's own, or emptied (the stage writes it again). Without a record of what the
     stage wrote (sidecars written before records were kept), a sidecar that differs from the prompt the stage
     last wrote to metadata.csv counts as edited, since the stage wrote both together. ``stats``
-    (:func:`read_sidecar_state`): a sidecar untouched since it held what the record says is not read; one read
-    and found to hold it gets its stat recorded there."""
+    (:func:`read_sidecar_state`): a sidecar untouched since it held what the record says is not read."""
     if _holds_record(catalog, row["file_name"], record, stats):
         return None
     data = _sidecar_bytes(catalog, row["file_name"], contents)
@@ -205,9 +208,6 @@ def hand_edited_sidecar(catalog: Catalog, row: dict[str, str], record: dict[str,
     written = record.get(row["file_name"])
     prompt = (row.get("prompt") or "").encode("utf-8")
     edited = _bytes_hash(data) != written if written is not None else data != prompt
-    if stats is not None and written is not None and not edited:
-        if (stat := _file_stat(catalog.caption_sidecar(row["file_name"]))) is not None:
-            stats[row["file_name"]] = stat
     return (clean_caption_text(data.decode("utf-8", errors="replace")) or None) if edited else None
 
 
@@ -328,23 +328,26 @@ def write_caption_sidecars(catalog: Catalog, captions: dict[str, str], record: d
     if record is None:
         record, stats = read_sidecar_state(catalog)
     stats = {} if stats is None else stats
-    written = 0
+    written, changed = 0, bool(captions) and not catalog.sidecar_record.exists()
     for file_name, text in captions.items():
         digest = _text_hash(text)
         if record.get(file_name) == digest and _holds_record(catalog, file_name, record, stats):
             continue  # holds this caption, by its stat: not read
+        changed = changed or record.get(file_name) != digest
         record[file_name] = digest
         path = catalog.caption_sidecar(file_name)
         if _sidecar_bytes(catalog, file_name, contents) != text.encode("utf-8"):
             atomic_write_text(path, text)
             written += 1
-        if (stat := _file_stat(path)) is not None:
+        stat = _file_stat(path)
+        changed = changed or stats.get(file_name) != stat
+        if stat is not None:
             stats[file_name] = stat
         else:
             stats.pop(file_name, None)
-    if captions or record:
+    if changed:
         state = {"written": record, "stats": {k: v for k, v in stats.items() if k in record}}
-        write_if_changed(catalog.sidecar_record, json.dumps(state, sort_keys=True, separators=(",", ":")) + "\n")
+        atomic_write_text(catalog.sidecar_record, json.dumps(state, sort_keys=True, separators=(",", ":")) + "\n")
     return written
 
 

@@ -10,10 +10,11 @@
   ``inv_gamma``/``power`` rule);
 * the update itself is one fused ``torch._foreach_lerp_`` instead of ``EMAModel.step``'s
   ``_foreach_sub`` into a model-sized temporary followed by ``_foreach_sub_``. Measured on the seed's UNet
-  (72.9M trainable parameters, 304 tensors, CPU, 1 thread, a shared 2-core VM, median of 15):
-  ``EMAModel.step`` 143–205 ms against 63–77 ms for the lerp, i.e. 8–15 % of a training step there (a
-  step is about 0.85–1.4 s); on a GPU it is twice the memory traffic (6 passes over the weights instead of
-  3). The same arithmetic (``shadow += (1 - decay) · (param - shadow)``) up to rounding.
+  (72.9M trainable parameters, 304 tensors, CPU, 1 thread, a shared 2-core VM, 3 rounds of the median of
+  15): ``EMAModel.step`` 143–205 ms against 63–77 ms for the lerp; the 80–130 ms more are 4–7 % of a training
+  step there (1.8–2.2 CPU seconds, ``benchmarks/train.py store --sizes seed``). On a GPU it is twice the memory
+  traffic (6 passes over the weights instead of 3). The same arithmetic
+  (``shadow += (1 - decay) · (param - shadow)``) up to rounding.
 
 With ``warmup`` the decay for the ``k``-th update (``k = optimization_step``, from 1) is diffusers'
 ``min(decay, (1 + n) / (10 + n))`` with ``n = k - 1``, except that the first update copies the weights

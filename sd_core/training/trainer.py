@@ -465,11 +465,12 @@ class Trainer:
         """The NaN guard: a NaN or infinite loss, or gradient norm, stops the run (raises
         :class:`NonFiniteError`) before that step is logged, evaluated or saved. Under fp16 an infinite gradient
         norm is the gradient scaler's business (it skips the update and lowers its scale)."""
+        fp16 = self.accelerator.mixed_precision == "fp16"
         for r in steps:
             if not math.isfinite(r.loss):
                 raise NonFiniteError(f"the training loss is {r.loss} at step {r.step}; the run stopped and nothing "
                                      "after the last checkpoint is saved or exported")
-            if r.grad_norm is not None and not math.isfinite(r.grad_norm) and self.accelerator.mixed_precision != "fp16":
+            if r.grad_norm is not None and not math.isfinite(r.grad_norm) and not fp16:
                 raise NonFiniteError(f"the gradient norm is {r.grad_norm} at step {r.step}; the run stopped and "
                                      "nothing after the last checkpoint is saved or exported")
 

@@ -66,7 +66,7 @@ def train_throughput(batch: int, steps: int, warmup: int, smoke: bool) -> dict:
                           callbacks=[lambda p: stamps.append(time.perf_counter())])
         trainer.train()
         precision = trainer.accelerator.mixed_precision
-    timed = stamps[warmup - 1:]
+    timed = stamps[warmup - 1:]  # log_every=1: read every step, as the bare loop below does not (it syncs at its end)
     trainer_sps = (len(timed) - 1) / (timed[-1] - timed[0])
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,9 +185,11 @@ def prerequisites() -> None:
 
 
 def unet_step(run: Path, unet_cfg: Any, latent: tuple[int, int, int], tokens: int, width: int, batch: int) -> dict:
-    """The train stage's UNet step as the trainer ran it: the median of its step times (``metrics.csv``:
-    robust to the steps that also validated, sampled or saved), samples/s, and FLOPs per sample (forward and
-    backward, counted on this device with ``torch.utils.flop_counter``)."""
+    """The train stage's UNet step as the trainer ran it: the median of its step times (``metrics.csv``'s
+    seconds, written where the trainer read its losses from the device, every ``train.log_every`` steps: the
+    time between two such rows over the steps between them; the median is robust to the intervals that also
+    validated, sampled or saved), samples/s, and FLOPs per sample (forward and backward, counted on this device
+    with ``torch.utils.flop_counter``)."""
     import csv
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -195,8 +197,9 @@ def unet_step(run: Path, unet_cfg: Any, latent: tuple[int, int, int], tokens: in
     from sd_core.diffusion.models import ModelConfig, build_unet
 
     with open(run / "metrics.csv", newline="") as f:
-        stamps = [float(r["seconds"]) for r in csv.DictReader(f)]
-    deltas = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))  # the first step carries the start-up
+        stamps = [(int(r["step"]), float(r["seconds"])) for r in csv.DictReader(f) if r["seconds"]]
+    # per step, between reads (the steps up to the first read carry the start-up: they are not a delta)
+    deltas = sorted((b - a) / (sb - sa) for (sa, a), (sb, b) in zip(stamps, stamps[1:]))
     median = deltas[len(deltas) // 2] if deltas else float("nan")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = build_unet(ModelConfig(unet=unet_cfg), sample_size=latent[1], report=lambda _: None).to(dev)
@@ -206,7 +209,7 @@ def unet_step(run: Path, unet_cfg: Any, latent: tuple[int, int, int], tokens: in
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=text).sample.float(), x).backward()
     return {"median_step_s": median, "samples_per_s": batch / median, "flops_per_sample": counter.get_total_flops() / 2,
-            "params": sum(p.numel() for p in unet.parameters()), "steps": len(stamps)}
+            "params": sum(p.numel() for p in unet.parameters()), "steps": stamps[-1][0] if stamps else 0}
 
 
 def quality_run(items: int, smoke: bool, card: str, sets: list[str]) -> None:

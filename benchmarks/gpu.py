@@ -57,17 +57,19 @@ def train_throughput(batch: int, steps: int, warmup: int, smoke: bool) -> dict:
     from sd_core.training.trainer import Trainer
 
     unet_cfg = UNetConfig(h_dim=32, n_heads=4, groups=8) if smoke else UNetConfig()
-    stamps: list[float] = []
+    stamps: list[tuple[int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         pairs = build_store(Path(tmp), max(batch * 4, 64), 77, unet_cfg.context_dim, False)
         cfg = TrainConfig(steps=warmup + steps, batch_size=batch, val_fraction=0.0, val_every=10**6,
-                          save_every=10**6, log_every=1, mixed_precision="auto", model=ModelConfig(unet=unet_cfg))
+                          save_every=10**6, log_every=max(warmup, 1), mixed_precision="auto",
+                          model=ModelConfig(unet=unet_cfg))
         trainer = Trainer(cfg, pairs, Path(tmp) / "run", progress=False,
-                          callbacks=[lambda p: stamps.append(time.perf_counter())])
+                          callbacks=[lambda p: stamps.append((p.step, time.perf_counter()))])
         trainer.train()
         precision = trainer.accelerator.mixed_precision
-    timed = stamps[warmup - 1:]  # log_every=1: read every step, as the bare loop below does not (it syncs at its end)
-    trainer_sps = (len(timed) - 1) / (timed[-1] - timed[0])
+    # the trainer reads the device once after the warm-up and once at the end, as the bare loop below syncs
+    (first_step, first_t), (last_step, last_t) = stamps[0], stamps[-1]
+    trainer_sps = (last_step - first_step) / (last_t - first_t)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = build_unet(ModelConfig(unet=unet_cfg), sample_size=8, report=lambda _: None).to(dev)

@@ -16,7 +16,7 @@ import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sd_core.caption.config import CaptionConfig
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.encode.config import EncodeStageConfig
 from sd_core.eval.config import EvalConfig
 from sd_core.ingest.convert import ConvertConfig

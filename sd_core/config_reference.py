@@ -28,7 +28,7 @@ import annotated_types
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # the source checkout: configs/ and docs/ sit beside sd_core/

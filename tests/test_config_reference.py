@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.config import PipelineConfig, load_config, preset
 from sd_core.config_reference import COMMAND, REFERENCE, default_of, fields, reference, undescribed
 

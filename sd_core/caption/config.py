@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from sd_core.caption.offline import OFFLINE_VERSION
 from sd_core.caption.template import PROMPT_TEMPLATE_V1, RETRY_SUFFIX
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-VL-3B-Instruct"
 

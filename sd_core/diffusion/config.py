@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.diffusion.unet import UNetConfig
 
 SamplerName = Literal["ddpm", "ddim", "dpm++", "euler"]

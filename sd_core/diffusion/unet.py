@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 
 SEED_PARAMETERS = 72_993_540  # the seed's own count (with a 320-wide sinusoid)
 

@@ -9,7 +9,7 @@ from typing import Literal, TypeVar
 
 from pydantic import Field, PrivateAttr
 
-from sd_core.common.strict import DType, StrictModel
+from sd_core.common.config_base import DType, StrictModel
 
 LOCAL_MODEL = "local"  # the id in cache keys of a model folder given by its path (its fingerprint names it)
 

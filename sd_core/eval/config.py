@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.diffusion.config import SamplerName
 
 # score: (better when, margin kind). An absolute margin m lets a rate or κ drop by m, a held-out loss rise by m

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from sd_core.common.images import flatten_rgb
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.ingest.frames import scan_frames
 from sd_core.ingest.isolate import Worker, WorkerCrashed, WorkerTimeout
 from sd_core.ingest.ledger import ImageRecord, Ledger

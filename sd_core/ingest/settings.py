@@ -9,7 +9,7 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 
 # discords.com's listing shows its emoji through its own image proxy
 # (`https://discords.com/_next/image?url=https%3A%2F%2Fcdn.discordapp.com%2Femojis%2F....png`, seen in the

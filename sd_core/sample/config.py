@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.diffusion.config import SamplerName, check_guidance
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.diffusion.config import ModelConfig, ScheduleConfig
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]

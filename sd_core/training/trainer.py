@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd_core.common.optim import adamw
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.diffusion.models import build_unet, load_trainable_state, noise_scheduler, set_attention, trainable_state
 from sd_core.diffusion.schedulers import denoising_sse, min_snr_weights, prediction_target
 from sd_core.encode.encoders import TextEncoderConfig, VAEConfig

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 
 
 class VAETrainConfig(StrictModel):

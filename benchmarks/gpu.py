@@ -57,17 +57,19 @@ def train_throughput(batch: int, steps: int, warmup: int, smoke: bool) -> dict:
     from sd_core.training.trainer import Trainer
 
     unet_cfg = UNetConfig(h_dim=32, n_heads=4, groups=8) if smoke else UNetConfig()
-    stamps: list[float] = []
+    stamps: list[tuple[int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         pairs = build_store(Path(tmp), max(batch * 4, 64), 77, unet_cfg.context_dim, False)
         cfg = TrainConfig(steps=warmup + steps, batch_size=batch, val_fraction=0.0, val_every=10**6,
-                          save_every=10**6, log_every=1, mixed_precision="auto", model=ModelConfig(unet=unet_cfg))
+                          save_every=10**6, log_every=max(warmup, 1), mixed_precision="auto",
+                          model=ModelConfig(unet=unet_cfg))
         trainer = Trainer(cfg, pairs, Path(tmp) / "run", progress=False,
-                          callbacks=[lambda p: stamps.append(time.perf_counter())])
+                          callbacks=[lambda p: stamps.append((p.step, time.perf_counter()))])
         trainer.train()
         precision = trainer.accelerator.mixed_precision
-    timed = stamps[warmup - 1:]
-    trainer_sps = (len(timed) - 1) / (timed[-1] - timed[0])
+    # the trainer reads the device once after the warm-up and once at the end, as the bare loop below syncs
+    (first_step, first_t), (last_step, last_t) = stamps[0], stamps[-1]
+    trainer_sps = (last_step - first_step) / (last_t - first_t)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = build_unet(ModelConfig(unet=unet_cfg), sample_size=8, report=lambda _: None).to(dev)
@@ -185,9 +187,11 @@ def prerequisites() -> None:
 
 
 def unet_step(run: Path, unet_cfg: Any, latent: tuple[int, int, int], tokens: int, width: int, batch: int) -> dict:
-    """The train stage's UNet step as the trainer ran it: the median of its step times (``metrics.csv``:
-    robust to the steps that also validated, sampled or saved), samples/s, and FLOPs per sample (forward and
-    backward, counted on this device with ``torch.utils.flop_counter``)."""
+    """The train stage's UNet step as the trainer ran it: the median of its step times (``metrics.csv``'s
+    seconds, written where the trainer read its losses from the device, every ``train.log_every`` steps: the
+    time between two such rows over the steps between them; the median is robust to the intervals that also
+    validated, sampled or saved), samples/s, and FLOPs per sample (forward and backward, counted on this device
+    with ``torch.utils.flop_counter``)."""
     import csv
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -195,8 +199,9 @@ def unet_step(run: Path, unet_cfg: Any, latent: tuple[int, int, int], tokens: in
     from sd_core.diffusion.models import ModelConfig, build_unet
 
     with open(run / "metrics.csv", newline="") as f:
-        stamps = [float(r["seconds"]) for r in csv.DictReader(f)]
-    deltas = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))  # the first step carries the start-up
+        stamps = [(int(r["step"]), float(r["seconds"])) for r in csv.DictReader(f) if r["seconds"]]
+    # per step, between reads (the steps up to the first read carry the start-up: they are not a delta)
+    deltas = sorted((b - a) / (sb - sa) for (sa, a), (sb, b) in zip(stamps, stamps[1:]))
     median = deltas[len(deltas) // 2] if deltas else float("nan")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = build_unet(ModelConfig(unet=unet_cfg), sample_size=latent[1], report=lambda _: None).to(dev)
@@ -206,7 +211,7 @@ def unet_step(run: Path, unet_cfg: Any, latent: tuple[int, int, int], tokens: in
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=text).sample.float(), x).backward()
     return {"median_step_s": median, "samples_per_s": batch / median, "flops_per_sample": counter.get_total_flops() / 2,
-            "params": sum(p.numel() for p in unet.parameters()), "steps": len(stamps)}
+            "params": sum(p.numel() for p in unet.parameters()), "steps": stamps[-1][0] if stamps else 0}
 
 
 def quality_run(items: int, smoke: bool, card: str, sets: list[str]) -> None:

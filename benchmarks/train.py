@@ -1,13 +1,16 @@
 """Training throughput on the pipeline's own read path, against the simplest correct baselines.
 
     .venv/bin/python benchmarks/train.py store [--sizes demo seed] [--data resident windowed] [--windows 4]
-                                              [--items 512] [--steps 20] [--warmup 3] [--rounds 3]
+                                              [--items 512] [--steps 20] [--warmup 3] [--rounds 3] [--log-every 1]
     .venv/bin/python benchmarks/train.py encode [--items 256] [--batch 16] [--steps 10] [--warmup 2]
+    .venv/bin/python benchmarks/train.py log [--size seed] [--steps 8] [--warmup 2] [--repeats 2000]
 
 ``store``: the trainer exactly as the train stage runs it — cached pairs read from the encode stage's
 safetensors shards (``CachedPairs``: keys checked once, tensors loaded into contiguous memory), batches
 assembled as the trainer does on this device (a prefetch thread only for windows read from disk or a GPU),
-noise and timesteps drawn on the device, EMA, gradient clipping, logging every step — against a *bare
+noise and timesteps drawn on the device, EMA, gradient clipping, logging every ``--log-every`` steps (1 by
+default: the losses read from the device, a row appended to ``metrics.csv`` and ``progress.json`` replaced
+after every step, as the bare loop reads its loss every step) — against a *bare
 loop*: the same UNet, the same batch size, the same tensors already on the device, only forward, MSE,
 backward and AdamW. The ratio ``trainer / bare`` is the trainer's share of the
 hardware's speed. The trainer uses torch's fused AdamW; the bare loop runs twice, with torch's default
@@ -28,12 +31,20 @@ loops; samples/s are steps/s × batch. Sizes (both are the from-scratch ``UNet2D
 encoder on its captions at every step; the seed-size UNet, encoders of ``stabilityai/sd-vae-ft-mse``'s and
 ``openai/clip-vit-base-patch32``'s shapes built from configs (random weights: only their cost matters).
 
+``log``: what one log costs the trainer (``train.log_every``): the losses read from the device
+(``Trainer.read``), then ``Trainer.log`` (rows appended to ``metrics.csv``, ``progress.json`` replaced, the
+trackers and callbacks), timed in a run at ``--size`` with ``log_every=1`` against the step's wall time; then
+the file writes alone, ``--repeats`` times each (one row appended, ``progress.json`` replaced, the progress
+bar's postfix), and the FLOPs of one training step of the seed-size preset (``configs/scratch-gpu.toml``: batch
+128), from which a GPU's step time is estimated at a share of the card's bf16 peak.
+
 Each measurement runs in its own process. Lines end with the ratio printed as ``ratio``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import statistics
 import tempfile
@@ -43,6 +54,8 @@ from queue import Empty
 from typing import Any, Sequence
 
 import torch
+
+BF16_PEAK_H100 = 989e12  # dense bf16 tensor-core FLOP/s (the vendor's data sheet; as benchmarks/gpu.py)
 
 SIZES = {
     # name: (unet overrides, text tokens, text width, batch, mirrored latents)
@@ -82,15 +95,18 @@ def _stamp() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _rates(stamps: list[tuple[float, float]], warmup: int) -> dict[str, float]:
-    """Steps per wall-clock second, and per CPU second of the process, after ``warmup`` steps. The second is
-    what a step costs the machine, and moves far less than the first when other work shares the cores."""
-    timed = stamps[warmup - 1 :]
-    (w0, c0), (w1, c1) = timed[0], timed[-1]
-    return {"steps_per_s": (len(timed) - 1) / (w1 - w0), "steps_per_cpu_s": (len(timed) - 1) / (c1 - c0)}
+def _rates(stamps: list[tuple[int, float, float]], warmup: int) -> dict[str, float]:
+    """Steps per wall-clock second, and per CPU second of the process, from the first stamp at or after
+    ``warmup`` steps to the last (stamps are ``(step, wall, cpu)`` taken when the losses were read: every
+    ``log_every`` steps). The second is what a step costs the machine, and moves far less than the first when
+    other work shares the cores."""
+    timed = [s for s in stamps if s[0] >= warmup]
+    (s0, w0, c0), (s1, w1, c1) = timed[0], timed[-1]
+    return {"steps_per_s": (s1 - s0) / (w1 - w0), "steps_per_cpu_s": (s1 - s0) / (c1 - c0)}
 
 
-def trainer_steps_per_s(size: str, n: int, steps: int, warmup: int, windows: int = 0) -> dict[str, Any]:
+def trainer_steps_per_s(size: str, n: int, steps: int, warmup: int, windows: int = 0,
+                        log_every: int = 1) -> dict[str, Any]:
     """The trainer through the store; ``windows > 0``: a memory budget of ``1/windows`` of the pairs, so each
     epoch reads ``windows`` windows (of 4 shards) from disk."""
     from sd_core.diffusion.models import ModelConfig, count_parameters
@@ -99,16 +115,16 @@ def trainer_steps_per_s(size: str, n: int, steps: int, warmup: int, windows: int
     from sd_core.training.trainer import Trainer
 
     unet, tokens, width, batch, flip = SIZES[size]
-    stamps: list[tuple[float, float]] = []
+    stamps: list[tuple[int, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         shard = max(1, n // (4 * windows)) if windows else 256
         pairs = build_store(Path(tmp), n, tokens, width, flip, shard_size=shard)
         # ``windows`` windows of 4 shards (half an item of headroom against rounding)
         memory_gb = (n * pairs.item_bytes() / windows + pairs.item_bytes() / 2) / 1e9 if windows else 4.0
         cfg = TrainConfig(steps=warmup + steps, batch_size=batch, val_fraction=0.0, val_every=10**6,
-                          save_every=10**6, log_every=1, data_memory_gb=memory_gb,
+                          save_every=10**6, log_every=log_every, data_memory_gb=memory_gb,
                           model=ModelConfig(unet=UNetConfig(**unet)))
-        trainer = Trainer(cfg, pairs, Path(tmp) / "run", callbacks=[lambda p: stamps.append(_stamp())],
+        trainer = Trainer(cfg, pairs, Path(tmp) / "run", callbacks=[lambda p: stamps.append((p.step, *_stamp()))],
                           progress=False)
         params = count_parameters(trainer.net)
         assert trainer.data.resident == (windows == 0)
@@ -117,7 +133,7 @@ def trainer_steps_per_s(size: str, n: int, steps: int, warmup: int, windows: int
         loaded, read_s, wait_s = trainer.data.windows_loaded, trainer.data.read_s, trainer.data.wait_s
     return {**_rates(stamps, warmup), "params": params, "batch": batch,
             "windows_per_epoch": per_epoch, "windows_loaded": loaded, "read_s": read_s, "wait_s": wait_s,
-            "run_s": stamps[-1][0] - stamps[0][0], "shard_size": shard,
+            "run_s": stamps[-1][1] - stamps[0][1], "shard_size": shard,
             "memory_mb": memory_gb * 1e3}
 
 
@@ -147,8 +163,8 @@ def bare_steps_per_s(size: str, steps: int, warmup: int, fused: bool) -> dict[st
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()  # the trainer reads its loss every step too
-        stamps.append(_stamp())
+        loss.item()  # the trainer reads its loss every step too (with --log-every 1)
+        stamps.append((len(stamps) + 1, *_stamp()))
     return _rates(stamps, warmup)
 
 
@@ -228,6 +244,70 @@ def encode_vs_cached(mode: str, n: int, batch: int, steps: int, warmup: int) -> 
     return {"steps_per_s": (len(timed) - 1) / (timed[-1] - timed[0])}
 
 
+# --- what one log costs --------------------------------------------------------------------------------
+
+
+def logging_cost(size: str, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """The trainer at ``size`` logging every step: the wall time of each read (the device sync) and log, and of
+    the step between them; then the file writes of one log alone, ``repeats`` times each."""
+    import io
+    import statistics as st
+
+    from torch.utils.flop_counter import FlopCounterMode
+    from tqdm.auto import tqdm
+
+    from sd_core.diffusion.models import ModelConfig, build_unet
+    from sd_core.diffusion.unet import UNetConfig
+    from sd_core.training.config import TrainConfig
+    from sd_core.training.metrics import MetricsLog, Progress, StepRecord
+    from sd_core.training.trainer import Trainer
+
+    unet_kw, tokens, width, batch, flip = SIZES[size]
+    spent: dict[str, list[float]] = {"read": [], "log": []}
+    marks: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = build_store(Path(tmp), 256, tokens, width, flip)
+        cfg = TrainConfig(steps=warmup + steps, batch_size=batch, val_fraction=0.0, val_every=10**6,
+                          save_every=10**6, log_every=1, model=ModelConfig(unet=UNetConfig(**unet_kw)))
+        trainer = Trainer(cfg, pairs, Path(tmp) / "run", callbacks=[lambda p: marks.append(time.perf_counter())],
+                          progress=False)
+        for name in spent:
+            def timed(*args: Any, _f: Any = getattr(trainer, name), _n: str = name) -> Any:
+                start = time.perf_counter()
+                out = _f(*args)
+                spent[_n].append(time.perf_counter() - start)
+                return out
+            setattr(trainer, name, timed)
+        trainer.train()
+        step_s = st.median(b - a for a, b in zip(marks[warmup - 1 :], marks[warmup:]))
+        read_s, log_s = st.median(spent["read"][warmup:]), st.median(spent["log"][warmup:])
+
+        # the writes of one log, alone
+        metrics = MetricsLog(Path(tmp) / "m" / "metrics.csv", keep_until=None)
+        record, report = StepRecord(1, 0.1234, 1.0, 1e-4), Progress(1, 10**6, 0.1234, 1e-4, 1.0)
+        bar = tqdm(total=repeats, file=io.StringIO(), dynamic_ncols=True)
+
+        def each(fn: Any) -> float:
+            start = time.perf_counter()
+            for i in range(repeats):
+                fn(i)
+            return (time.perf_counter() - start) / repeats
+
+        csv_s = each(lambda i: metrics.write([record], val=None, seconds=float(i)))
+        json_s = each(lambda i: metrics.progress(report, Path(tmp) / "m" / "progress.json"))
+        bar_s = each(lambda i: (bar.update(1), bar.set_postfix(loss=f"{0.1234:.4f}", lr=f"{1e-4:.2e}")))
+        bar.close()
+    # FLOPs of one step (forward + backward) of the seed's UNet (8x8 latents, CLIP-shaped text), per sample
+    seed_kw, seed_tokens, seed_width, n, _ = SIZES["seed"]
+    unet = build_unet(ModelConfig(unet=UNetConfig(**seed_kw)), sample_size=8, report=lambda _: None)
+    x, t = torch.randn(n, 4, 8, 8), torch.randint(0, 1000, (n,))
+    with FlopCounterMode(display=False) as counter:
+        text = torch.randn(n, seed_tokens, seed_width)
+        torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=text).sample, x).backward()
+    return {"step_s": step_s, "read_s": read_s, "log_s": log_s, "csv_s": csv_s, "json_s": json_s, "bar_s": bar_s,
+            "batch": batch, "flops_per_sample": counter.get_total_flops() / n, "log_all_s": spent["log"][warmup:]}
+
+
 # --- processes -----------------------------------------------------------------------------------------
 
 
@@ -264,11 +344,17 @@ def main() -> None:
     store.add_argument("--steps", type=int, default=20)
     store.add_argument("--warmup", type=int, default=3)
     store.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are printed")
+    store.add_argument("--log-every", type=int, default=1, help="the trainer's train.log_every")
     enc = sub.add_parser("encode", help="cached pairs vs encoding every step (seed-size UNet and encoders)")
     enc.add_argument("--items", type=int, default=256)
     enc.add_argument("--batch", type=int, default=16)
     enc.add_argument("--steps", type=int, default=10)
     enc.add_argument("--warmup", type=int, default=2)
+    logc = sub.add_parser("log", help="what one log costs (train.log_every), against the step")
+    logc.add_argument("--size", choices=list(SIZES), default="seed")
+    logc.add_argument("--steps", type=int, default=8)
+    logc.add_argument("--warmup", type=int, default=2)
+    logc.add_argument("--repeats", type=int, default=2000)
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     if args.what == "store":
@@ -280,7 +366,8 @@ def main() -> None:
             info: dict[str, dict[str, Any]] = {}
             for r in range(args.rounds):  # alternating, so that a slow spell of the machine hits every run
                 for case, windows in cases.items():
-                    info[case] = in_child(trainer_steps_per_s, size, args.items, args.steps, args.warmup, windows)
+                    info[case] = in_child(trainer_steps_per_s, size, args.items, args.steps, args.warmup, windows,
+                                          args.log_every)
                 for name, fused in (("bare", False), ("bare_fused", True)):
                     info[name] = in_child(bare_steps_per_s, size, args.steps, args.warmup, fused)
                 for k in runs:
@@ -308,6 +395,22 @@ def main() -> None:
                       f"({cpu[case] * batch:.1f} per CPU s); ratio {wall[case] / wall['bare']:.3f} to the bare loop "
                       f"({cpu[case] / cpu['bare']:.3f} per CPU s), ratio {wall[case] / wall['bare_fused']:.3f} to the "
                       f"bare loop with fused AdamW ({cpu[case] / cpu['bare_fused']:.3f} per CPU s)", flush=True)
+    elif args.what == "log":
+        r = in_child(logging_cost, args.size, args.steps, args.warmup, args.repeats)
+        per_log = r["read_s"] + r["log_s"]
+        print(f"{args.size} UNet, batch {r['batch']}, {dev}: step {r['step_s'] * 1e3:.0f} ms (wall, median of "
+              f"{args.steps}); one log {per_log * 1e3:.2f} ms = read from the device {r['read_s'] * 1e3:.2f} ms + "
+              f"Trainer.log {r['log_s'] * 1e3:.2f} ms; alone ({args.repeats}x each): a metrics.csv row "
+              f"{r['csv_s'] * 1e3:.3f} ms, progress.json {r['json_s'] * 1e3:.3f} ms, progress bar "
+              f"{r['bar_s'] * 1e3:.3f} ms; logging every step costs {100 * per_log / r['step_s']:.2f} % of the step "
+              f"here", flush=True)
+        flops = r["flops_per_sample"] * 128
+        for share in (0.2, 0.5):
+            gpu_step = flops / (share * BF16_PEAK_H100)
+            print(f"  seed-size preset (batch 128): {flops / 1e12:.2f} TFLOP a step; on an H100 at {share:.0%} of the "
+                  f"bf16 peak a step is {gpu_step * 1e3:.1f} ms, and one log ({per_log * 1e3:.2f} ms, the CPU part "
+                  f"measured here) is {100 * per_log / gpu_step:.1f} % of it: log_every >= "
+                  f"{math.ceil(per_log / (0.01 * gpu_step))} keeps logging under 1 %", flush=True)
     else:
         c = in_child(encode_vs_cached, "cached", args.items, args.batch, args.steps, args.warmup)
         e = in_child(encode_vs_cached, "encode", args.items, args.batch, args.steps, args.warmup)

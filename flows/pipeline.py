@@ -13,8 +13,8 @@ from sd_core.runtime.running import run_stage
 from sd_core.store.catalog import Catalog
 from sd_core.store.lock import data_dir_lock
 from sd_core.store.records import StageFailed, StageResult, select_stages, skipped_stage
-from tasks.caption import caption_batch_task, caption_finish_task, caption_plan_task
-from tasks.encode import encode_batch_task, encode_finish_task, encode_plan_task
+from tasks.caption import caption_batch_task, caption_batches_task, caption_finish_task
+from tasks.encode import encode_batch_task, encode_finish_task, encode_jobs_task
 from tasks.eval import eval_task
 from tasks.fanout import gather
 from tasks.ingest import convert_task, download_task, ingest_source_task, list_site_task
@@ -42,10 +42,10 @@ def _crawl(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
 
 
 def _caption(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
-    plan = caption_plan_task(cfg.caption, cfg.data_dir, force)
-    futures = caption_batch_task.map(plan.batches, unmapped(cfg.caption), unmapped(cfg.data_dir))
+    fanout = caption_batches_task(cfg.caption, cfg.data_dir, force)
+    futures = caption_batch_task.map(fanout.batches, unmapped(cfg.caption), unmapped(cfg.data_dir))
     calls = gather(futures, desc="caption", progress=opts.progress)
-    return caption_finish_task(cfg.caption, cfg.data_dir, plan, calls)
+    return caption_finish_task(cfg.caption, cfg.data_dir, fanout, calls)
 
 
 def _vae(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
@@ -55,10 +55,10 @@ def _vae(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
 
 
 def _encode(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:
-    plan = encode_plan_task(cfg.encode, cfg.data_dir, force)
-    futures = encode_batch_task.map(plan.batches, unmapped(cfg.encode), unmapped(cfg.data_dir))
+    fanout = encode_jobs_task(cfg.encode, cfg.data_dir, force)
+    futures = encode_batch_task.map(fanout.batches, unmapped(cfg.encode), unmapped(cfg.data_dir))
     results = gather(futures, desc="encode", progress=opts.progress)
-    return encode_finish_task(cfg.encode, cfg.data_dir, plan, results)
+    return encode_finish_task(cfg.encode, cfg.data_dir, fanout, results)
 
 
 def _eval(cfg: PipelineConfig, opts: RunOptions, force: bool) -> StageResult:

@@ -16,7 +16,7 @@ import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sd_core.caption.config import CaptionConfig
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.encode.config import EncodeStageConfig
 from sd_core.eval.config import EvalConfig
 from sd_core.ingest.convert import ConvertConfig
@@ -35,17 +35,22 @@ class ConfigError(ValueError):
 
 
 class PipelineConfig(StrictModel):
-    data_dir: Path = Path("data")
-    source: SourceConfig = Field(SourceConfig(), description="where the images come from: the site crawl.base_url "
-                                 "lists (the default), a folder, a dataset or a URL list (docs/sources.md)")
-    crawl: CrawlConfig = CrawlConfig()
-    convert: ConvertConfig = ConvertConfig()
-    caption: CaptionConfig = CaptionConfig()
+    data_dir: Path = Field(Path("data"), description="the data directory: every stage's files, caches, models, "
+                           "records and report.html live under it (--data-dir)")
+    source: SourceConfig = Field(SourceConfig(), description="what the first stage (still called crawl) reads: "
+                                 "the site crawl.base_url lists (the default), a folder, a dataset or a URL list "
+                                 "(docs/sources.md)")
+    crawl: CrawlConfig = Field(CrawlConfig(), description="the first stage with source.kind = 'site': the listing "
+                               "walk and the downloads (a URL list's downloads too); docs/crawling.md, "
+                               "docs/refresh.md")
+    convert: ConvertConfig = Field(ConvertConfig(), description="the convert stage: images/ and metadata.csv")
+    caption: CaptionConfig = Field(CaptionConfig(), description="the caption stage: each image's prompt")
     vae: VAETrainConfig = Field(VAETrainConfig(), description="used only when encode.vae.model_id = 'trained'")
-    encode: EncodeStageConfig = EncodeStageConfig()
-    train: TrainStageConfig = TrainStageConfig()
-    eval: EvalConfig = EvalConfig()
-    sample: SampleConfig = SampleConfig()
+    encode: EncodeStageConfig = Field(EncodeStageConfig(), description="the encode stage")
+    train: TrainStageConfig = Field(TrainStageConfig(), description="the train stage (also `emoji-sd train`)")
+    eval: EvalConfig = Field(EvalConfig(), description="the eval stage: scores and promotion (docs/evaluation.md)")
+    sample: SampleConfig = Field(SampleConfig(), description="the sample stage, which draws from the champion into "
+                                 "samples/, and `emoji-sd sample`")
 
     @model_validator(mode="before")
     @classmethod

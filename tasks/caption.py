@@ -1,4 +1,4 @@
-"""The caption stage as Prefect tasks: plan the batches, caption each (fanned out on the flow's
+"""The caption stage as Prefect tasks: split the work into batches, caption each (fanned out on the flow's
 task runner), then write the caption columns."""
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from sd_core.caption.stage import (
 )
 from sd_core.store.catalog import Catalog
 from sd_core.store.records import StageResult, record_stage
-from tasks.fanout import Plan
+from tasks.fanout import FanOut
 
 
-@task(name="caption-plan", cache_policy=NO_CACHE)
-def caption_plan_task(cfg: CaptionConfig, data_dir: Path, force: bool = False) -> Plan:
+@task(name="caption-batches", cache_policy=NO_CACHE)
+def caption_batches_task(cfg: CaptionConfig, data_dir: Path, force: bool = False) -> FanOut:
     """Batches of images without a caption under this setting."""
-    plan = Plan(plan_captions(cfg, Catalog(data_dir), force=force))
-    get_run_logger().info("%d images to caption in %d batches", plan.items, len(plan.batches))
-    return plan
+    fanout = FanOut(plan_captions(cfg, Catalog(data_dir), force=force))
+    get_run_logger().info("%d images to caption in %d batches", fanout.items, len(fanout.batches))
+    return fanout
 
 
 @task(name="caption-batch", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -40,13 +40,13 @@ def caption_batch_task(jobs: list[CaptionJob], cfg: CaptionConfig, data_dir: Pat
 
 
 @task(name="caption-finish", cache_policy=NO_CACHE)
-def caption_finish_task(cfg: CaptionConfig, data_dir: Path, plan: Plan, calls: list[int]) -> StageResult:
+def caption_finish_task(cfg: CaptionConfig, data_dir: Path, fanout: FanOut, calls: list[int]) -> StageResult:
     """Fill metadata.csv's caption columns from the log and record the stage."""
     catalog = Catalog(data_dir)
     release_captioners()  # the batches run here (sequential runner) are done: free Qwen before encode and train
-    summary = finish_captions(cfg, catalog, CaptionSummary(captioned=plan.items, model_calls=sum(calls)))
+    summary = finish_captions(cfg, catalog, CaptionSummary(captioned=fanout.items, model_calls=sum(calls)))
     result = record_stage(catalog, "caption", key=stage_key(cfg, catalog), summary=summary.as_dict(),
-                          seconds=time.time() - plan.started,
+                          seconds=time.time() - fanout.started,
                           ran=summary.captioned > 0 or summary.prompts_changed > 0)
     get_run_logger().info(result.line())
     return result

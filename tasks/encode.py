@@ -1,5 +1,5 @@
-"""The encode stage as Prefect tasks: plan the jobs (one shard of items each), encode each (fanned out on the
-flow's task runner; every worker process loads each model once), then record the stage."""
+"""The encode stage as Prefect tasks: split the work into jobs (one shard of items each), encode each (fanned
+out on the flow's task runner; every worker process loads each model once), then record the stage."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from sd_core.encode.stage import (
 )
 from sd_core.store.catalog import Catalog
 from sd_core.store.records import StageResult, record_stage
-from tasks.fanout import Plan
+from tasks.fanout import FanOut
 
 
-@task(name="encode-plan", cache_policy=NO_CACHE)
-def encode_plan_task(cfg: EncodeStageConfig, data_dir: Path, force: bool = False) -> Plan:
+@task(name="encode-jobs", cache_policy=NO_CACHE)
+def encode_jobs_task(cfg: EncodeStageConfig, data_dir: Path, force: bool = False) -> FanOut:
     """Jobs of images without latents and captions without text states (model ids resolved)."""
-    plan = Plan(plan_encode(resolve(cfg, Catalog(data_dir)), Catalog(data_dir), force=force))
-    get_run_logger().info("%d images and captions to encode in %d jobs of up to %d", plan.items, len(plan.batches),
+    fanout = FanOut(plan_encode(resolve(cfg, Catalog(data_dir)), Catalog(data_dir), force=force))
+    get_run_logger().info("%d images and captions to encode in %d jobs of up to %d", fanout.items, len(fanout.batches),
                           cfg.shard_size)
-    return plan
+    return fanout
 
 
 @task(name="encode-batch", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -40,13 +40,13 @@ def encode_batch_task(job: EncodeJob, cfg: EncodeStageConfig, data_dir: Path) ->
 
 
 @task(name="encode-finish", cache_policy=NO_CACHE)
-def encode_finish_task(cfg: EncodeStageConfig, data_dir: Path, plan: Plan, results: list[EncodeSummary]
+def encode_finish_task(cfg: EncodeStageConfig, data_dir: Path, fanout: FanOut, results: list[EncodeSummary]
                        ) -> StageResult:
     catalog = Catalog(data_dir)
     release_shared_models()  # the jobs run here (sequential runner) are done: free the encoders before training
-    summary = merge_summaries(plan.batches, results)
+    summary = merge_summaries(fanout.batches, results)
     result = record_stage(catalog, "encode", key=stage_key(resolve(cfg, catalog), catalog), summary=summary,
-                          seconds=time.time() - plan.started, ran=bool(plan.batches))
+                          seconds=time.time() - fanout.started, ran=bool(fanout.batches))
     get_run_logger().info(result.line())
     if summary["image_failures"]:
         get_run_logger().warning("%d images could not be read for encoding", summary["image_failures"])

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Batches of work a stage fans out, and when planning started (the stage's clock)."""
+class FanOut:
+    """The batches of work a stage fans out, and when the stage started (its clock)."""
 
     batches: list[Any]
     started: float = field(default_factory=time.time)

@@ -17,6 +17,7 @@ from sd_core.diffusion.export import ATTN2_WEIGHTS, LORA_WEIGHTS, MANIFEST, MERG
 from sd_core.diffusion.models import ModelConfig
 from sd_core.sample.config import SampleConfig
 from sd_core.sample.stage import sample_to_folder
+from sd_core.training.stage import export_model
 from sd_core.training.trainer import Trainer
 
 PIPE_ARGS = dict(safety_checker=None, requires_safety_checker=False)
@@ -33,7 +34,7 @@ def finetune(sd: Path, out: Path, kind: str, **model: object) -> Trainer:
     cfg = tiny_train_config(steps=4, batch_size=4, save_every=2, val_every=2, lr=1e-2, ema_decay=0.5,
                             model=ModelConfig(kind=kind, pretrained_model_id=str(sd), **model))
     trainer = Trainer(cfg, pairs, out, progress=False)
-    trainer.train()
+    export_model(trainer.train().checkpoint, out / "model", items=len(pairs))  # as the train stage exports
     return trainer
 
 
@@ -51,7 +52,7 @@ def lora(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
                             model=ModelConfig(kind="pretrained_attn2_lora", pretrained_model_id=str(tiny_sd),
                                               lora={"rank": 4, "alpha": 4}))
     trainer = Trainer(cfg, pairs, out, progress=False)
-    trainer.train()
+    export_model(trainer.train().checkpoint, out / "model", items=len(pairs))  # as the train stage exports
     return trainer
 
 
@@ -82,7 +83,7 @@ def test_checkpoints_hold_only_the_trainable_weights(attn2: Trainer) -> None:
 
 
 def test_attn2_export_holds_only_what_changed(attn2: Trainer, tiny_sd: Path, tmp_path: Path) -> None:
-    export = attn2.export_dir
+    export = attn2.out_dir / "model"
     assert sorted(p.name for p in export.iterdir()) == [ATTN2_WEIGHTS, MANIFEST]
     manifest = verify_export(export)
     assert manifest["kind"] == "pretrained_attn2" and manifest["base_model"] == str(tiny_sd)
@@ -92,7 +93,7 @@ def test_attn2_export_holds_only_what_changed(attn2: Trainer, tiny_sd: Path, tmp
     pipe = load_pipeline(export)
     for n, v in pipe.unet.state_dict().items():
         if "attn2" in n:
-            torch.testing.assert_close(v, attn2.ema.shadow[n].cpu())
+            torch.testing.assert_close(v, attn2.ema.shadow_state()[n].cpu())
         else:
             assert torch.equal(v, before[n]), n
     base = StableDiffusionPipeline.from_pretrained(tiny_sd, **PIPE_ARGS)
@@ -103,7 +104,7 @@ def test_attn2_export_holds_only_what_changed(attn2: Trainer, tiny_sd: Path, tmp
 
 
 def test_lora_export_is_read_by_load_lora_weights(lora: Trainer, tiny_sd: Path) -> None:
-    export = lora.export_dir
+    export = lora.out_dir / "model"
     assert sorted(p.name for p in export.iterdir()) == [MANIFEST, MERGED, LORA_WEIGHTS]
     saved = load_file(str(export / LORA_WEIGHTS))
     assert saved and all("attn2" in k and "lora" in k for k in saved)
@@ -124,7 +125,7 @@ def test_lora_export_is_read_by_load_lora_weights(lora: Trainer, tiny_sd: Path) 
 
 def test_export_sizes(attn2: Trainer, lora: Trainer) -> None:
     size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
-    a, l_ = size(attn2.export_dir), (lora.export_dir / LORA_WEIGHTS).stat().st_size
-    merged = size(lora.export_dir / MERGED)
+    a, l_ = size(attn2.out_dir / "model"), (lora.out_dir / "model" / LORA_WEIGHTS).stat().st_size
+    merged = size(lora.out_dir / "model" / MERGED)
     print(f"tiny SD exports: attn2 {a:,} B, LoRA rank 4 {l_:,} B, merged pipeline {merged:,} B")
     assert 0 < l_ < a < merged

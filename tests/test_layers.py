@@ -15,7 +15,7 @@ import sd_core
 
 ROOT = Path(sd_core.__file__).parent
 LAYERS = ["store", "runtime", "common", "demo", "ingest", "caption", "vae", "encode", "diffusion", "training", "sample",
-          "eval", "report", "publish", "presets", "config", "status", "app"]
+          "eval", "report", "publish", "presets", "config", "config_reference", "status", "app"]
 
 
 def modules() -> dict[str, Path]:

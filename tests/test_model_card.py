@@ -160,7 +160,7 @@ def test_fine_tune_cards_load_as_they_say(tiny_sd: Path, tmp_path: Path) -> None
 
     for kind in ("pretrained_attn2", "pretrained_attn2_lora"):
         extra = {"lora": {"rank": 4, "alpha": 4}} if kind.endswith("lora") else {}
-        export = finetune(tiny_sd, tmp_path / kind, kind, **extra).export_dir
+        export = finetune(tiny_sd, tmp_path / kind, kind, **extra).out_dir / "model"
         write_model_card(export)
         card = ModelCard.load(export / CARD)
         assert card.data.base_model is None  # a local folder is no Hub id; a hub base is named (below)

@@ -205,7 +205,7 @@ def test_trainer_draws_validation_grids_without_touching_its_randomness(encoders
 
     from sd_core.encode.stage import EncodeStageConfig
     from sd_core.training.metrics import read_metrics
-    from sd_core.training.stage import validation_sampler
+    from sd_core.training.stage import export_model, validation_sampler
     from sd_core.training.trainer import EncoderRefs, Trainer
 
     text, vae = encoders
@@ -215,7 +215,7 @@ def test_trainer_draws_validation_grids_without_touching_its_randomness(encoders
     sampler = validation_sampler(EncodeStageConfig(vae=vae, text=text), ScheduleConfig().scheduler_config(), steps=2)
     refs = EncoderRefs(text_encoder=text, vae=vae)
     with_grids = Trainer(cfg, pairs, tmp_path / "a", sampler=sampler, encoders=refs, progress=False)
-    with_grids.train()
+    final = with_grids.train().checkpoint
     plain = Trainer(cfg, pairs, tmp_path / "b", progress=False)
     plain.train()
 
@@ -225,7 +225,9 @@ def test_trainer_draws_validation_grids_without_touching_its_randomness(encoders
         assert grid.size == (220 + 3 * 64, 18 + 2 * 64)
     losses = lambda d: [r["train_loss"] for r in read_metrics(d / "metrics.csv")]  # noqa: E731
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    # with its encoders, the trainer exports a pipeline the sample stage draws from
+    # the final checkpoint names the encoders: the train stage's export is a pipeline the sample stage draws from
+    assert not (tmp_path / "a" / "model").exists()
+    assert export_model(final, tmp_path / "a" / "model", items=len(pairs)) == tmp_path / "a" / "model"
     assert verify_export(tmp_path / "a" / "model")["step"] == 4
 
 

@@ -16,7 +16,7 @@ from sd_core.encode.pairs import Pairs, split_ids
 from sd_core.training.config import TrainConfig
 from sd_core.training.ema import EMA
 from sd_core.training.lr import CosineLR
-from sd_core.training.metrics import read_metrics
+from sd_core.training.metrics import read_metrics, read_progress
 from sd_core.training.trainer import Trainer
 
 
@@ -58,14 +58,18 @@ def test_loss_decreases_and_held_out_loss_is_logged(trained: tuple[Trainer, obje
     assert float(rows[-1]["seconds"]) > 0
 
 
-def test_run_writes_metrics_curve_checkpoints_and_export(trained: tuple[Trainer, object]) -> None:
+def test_run_writes_metrics_curve_and_checkpoints_and_no_export(trained: tuple[Trainer, object]) -> None:
+    from sd_core.training.stage import export_model
+
     trainer, result = trained
     out = trainer.out_dir
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "metrics.csv").read_text().splitlines()[0] == "step,train_loss,val_loss,ema_val_loss,lr,seconds"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-0000030", "checkpoint-0000060", "latest"]
+    assert result.checkpoint == out / "checkpoints" / "checkpoint-0000060"
+    assert not (out / "model").exists()  # the trainer only trains: the train stage exports
     # a from-scratch export bundles the VAE and text encoder; without them (synthetic pairs) none is written
-    assert result.export_dir is None and not (out / "model").exists()
+    assert export_model(result.checkpoint, out / "model", items=40) is None and not (out / "model").exists()
 
 
 def test_held_out_loss_is_fixed_noise_and_timesteps(trained: tuple[Trainer, object]) -> None:
@@ -160,9 +164,9 @@ def test_ema_differs_from_raw_weights_and_tracks_them(tmp_path, pairs: Pairs) ->
     init = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}
     trainer.train()
     raw = {n: p.detach() for n, p in trainer.net.named_parameters()}
-    ema = trainer.ema.state_dict()
+    ema = trainer.ema.shadow_state()
     dist = lambda a, b: sum(float((a[n] - b[n]).pow(2).sum()) for n in raw) ** 0.5  # noqa: E731
-    assert trainer.ema.num_updates == 30
+    assert trainer.ema.optimization_step == 30
     assert dist(ema, raw) > 0
     assert dist(ema, raw) < 0.5 * dist(init, raw)
 
@@ -173,10 +177,39 @@ def test_ema_update_rule() -> None:
     start = lin.weight.detach().clone()
     with torch.no_grad():
         lin.weight.add_(1.0)
-    ema.update()
-    torch.testing.assert_close(ema.shadow["weight"], 0.9 * start + 0.1 * lin.weight.detach())
-    warm = EMA(lin, decay=0.999, warmup=True)
-    assert warm.current_decay() == pytest.approx(0.1)
+    ema.step()
+    torch.testing.assert_close(ema.shadow_state()["weight"], 0.9 * start + 0.1 * lin.weight.detach())
+    assert ema.get_decay(1) == ema.get_decay(500) == 0.9
+
+
+def test_ema_follows_diffusers_ema_model_and_swaps_its_weights_in() -> None:
+    """The warm-up EMA is diffusers' ``EMAModel`` (same decay at every update, same averages up to rounding),
+    and ``swapped_in`` puts the averages in the model for a block and the trained weights back after it."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model[0].bias.requires_grad_(False)  # only what trains is averaged
+    ours = EMA(model, decay=0.99)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    theirs = EMAModel(trained, decay=0.99)
+    for _ in range(40):
+        with torch.no_grad():
+            for p in trained:
+                p.add_(torch.randn_like(p) * 0.1)
+        ours.step()
+        theirs.step(trained)
+        assert ours.cur_decay_value == theirs.cur_decay_value
+    assert ours.cur_decay_value == pytest.approx(min(0.99, 40 / 49))  # (1 + n) / (10 + n), n = 39
+    assert sorted(ours.shadow_state()) == ["0.weight", "1.bias", "1.weight"]
+    for a, b in zip(ours.shadow_params, theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    raw = [p.detach().clone() for p in model.parameters()]
+    with ours.swapped_in():
+        for p, shadow in zip(trained, ours.shadow_params):
+            assert torch.equal(p, shadow)
+        assert torch.equal(model[0].bias, raw[1])  # a frozen parameter is left alone
+    assert all(torch.equal(p, r) for p, r in zip(model.parameters(), raw))
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +225,13 @@ def test_a_continuation_keeps_rewarms_or_adapts_the_ema(tmp_path, pairs: Pairs, 
                                                         updates: int, decay: float) -> None:
     from sd_core.training import checkpoint as ckpt
 
-    old = finished_run.ema.state_dict()
+    old = finished_run.ema.shadow_state()
     nxt = Trainer(tiny_train_config(steps=6, ema_decay=0.9), pairs, tmp_path, progress=False)
     nxt.init_from(ckpt.latest_checkpoint(finished_run.checkpoint_root), ema=mode)
-    assert nxt.ema.num_updates == updates and nxt.ema.decay == pytest.approx(decay)  # adapt: 1 - 3/6
+    assert nxt.ema.optimization_step == updates and nxt.ema.decay == pytest.approx(decay)  # adapt: 1 - 3/6
     nxt.train()
     raw = {n: p.detach() for n, p in nxt.net.named_parameters()}
-    share_old = sum(float((nxt.ema.shadow[n] - raw[n]).norm()) for n in raw) / sum(
+    share_old = sum(float((nxt.ema.shadow_state()[n] - raw[n]).norm()) for n in raw) / sum(
         float((old[n] - raw[n]).norm()) for n in raw)
     # keep: 0.9^6 = 53 % of the average is still the old EMA; rewarm and adapt follow the new weights
     assert (share_old > 0.4) if mode == "keep" else (share_old < 0.15)
@@ -333,3 +366,48 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tmp_path) -> N
     rows = read_metrics(tmp_path / "metrics.csv")
     assert all(math.isfinite(float(r["train_loss"])) for r in rows)
     assert not (tmp_path / "model").exists()
+
+
+def test_losses_are_read_once_a_log_interval_and_every_step_keeps_its_row(tmp_path, pairs: Pairs) -> None:
+    """With log_every=5 the losses stay on the device between reads (steps 5, 7 (a save), 10 and 12 (the last)),
+    each read is one report of their mean, and every step still gets its row; seconds are on the read rows."""
+    from sd_core.training.metrics import Progress
+
+    reports: list[Progress] = []
+    cfg = tiny_train_config(steps=12, log_every=5, save_every=7)
+    trainer = Trainer(cfg, pairs, tmp_path, callbacks=[reports.append], progress=False)
+    reads: list[list[int]] = []
+    read = trainer.read
+    trainer.read = lambda steps: reads.append([s.step for s in steps]) or read(steps)  # type: ignore[method-assign]
+    trainer.train()
+    assert reads == [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11, 12]]
+    rows = read_metrics(trainer.metrics_csv)
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert [int(r["step"]) for r in rows if r["seconds"]] == [p.step for p in reports] == [5, 7, 10, 12]
+    loss = {int(r["step"]): float(r["train_loss"]) for r in rows}
+    assert reports[0].loss == pytest.approx(sum(loss[s] for s in range(1, 6)) / 5)
+    assert reports[-1].loss == pytest.approx((loss[11] + loss[12]) / 2)
+    assert float(rows[-1]["seconds"]) >= float(rows[4]["seconds"]) > 0
+    assert read_progress(tmp_path / "progress.json") == reports[-1]
+
+
+def test_a_non_finite_loss_between_logs_is_caught_before_the_next_checkpoint(tmp_path) -> None:
+    """The NaN guard reads the steps since the last read before every checkpoint, so a NaN between logs is named
+    with its step and nothing after it is saved."""
+    from sd_core.training import checkpoint as ckpt
+    from sd_core.training.trainer import NonFiniteError
+
+    base = synthetic_pairs(40)
+    cfg = tiny_train_config(steps=30, save_every=3, log_every=1000)
+    # an item of the first epoch's last batch (step 4 of 32 train items in batches of 8): after the save at step 3
+    data = Trainer(cfg, base, tmp_path / "order", progress=False).data
+    late = data.order(0)[-1]
+    mean = base.mean.clone()
+    mean[late] = float("nan")  # a cached latent read back as NaN
+    trainer = Trainer(cfg, Pairs(**{**base.__dict__, "mean": mean}), tmp_path / "run", progress=False)
+    with pytest.raises(NonFiniteError, match=r"the training loss is nan at step (\d+)") as err:
+        trainer.train()
+    bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
+    assert bad_step == len(data.order(0)) // 8 == 4
+    saved = [ckpt.load_step(p) for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert saved and max(saved) < bad_step <= trainer.step < bad_step + 3  # caught at the next save at the latest

@@ -47,9 +47,10 @@ def open_pairs(store: Path) -> CachedPairs:
 
 
 def windowed_config(pairs: CachedPairs) -> TrainConfig:
-    # caption dropout, mirrored latents, noise offset and held-out evaluations all draw between the saves
+    # caption dropout, mirrored latents, noise offset and held-out evaluations all draw between the saves; losses
+    # are read from the device every 4 steps and at saves and evaluations (4, 5, 7, 8, 10, 12, 14, ...)
     return tiny_train_config(steps=24, save_every=5, keep_last=2, val_every=7, caption_dropout=0.5,
-                             noise_offset=0.05, data_memory_gb=WINDOW_ITEMS * pairs.item_bytes() / 1e9)
+                             noise_offset=0.05, log_every=4, data_memory_gb=WINDOW_ITEMS * pairs.item_bytes() / 1e9)
 
 
 # --- the reader alone ---------------------------------------------------------------------------------
@@ -174,13 +175,13 @@ def killed_and_resumed(store: Path, tmp_path_factory: pytest.TempPathFactory) ->
     config = killed_dir.parent / "config.json"
     config.write_text(cfg.model_dump_json())
 
-    proc = child(store, killed_dir, config, pause_at=13)
+    proc = child(store, killed_dir, config, pause_at=12)
     try:
         whole = Trainer(cfg, pairs, whole_dir, progress=False)  # the uninterrupted run, meanwhile
         whole.train()
         lines = iter(proc.stdout.readline, "")  # blocks until the child prints (or ends)
         paused = next((line for line in lines if line.startswith("paused")), None)
-        assert paused == "paused 13\n", proc.stderr.read()[-3000:]
+        assert paused == "paused 12\n", proc.stderr.read()[-3000:]
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
     finally:

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from sd_core.caption.offline import OFFLINE_VERSION
 from sd_core.caption.template import PROMPT_TEMPLATE_V1, RETRY_SUFFIX
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -26,16 +26,26 @@ DEFAULT_MAX_PIXELS = 224 * 224
 class CaptionConfig(StrictModel):
     """Settings that choose the captioner and everything that shapes a caption."""
 
-    captioner: Literal["qwen", "offline"] = "qwen"
+    captioner: Literal["qwen", "offline"] = Field(
+        "qwen", description="qwen: the vision-language model model_id (Qwen2.5-VL) describes each image, told its "
+        "title; offline: deterministic template captions from the title's words and the image's colours and shape, "
+        "no weights (the demo's)")
     model_id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="Hub id or local folder.")
-    revision: str | None = None
-    prompt_version: str = "v1"
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model_id; unset: the "
+                                 "default branch")
+    prompt_version: str = Field(
+        "v1", description="a name for the prompt, in the captions' cache key and the dataset card: changing it "
+        "captions every image again (a changed prompt_template does so by itself)")
     prompt_template: str = Field(PROMPT_TEMPLATE_V1, description="`{title}` is replaced by the emoji title.")
-    min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=28 * 28)
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=28 * 28)
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=28 * 28, description="qwen: an image with fewer pixels is "
+                            "upscaled to about this many (112 x 112: a small emoji still spans 4 x 4 image tokens)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=28 * 28, description="qwen: an image with more pixels is "
+                            "shrunk to about this many (224 x 224: at most 64 image tokens)")
+    batch_size: int = Field(8, ge=1, description="images per caption job (the unit the task runner fans out) and "
+                            "per call of the captioner")
+    max_new_tokens: int = Field(128, ge=1, description="qwen: longest caption generated, in tokens")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="qwen: dtype of the weights; auto: bfloat16 on CUDA, float32 on the CPU")
     device_map: str | None = Field(None, description="None: 'auto' on CUDA, plain CPU otherwise.")
     sidecars: bool = Field(True, description="also write each caption beside its image as images/<name>.txt, "
                            "as kohya, SimpleTuner and OneTrainer read captions (not part of the cache key)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sd_core.common.strict import DType  # noqa: F401  (re-exported)
+from sd_core.common.config_base import DType  # noqa: F401  (re-exported)
 
 
 def device() -> torch.device:

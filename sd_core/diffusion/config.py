@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.diffusion.unet import UNetConfig
 
 SamplerName = Literal["ddpm", "ddim", "dpm++", "euler"]
@@ -17,10 +17,12 @@ SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm++", "euler")
 class ScheduleConfig(StrictModel):
     """The forward (noising) process a from-scratch model is trained with. A pretrained model keeps its own."""
 
-    num_train_timesteps: int = Field(1000, ge=2)
-    beta_start: float = Field(0.00085, gt=0, lt=1)
-    beta_end: float = Field(0.012, gt=0, lt=1)
-    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    num_train_timesteps: int = Field(1000, ge=2, description="timesteps T of the noising process")
+    beta_start: float = Field(0.00085, gt=0, lt=1, description="noise variance beta of the first timestep")
+    beta_end: float = Field(0.012, gt=0, lt=1, description="beta of the last timestep")
+    beta_schedule: Literal["scaled_linear", "linear"] = Field(
+        "scaled_linear", description="how beta goes from beta_start to beta_end: scaled_linear (linear in its "
+        "square root, Stable Diffusion's) or linear")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="what the UNet predicts: the noise (the seed's) or the velocity v = √ᾱ·ε − √(1−ᾱ)·x0")
     rescale_betas_zero_snr: bool = Field(
@@ -68,19 +70,25 @@ ModelKind = Literal["scratch", "pretrained_attn2", "pretrained_attn2_lora"]
 class LoRAConfig(StrictModel):
     """LoRA adapters on the cross-attention projections (``pretrained_attn2_lora``)."""
 
-    rank: int = Field(8, ge=1)
+    rank: int = Field(8, ge=1, description="rank r of each adapter")
     alpha: float = Field(8.0, gt=0, description="the update is scaled by alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (peft's lora_dropout)")
 
 
 class ModelConfig(StrictModel):
     """Which denoiser to train, and its shape (the scratch model's) or origin (a pretrained one)."""
 
-    kind: ModelKind = "scratch"
-    unet: UNetConfig | None = None
-    pretrained_model_id: str = "CompVis/stable-diffusion-v1-4"
-    revision: str | None = None
-    lora: LoRAConfig | None = None
+    kind: ModelKind = Field(
+        "scratch", description="scratch: a new UNet shaped by [train.model.unet], every parameter trains; "
+        "pretrained_attn2: the UNet of pretrained_model_id, only its cross-attention (attn2) layers train; "
+        "pretrained_attn2_lora: that UNet frozen, with LoRA adapters ([train.model.lora]) on its attn2 projections")
+    unet: UNetConfig | None = Field(None, description="only for kind = 'scratch', which fills in the defaults")
+    pretrained_model_id: str = Field(
+        "CompVis/stable-diffusion-v1-4", description="the Stable Diffusion model (Hub id or folder with unet/ and "
+        "scheduler/) that the pretrained kinds start from; its noise schedule is the one trained with")
+    revision: str | None = Field(None, description="Hub revision of pretrained_model_id; unset: the default branch")
+    lora: LoRAConfig | None = Field(None, description="only for kind = 'pretrained_attn2_lora', which fills in "
+                                    "the defaults")
 
     @model_validator(mode="before")
     @classmethod

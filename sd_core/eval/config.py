@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.diffusion.config import SamplerName
 
 # score: (better when, margin kind). An absolute margin m lets a rate or κ drop by m, a held-out loss rise by m
@@ -71,11 +71,11 @@ class EvalConfig(StrictModel):
                                                      "prompt-following score")
     guidance_scale: float = Field(7.5, ge=1, description="the guidance prompt following is scored at "
                                                          "(and at 0, without the text)")
-    steps: int = Field(20, ge=1)
-    scheduler: SamplerName = "dpm++"
-    batch_size: int = Field(16, ge=1)
+    steps: int = Field(20, ge=1, description="sampler steps per image")
+    scheduler: SamplerName = Field("dpm++", description="sampler: ddpm, ddim, dpm++ (DPM-Solver++ 2M) or euler")
+    batch_size: int = Field(16, ge=1, description="images (or prompts, for the held-out loss) per model call")
     loss_timesteps: int = Field(10, ge=1, description="held-out ε-MSE on this fixed grid of timesteps")
-    loss_seed: int = 1234
+    loss_seed: int = Field(1234, description="seed of the held-out loss's fixed noise")
     grid_items: int = Field(8, ge=0, description="rows of the grid of held-out prompts beside their real images")
     features: str | None = Field(
         "openai/clip-vit-base-patch32", description="CLIP model whose image embeddings FID and KID are computed in "
@@ -90,5 +90,5 @@ class EvalConfig(StrictModel):
                                  "prompts")
     bootstrap: int = Field(2000, ge=100, description="paired-bootstrap replicates (items, and seeds within items, "
                                                      "drawn with replacement) behind every interval")
-    promote_if: PromoteIf = Field(PromoteIf(), description="when a new run replaces the champion (confidence and "
-                                                           "the scores that decide, each with its margin)")
+    promote_if: PromoteIf = Field(PromoteIf(), description="the promotion gate (docs/evaluation.md): confidence "
+                                                           "and the scores that decide, each with its margin")

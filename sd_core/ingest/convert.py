@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from sd_core.common.images import flatten_rgb
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.ingest.frames import scan_frames
 from sd_core.ingest.isolate import Worker, WorkerCrashed, WorkerTimeout
 from sd_core.ingest.ledger import ImageRecord, Ledger
@@ -54,8 +54,12 @@ UNTITLED = "untitled"  # the dataset title of an emoji listed without one
 class ConvertConfig(StrictModel):
     """Decoding of downloaded bytes into the RGB JPEG dataset."""
 
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    background: tuple[int, int, int] = (255, 255, 255)
+    jpeg_quality: int = Field(
+        95, ge=1, le=100, description="quality of the JPEG each image is saved as (Pillow's scale)"
+    )
+    background: tuple[int, int, int] = Field(
+        (255, 255, 255), description="RGB colour that transparency is flattened on (white)"
+    )
     max_image_pixels: int = Field(
         16_000_000, gt=0,
         description="decompression-bomb limit: larger images are quarantined. Only the first frame of an "

@@ -9,7 +9,7 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 
 # discords.com's listing shows its emoji through its own image proxy
 # (`https://discords.com/_next/image?url=https%3A%2F%2Fcdn.discordapp.com%2Femojis%2F....png`, seen in the
@@ -38,13 +38,34 @@ class CrawlConfig(StrictModel):
         description=f"the listing's tag; URL-encoded into listing_path. 1 to {MAX_TAG_CHARS} characters, no "
         "control characters, no leading or trailing blanks",
     )
-    listing_path: str = "/emoji-list/tag/{tag}?page={page}"
-    container_selector: str = "div.FS5UE28h.container"
-    item_selector: str = "div.LQY5mtmC div.aLnnpRah.text-center"
-    image_selector: str = "div.Mw1EAtrx img, img"
-    url_attribute: str = "src"
-    title_attribute: str = "title"
-    start_page: int = Field(1, ge=1)
+    listing_path: str = Field(
+        "/emoji-list/tag/{tag}?page={page}",
+        description="a listing page's path after base_url: {tag} is replaced by the URL-encoded tag, {page} "
+        "(required) by the page number",
+    )
+    container_selector: str = Field(
+        "div.FS5UE28h.container",
+        description="CSS selector of the listing's container; only for the error message: when the first page "
+        "shows no items, it says whether this matched",
+    )
+    item_selector: str = Field(
+        "div.LQY5mtmC div.aLnnpRah.text-center",
+        description="CSS selector of one listed emoji; a page counts as rendered when the number of matches "
+        "stops changing",
+    )
+    image_selector: str = Field(
+        "div.Mw1EAtrx img, img",
+        description="CSS selector of the image inside an item (the first match); an item without one is skipped",
+    )
+    url_attribute: str = Field(
+        "src", description="the image's attribute holding its URL (resolved against the page's address)"
+    )
+    title_attribute: str = Field(
+        "title",
+        description="the image's attribute holding the emoji's title (its alt text when this one is missing or "
+        "empty); the title goes into metadata.csv and the captions",
+    )
+    start_page: int = Field(1, ge=1, description="number of the first listing page read ({page} in listing_path)")
     max_pages: int = Field(
         MAX_PAGES_CEILING, ge=1,
         description=f"the most listing pages one walk reads (default: the ceiling, {MAX_PAGES_CEILING:,}); a walk "
@@ -83,11 +104,25 @@ class CrawlConfig(StrictModel):
     command_timeout_s: float = Field(
         60.0, gt=0, description="longest wait for one answer from chromedriver; larger than page_timeout_s"
     )
-    chromium_path: str = "/usr/bin/chromium"
-    chromedriver_path: str = "/usr/bin/chromedriver"
-    browser_args: tuple[str, ...] = ()
-    user_agent: str | None = None
-    download_workers: int = Field(8, ge=1, le=64)
+    chromium_path: str = Field(
+        "/usr/bin/chromium", description="the Chromium binary that renders the listing (checked before the run starts)"
+    )
+    chromedriver_path: str = Field(
+        "/usr/bin/chromedriver",
+        description="the chromedriver matching chromium_path (checked before the run starts; never downloaded)",
+    )
+    browser_args: tuple[str, ...] = Field(
+        (),
+        description="extra Chromium command-line switches, added after the built-in ones (headless, no sandbox, ...)",
+    )
+    user_agent: str | None = Field(
+        None,
+        description="User-Agent of the browser and of the image downloads; unset: Chromium's own for the listing "
+        "and 'emoji-sd/0.1 (+https://github.com/emoji-sd/emoji-sd)' for downloads",
+    )
+    download_workers: int = Field(
+        8, ge=1, le=64, description="image downloads in parallel (threads; also the connection pool's size)"
+    )
     max_requests_per_second: float = Field(10.0, ge=0, description="per host; 0 disables the limit")
     retries: int = Field(3, ge=0, le=10, description="retries of 5xx, 429 and timeouts; 404 is never retried")
     backoff_s: float = Field(
@@ -101,7 +136,11 @@ class CrawlConfig(StrictModel):
         description="total time one image URL may take (retries, redirects and every read included); "
         "past it the URL is recorded as failed with reason 'deadline'",
     )
-    max_image_bytes: int = Field(20_000_000, gt=0)
+    max_image_bytes: int = Field(
+        20_000_000, gt=0,
+        description="largest image accepted, in bytes: a download announcing or reading more fails, and a larger "
+        "file of a folder or dataset source is recorded as failed",
+    )
     retry_gone: bool = Field(False, description="fetch again URLs that answered 404/410 in an earlier run")
     failed_backoff_s: float = Field(
         600.0, ge=0,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.ingest.settings import check_tag
 
 SourceKind = Literal["site", "folder", "dataset", "urls"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from sd_core.common.strict import StrictModel
+from sd_core.common.config_base import StrictModel
 from sd_core.diffusion.config import SamplerName, check_guidance
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
@@ -22,19 +22,22 @@ class SampleConfig(StrictModel):
         "", description="what to steer away from: replaces the empty prompt of classifier-free guidance "
                         "(used only when guidance_scale > 1)")
     guidance_scale: float = Field(7.5, ge=0, description="0: without the text; 1: text, no guidance")
-    steps: int = Field(50, ge=1)
+    steps: int = Field(50, ge=1, description="sampler steps per image")
     scheduler: SamplerName = Field("ddim", description="ddpm, ddim, dpm++ (DPM-Solver++ 2M) or euler")
-    seed: int = 0
+    seed: int = Field(0, description="the first seed: image j of a prompt is drawn from seed + j")
     images_per_prompt: int = Field(4, ge=1, description="columns of the grid: seeds seed, seed+1, ...")
     width: int | None = Field(None, ge=8, le=4096, description="image width in pixels, a multiple of the VAE's "
                                                               "factor (8 for Stable Diffusion); default: the model's")
     height: int | None = Field(None, ge=8, le=4096, description="image height in pixels, as width")
-    guidance_sweep: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0, 7.5, 10.0)
+    guidance_sweep: tuple[float, ...] = Field(
+        (0.0, 1.0, 3.0, 5.0, 7.5, 10.0),
+        description="also guidance_sweep.png: one image per prompt (from seed) at each of these guidance scales; "
+                    "empty: none. The sample stage draws this; `emoji-sd sample` only with --guidance-sweep")
     batch_size: int = Field(16, ge=1, description="images per pipeline call")
     device: str = Field("auto", pattern=DEVICE_PATTERN,
                         description="where to draw: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N, mps")
     cell_size: int | None = Field(None, ge=8, description="grid cell side in pixels (default: the image size)")
-    label_width: int = Field(220, ge=0)
+    label_width: int = Field(220, ge=0, description="width in pixels of the grid's prompt column")
 
     @field_validator("guidance_scale")
     @classmethod

@@ -33,7 +33,8 @@ class StageResult:
     def line(self) -> str:
         if self.status == "failed":
             return f"{self.stage}: failed after {self.seconds:.1f}s: {self.summary.get('reason', '')}"
-        details = ", ".join(f"{k}={v}" for k, v in self.summary.items() if v not in ({}, None))
+        details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"  # the record keeps every digit
+                            for k, v in self.summary.items() if v not in ({}, None))
         return f"{self.stage}: {self.status} in {self.seconds:.1f}s ({details})"
 
     def alerts(self) -> list[str]:

@@ -1,5 +1,10 @@
-"""What a training run records: ``metrics.csv`` (one row per logged step), its loss curve, and the
-same figures for accelerate's trackers (TensorBoard and others) and for progress callbacks."""
+"""What a training run records: ``metrics.csv`` (one row per optimizer step), its loss curve, and the
+same figures for accelerate's trackers (TensorBoard and others) and for progress callbacks.
+
+The rows are written in groups, whenever the trainer reads the losses back from the device (every
+``train.log_every`` steps, and where it evaluates, saves or samples); ``seconds`` (wall-clock seconds of the
+run's training loop, evaluation and checkpoints included) is filled in on the last row of each group only,
+the moment the device had finished it."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from sd_core.common.plots import plot_loss_curve
 
@@ -16,8 +21,19 @@ METRIC_FIELDS = ("step", "train_loss", "val_loss", "ema_val_loss", "lr", "second
 
 
 @dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as read back from the device."""
+
+    step: int
+    loss: float  # averaged over the processes
+    grad_norm: float | None  # before clipping; None when gradients are not clipped
+    lr: float
+
+
+@dataclass(frozen=True)
 class Progress:
-    """What a progress callback is told after every optimizer step."""
+    """What a progress callback is told every ``train.log_every`` steps (and where the run evaluates, saves or
+    samples): ``loss`` is the mean over the steps since the last report, ``lr`` the last step's."""
 
     step: int
     total: int
@@ -55,15 +71,18 @@ class MetricsLog:
             w.writeheader()
             w.writerows({k: r.get(k, "") for k in METRIC_FIELDS} for r in rows)
 
-    def write(self, step: int, *, train_loss: float | None, val: tuple[float | None, float | None] | None,
-              lr: float, seconds: float) -> None:
+    def write(self, steps: Sequence[StepRecord], *, val: tuple[float | None, float | None] | None,
+              seconds: float) -> None:
+        """A row for each of ``steps``; the held-out losses ``val`` and ``seconds`` go on the last."""
         def fmt(x: Any) -> str:
             return "" if x is None else repr(float(x))
 
-        row = {"step": step, "train_loss": fmt(train_loss), "val_loss": fmt(val[0] if val else None),
-               "ema_val_loss": fmt(val[1] if val else None), "lr": repr(lr), "seconds": f"{seconds:.3f}"}
+        last = len(steps) - 1
+        rows = [{"step": r.step, "train_loss": fmt(r.loss), "val_loss": fmt(val[0] if val and i == last else None),
+                 "ema_val_loss": fmt(val[1] if val and i == last else None), "lr": repr(r.lr),
+                 "seconds": f"{seconds:.3f}" if i == last else ""} for i, r in enumerate(steps)]
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(row)
+            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerows(rows)
 
     @staticmethod
     def progress(report: Progress, path: Path) -> None:

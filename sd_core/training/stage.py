@@ -1,5 +1,6 @@
 """The train stage: train the denoiser on the cached pairs unless a finished run for exactly this data
-and configuration exists; resume a killed run; continue from the last run when the data set grew.
+and configuration exists; resume a killed run; continue from the last run when the data set grew; export the
+finished run's EMA weights from its final checkpoint (:func:`export_model`) into ``model/``.
 
 A run folder's export, once written, is never replaced by other weights: a longer (or shorter) run is trained
 in a new folder (see :mod:`sd_core.training.plan`), and a forced rerun of the champion's run whose weights
@@ -15,11 +16,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from sd_core.common.images import save_png
 from sd_core.diffusion.card import write_model_card
 from sd_core.diffusion.champion import find_champion
-from sd_core.diffusion.export import export_complete, model_digest
-from sd_core.diffusion.models import noise_scheduler
+from sd_core.diffusion.export import (
+    export_complete,
+    model_digest,
+    write_attn2_export,
+    write_lora_export,
+    write_scratch_export,
+)
+from sd_core.diffusion.models import build_unet, load_trainable_state, noise_scheduler
 from sd_core.encode.held_out import pick_held_out
 from sd_core.encode.stage import EncodeStageConfig, cached_pairs, resolve
 from sd_core.store.catalog import Catalog
@@ -28,10 +37,10 @@ from sd_core.store.gc import remove_aside, run_started
 from sd_core.store.records import StageResult, Timer, load_stage, record_stage
 from sd_core.training import checkpoint as ckpt
 from sd_core.training import distributed
-from sd_core.training.config import TrainStageConfig
+from sd_core.training.config import TrainConfig, TrainStageConfig
 from sd_core.training.metrics import Progress, read_progress
 from sd_core.training.plan import PLAN, RunPlan, finished, plan_run
-from sd_core.training.trainer import EncoderRefs, ImageSampler, Trainer
+from sd_core.training.trainer import EncoderRefs, ImageSampler, NonFiniteError, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +128,8 @@ def run_training(
             trainer.adapt_ema()
     result = trainer.train(resume=resume)
     if procs.is_main_process:
+        if result.step >= trainer.total_steps and result.checkpoint is not None:
+            export_model(result.checkpoint, plan.run_dir / "model", items=len(pairs))
         if plan.run_dir.name.endswith(FORCED):
             plan = replace(plan, run_dir=publish_forced(catalog, plan.run_dir))
         atomic_write_json(catalog.latest_run_json, {"run": plan.run_dir.name, "key": plan.key})
@@ -136,6 +147,39 @@ def run_training(
 
 
 FORCED = ".forced"
+
+
+def export_model(checkpoint: Path, folder: Path, *, items: int) -> Path | None:
+    """Export the EMA weights of a run's (final) ``checkpoint`` to ``folder`` in its model kind's format (see
+    :mod:`sd_core.diffusion.export`): a from-scratch UNet as a complete pipeline with the encoders it was trained
+    against (named in the checkpoint; a run without them, e.g. on synthetic pairs, is not exported and None is
+    returned), a fine-tune's attn2 tensors, or its LoRA adapters in diffusers' format. ``items``: the size of
+    the data set, recorded in the manifest."""
+    c = ckpt.load_checkpoint(checkpoint)
+    cfg, state = TrainConfig.model_validate(c.config), c.trainer_state
+    ema = {n: v.float() for n, v in (c.ema if c.ema is not None else c.model).items()}
+    if not all(torch.isfinite(v).all() for v in ema.values()):
+        raise NonFiniteError(f"the EMA weights in {checkpoint} are not finite; nothing is exported")
+    latent_shape = list(state["latent_shape"])  # (C, h, w)
+    manifest = {"step": c.step, "train_config": c.config, "items": items, "latent_shape": latent_shape,
+                "scaling_factor": state["scaling_factor"]}
+    m = cfg.model
+    if m.kind == "scratch":
+        encoders = EncoderRefs.model_validate(state.get("encoders") or {})
+        if encoders.vae is None or encoders.text_encoder is None:
+            log.info("no encoders named in %s: the from-scratch model is not exported", checkpoint)
+            return None
+        unet = build_unet(m, sample_size=latent_shape[-1], latent_channels=latent_shape[0], report=lambda _: None)
+        load_trainable_state(unet, ema)
+        return write_scratch_export(folder, unet=unet, vae_cfg=encoders.vae, text_cfg=encoders.text_encoder,
+                                    schedule=cfg.schedule, manifest=manifest)
+    if m.kind == "pretrained_attn2":
+        return write_attn2_export(folder, weights=ema, base_model=m.pretrained_model_id, revision=m.revision,
+                                  manifest=manifest, merged=cfg.export_merged)
+    # LoRA: the base UNet with the adapters, whose peft config names the adapters' layout in the export
+    unet = build_unet(m, sample_size=latent_shape[-1], latent_channels=latent_shape[0], report=lambda _: None)
+    return write_lora_export(folder, unet=unet, weights=ema, base_model=m.pretrained_model_id, revision=m.revision,
+                             manifest=manifest, merged=cfg.export_merged)
 
 
 def heal_latest(catalog: Catalog, plan: RunPlan) -> None:

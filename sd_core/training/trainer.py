@@ -1,8 +1,13 @@
 """Latent-diffusion training on cached pairs: one loop for the from-scratch UNet and the fine-tunes.
 
 :meth:`Trainer.train_step` is one optimizer update, read top to bottom: draw a latent from its cached
-distribution, noise it, drop captions, predict the noise, backpropagate, update, average. Around it,
-:meth:`Trainer.train` logs, evaluates, saves and exports as the step count says. Every random draw of
+distribution, noise it, drop captions, predict the noise, backpropagate, update, average. :meth:`Trainer.train`
+is the step and then, when each is due, the NaN guard, evaluation, logging, a checkpoint and a sample grid.
+The step's loss and gradient norm stay on the device until a log, evaluation, checkpoint or sample is due
+(at least every ``log_every`` steps): then the steps since the last read are read in one device sync, checked
+(a NaN or infinite loss stops the run before anything after it is saved) and every one of them gets its row
+in ``metrics.csv``. The trainer only trains: the train stage (:mod:`sd_core.training.stage`) exports the
+model from the final checkpoint. Every random draw of
 training comes from one generator on the training device, seeded alike in every process (each keeps its
 rows of the global batch's draws), whose state each checkpoint saves; each epoch's data order is fixed by
 ``(seed, epoch)``. A run killed and resumed from its latest checkpoint repeats the uninterrupted run's steps
@@ -29,15 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd_core.common.optim import adamw
-from sd_core.common.strict import StrictModel
-from sd_core.diffusion.export import write_attn2_export, write_lora_export, write_scratch_export
-from sd_core.diffusion.models import (
-    build_unet,
-    load_trainable_state,
-    noise_scheduler,
-    set_attention,
-    trainable_state,
-)
+from sd_core.common.config_base import StrictModel
+from sd_core.diffusion.models import build_unet, load_trainable_state, noise_scheduler, set_attention, trainable_state
 from sd_core.diffusion.schedulers import denoising_sse, min_snr_weights, prediction_target
 from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
 from sd_core.encode.pairs import Pairs, PairSource, split_ids
@@ -46,7 +44,7 @@ from sd_core.training.config import TrainConfig
 from sd_core.training.data import BatchSource
 from sd_core.training.ema import EMA
 from sd_core.training.lr import CosineLR
-from sd_core.training.metrics import MetricsLog, Progress
+from sd_core.training.metrics import MetricsLog, Progress, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +70,18 @@ class TrainResult:
     train_loss: float | None
     val_loss: float | None
     ema_val_loss: float | None
-    checkpoint: Path | None
-    export_dir: Path | None
+    checkpoint: Path | None  # the newest checkpoint (the final one when the run is finished; main process)
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer update leaves on the device (read back, with the other steps since the last read,
+    when a log, evaluation, checkpoint or sample is due)."""
+
+    step: int
+    loss: torch.Tensor  # () mean loss over the micro-batches, this process
+    grad_norm: torch.Tensor | None  # () gradient norm before clipping (all processes' gradients); None unclipped
+    lr: float
 
 
 @dataclass
@@ -110,7 +118,7 @@ def _accelerator(config: TrainConfig, out_dir: Path) -> Any:
 
 class Trainer:
     """ε-prediction training of a UNet on a :class:`~sd_core.encode.pairs.PairSource`, writing into ``out_dir``:
-    ``metrics.csv``, ``loss_curve.png``, ``checkpoints/``, ``samples/`` and at the end the export ``model/``."""
+    ``metrics.csv``, ``progress.json``, ``loss_curve.png``, ``checkpoints/`` and ``samples/``."""
 
     def __init__(
         self,
@@ -164,7 +172,6 @@ class Trainer:
         self._val = self._build_val_set()
         self.last_val: tuple[float | None, float | None] = (None, None)
         self.last_loss: float | None = None
-        self.grad_norm: torch.Tensor | None = None
 
     # --- paths --------------------------------------------------------------------------------------
     @property
@@ -180,21 +187,19 @@ class Trainer:
     def metrics_csv(self) -> Path:
         return self.out_dir / "metrics.csv"
 
-    @property
-    def export_dir(self) -> Path:
-        return self.out_dir / "model"
-
     # --- the step -----------------------------------------------------------------------------------
-    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepOutput:
         """One optimizer update on ``gradient_accumulation_steps`` micro-batches (tensors on the device).
 
-        Returns the loss as a device scalar (the mean over micro-batches, this process only).
+        Returns the loss (the mean over micro-batches, this process only) and the gradient norm as device
+        scalars: nothing here waits for the device.
         """
         cfg, g, acc, dev = self.config, self.generator, self.accelerator, self.device
         if not self.net.training:  # held-out loss and sampling switch the UNet to eval (and back)
             self.model.train()
+        lr = self.lr_schedule(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_schedule(self.step)
+            group["lr"] = lr
         total = torch.zeros((), device=dev)
         for i, batch in enumerate(micro_batches):
             b = batch["mean"].shape[0]
@@ -229,13 +234,12 @@ class Trainer:
                 acc.backward(loss)
             total += loss.detach()
         # the update
-        if cfg.grad_clip is not None:
-            self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip is not None else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update()
+        self.ema.step()
         self.step += 1
-        return total
+        return StepOutput(self.step, total, norm, lr)
 
     def _timesteps(self, draw: _RankDraws) -> torch.Tensor:
         cfg, n = self.config, self.num_timesteps
@@ -303,7 +307,7 @@ class Trainer:
         return {
             "step": self.step, "epoch": self.epoch, "position": self.position, "data_seed": self.config.seed,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            "num_processes": self.world, "ema_updates": self.ema.num_updates, "elapsed_s": self.elapsed_s,
+            "num_processes": self.world, "ema_updates": self.ema.optimization_step, "elapsed_s": self.elapsed_s,
             "scaling_factor": self.scaling_factor, "latent_shape": list(self.latent_shape),
             "encoders": self.encoders.model_dump(mode="json"),
         }
@@ -328,7 +332,7 @@ class Trainer:
         if acc.is_main_process:
             ckpt.write_checkpoint_files(
                 tmp, config=self.config.model_dump(mode="json"), model=trainable_state(self.net),
-                ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
+                ema=self.ema.shadow_state(), optimizer=self.optimizer.state_dict(),
                 scheduler=self.lr_schedule.state_dict(self.step), trainer_state=self.trainer_state(),
             )
             folder = ckpt.commit_checkpoint(root, self.step, self.config.keep_last)
@@ -355,7 +359,7 @@ class Trainer:
             raise ValueError(f"{folder}: the data set changed ({st['steps_per_epoch']} → {self.steps_per_epoch} "
                              "steps/epoch)")
         load_trainable_state(self.net, {n: v.to(self.device) for n, v in c.model.items()})
-        self.ema.load_state_dict({n: v.to(self.device) for n, v in (c.ema or {}).items()}, st["ema_updates"])
+        self.ema.load_shadow_state({n: v.to(self.device) for n, v in (c.ema or {}).items()}, st["ema_updates"])
         assert c.optimizer is not None
         self.optimizer.load_state_dict(c.optimizer)
         self._load_rng_states(c.rng(self.rank))
@@ -371,7 +375,7 @@ class Trainer:
             raise ValueError(f"{folder} holds another model config; cannot continue from it")
         load_trainable_state(self.net, {n: v.to(self.device) for n, v in c.model.items()})
         updates = int(c.trainer_state.get("ema_updates", 0)) if ema in ("keep", "adapt") else 0
-        self.ema.load_state_dict({n: v.to(self.device) for n, v in (c.ema or c.model).items()}, updates)
+        self.ema.load_shadow_state({n: v.to(self.device) for n, v in (c.ema or c.model).items()}, updates)
         if ema == "adapt":
             self.adapt_ema()
         self.accelerator.print(f"initialised from {folder} (step {c.step}; EMA {ema}, decay {self.ema.decay:g})")
@@ -396,7 +400,7 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------------
     def train(self, *, resume: bool = False, until_step: int | None = None) -> TrainResult:
-        """Train to ``total_steps`` (or stop early at ``until_step``, saving there), then export.
+        """Train to ``total_steps`` (or stop early at ``until_step``, saving there).
 
         With ``resume=True`` training continues from the latest checkpoint exactly where it was.
         """
@@ -413,65 +417,83 @@ class Trainer:
                    disable=not (self.progress and acc.is_main_process))
         batches = self.data.batches(self.epoch, self.position)
         folder: Path | None = None
-        pending: list[torch.Tensor] = []
+        unread: list[StepOutput] = []  # steps whose loss is still on the device
+        start, seconds_before = time.perf_counter(), self.elapsed_s
         try:
             while self.step < stop:
-                started = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-                pending.append(self.train_step([m.tensors for m in micro]))
+                unread.append(self.train_step([m.tensors for m in micro]))
                 self.epoch, self.position = micro[-1].epoch, micro[-1].position
-                self.elapsed_s += time.perf_counter() - started
                 bar.update(1)
-                if self._log_due(stop):
-                    self._log(metrics, pending, bar)
-                    pending = []
-                if self.step % cfg.save_every == 0 or self.step == stop:
+                evaluate = self._val is not None and (self.step % cfg.val_every == 0 or self.step == self.total_steps)
+                save = self.step % cfg.save_every == 0 or self.step == stop
+                sample = cfg.sample_every is not None and self.step % cfg.sample_every == 0
+                if evaluate or save or sample or self.step % cfg.log_every == 0 or self.step == stop:
+                    done, unread = self.read(unread), []  # one device sync for the steps since the last read
+                    self.stop_if_not_finite(done)  # the NaN guard: nothing after a bad step is logged or saved
+                    val = self.evaluate() if evaluate else None
+                    self.elapsed_s = seconds_before + time.perf_counter() - start
+                    self.log(done, val, metrics, bar)
+                if save:
                     folder = self.save()
-                if cfg.sample_every is not None and self.step % cfg.sample_every == 0:
+                if sample:
                     self._sample()
         finally:
             batches.close()
             bar.close()
+        self.elapsed_s = seconds_before + time.perf_counter() - start
         if folder is None and acc.is_main_process:
             folder = ckpt.latest_checkpoint(self.checkpoint_root)
-        export = None
-        if self.step >= self.total_steps:
-            if metrics is not None:
-                metrics.plot(self.out_dir / "loss_curve.png")
-            export = self.export()
+        if self.step >= self.total_steps and metrics is not None:
+            metrics.plot(self.out_dir / "loss_curve.png")
         if acc.log_with:
             acc.end_training()
-        return TrainResult(self.step, self.last_loss, self.last_val[0], self.last_val[1], folder, export)
+        return TrainResult(self.step, self.last_loss, self.last_val[0], self.last_val[1], folder)
 
-    def _log_due(self, stop: int) -> bool:
-        """The same answer on every process (logging reduces the loss across them)."""
-        cfg = self.config
-        return self.step % cfg.log_every == 0 or self.step % cfg.val_every == 0 or self.step in (stop, self.total_steps)
+    def read(self, steps: Sequence[StepOutput]) -> list[StepRecord]:
+        """The losses (averaged over the processes) and gradient norms of ``steps``, read from the device in one
+        sync (every process calls this at the same steps)."""
+        losses = self.accelerator.reduce(torch.stack([s.loss.float() for s in steps]), reduction="mean")  # (N,)
+        norms = [s.grad_norm for s in steps]
+        if all(n is not None for n in norms):
+            losses, read_norms = torch.stack([losses, torch.stack(norms).float()]).tolist()  # type: ignore[arg-type]
+        else:
+            losses, read_norms = losses.tolist(), [None] * len(steps)
+        return [StepRecord(s.step, loss, norm, s.lr) for s, loss, norm in zip(steps, losses, read_norms)]
 
-    def _log(self, metrics: MetricsLog | None, pending: list[torch.Tensor], bar: Any) -> None:
-        cfg, acc = self.config, self.accelerator
-        loss = float(acc.reduce(torch.stack(pending).mean(), reduction="mean"))
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"the training loss is {loss} at step {self.step}; the run stopped and nothing "
-                                 "after the last checkpoint is saved or exported")
-        norm = self.grad_norm
-        if norm is not None and not torch.isfinite(norm) and acc.mixed_precision != "fp16":
-            raise NonFiniteError(f"the gradient norm is {float(norm)} at step {self.step}; the run stopped")
+    def stop_if_not_finite(self, steps: Sequence[StepRecord]) -> None:
+        """The NaN guard: a NaN or infinite loss, or gradient norm, stops the run (raises
+        :class:`NonFiniteError`) before that step is logged, evaluated or saved. Under fp16 an infinite gradient
+        norm is the gradient scaler's business (it skips the update and lowers its scale)."""
+        fp16 = self.accelerator.mixed_precision == "fp16"
+        for r in steps:
+            if not math.isfinite(r.loss):
+                raise NonFiniteError(f"the training loss is {r.loss} at step {r.step}; the run stopped and nothing "
+                                     "after the last checkpoint is saved or exported")
+            if r.grad_norm is not None and not math.isfinite(r.grad_norm) and not fp16:
+                raise NonFiniteError(f"the gradient norm is {r.grad_norm} at step {r.step}; the run stopped and "
+                                     "nothing after the last checkpoint is saved or exported")
+
+    def log(self, steps: Sequence[StepRecord], val: tuple[float | None, float | None] | None,
+            metrics: MetricsLog | None, bar: Any) -> None:
+        """Record the steps just read: a row each in ``metrics.csv`` and a point each for the trackers (the
+        held-out losses on the last), and one report of their mean loss to the progress bar,
+        ``progress.json`` and the callbacks."""
+        acc, last = self.accelerator, steps[-1]
+        loss = sum(r.loss for r in steps) / len(steps)
         self.last_loss = loss
-        lr = self.lr_schedule(self.step - 1)
-        due = self._val is not None and (self.step % cfg.val_every == 0 or self.step == self.total_steps)
-        val = self.evaluate() if due else None  # no held-out split: no held-out point, no replot of the curve
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last.lr:.2e}")
         if metrics is not None:
-            metrics.write(self.step, train_loss=loss, val=val, lr=lr, seconds=self.elapsed_s)
-            if val is not None:
+            metrics.write(steps, val=val, seconds=self.elapsed_s)
+            if val is not None:  # no held-out split: no held-out point, no replot of the curve
                 metrics.plot(self.out_dir / "loss_curve.png")
         if acc.log_with:
-            values = {"train/loss": loss, "train/lr": lr}
-            if val is not None:
-                values.update({"val/loss": val[0], "val/ema_loss": val[1]})
-            acc.log({k: v for k, v in values.items() if v is not None}, step=self.step)
-        report = Progress(self.step, self.total_steps, loss, lr, self.elapsed_s,
+            for r in steps:
+                values = {"train/loss": r.loss, "train/lr": r.lr}
+                if val is not None and r is last:
+                    values.update({"val/loss": val[0], "val/ema_loss": val[1]})
+                acc.log({k: v for k, v in values.items() if v is not None}, step=r.step)
+        report = Progress(self.step, self.total_steps, loss, last.lr, self.elapsed_s,
                           *(val if val is not None else (None, None)))
         if metrics is not None:
             metrics.progress(report, self.out_dir / "progress.json")
@@ -496,40 +518,6 @@ class Trainer:
                         tracker.log_images({"samples": np.asarray(Image.open(out).convert("RGB"))}, step=self.step,
                                            dataformats="HWC")
         acc.wait_for_everyone()
-
-    # --- export -------------------------------------------------------------------------------------
-    def export(self) -> Path | None:
-        """Write the EMA model to ``model/`` (main process). A from-scratch model needs the encoders it was
-        trained against (``encoders``); without them there is nothing to bundle and no export is written."""
-        acc, cfg = self.accelerator, self.config
-        folder: Path | None = None
-        if acc.is_main_process:
-            self.check_finite_weights()
-            ema = {n: v.detach().float().cpu() for n, v in self.ema.state_dict().items()}
-            if not all(torch.isfinite(v).all() for v in ema.values()):
-                raise NonFiniteError("the EMA weights are not finite; nothing is exported")
-            manifest = {"step": self.step, "train_config": cfg.model_dump(mode="json"), "items": len(self.pairs),
-                        "latent_shape": list(self.latent_shape), "scaling_factor": self.scaling_factor}
-            m = cfg.model
-            if m.kind == "scratch":
-                if self.encoders.vae is None or self.encoders.text_encoder is None:
-                    log.info("no encoders given: the from-scratch model is not exported")
-                else:
-                    unet = build_unet(m, sample_size=self.latent_shape[-1], latent_channels=self.latent_shape[0],
-                                      report=lambda _: None)
-                    load_trainable_state(unet, ema)
-                    folder = write_scratch_export(self.export_dir, unet=unet, vae_cfg=self.encoders.vae,
-                                                  text_cfg=self.encoders.text_encoder, schedule=cfg.schedule,
-                                                  manifest=manifest)
-            elif m.kind == "pretrained_attn2":
-                folder = write_attn2_export(self.export_dir, weights=ema, base_model=m.pretrained_model_id,
-                                            revision=m.revision, manifest=manifest, merged=cfg.export_merged)
-            else:
-                folder = write_lora_export(self.export_dir, unet=self.net, weights=ema,
-                                           base_model=m.pretrained_model_id, revision=m.revision,
-                                           manifest=manifest, merged=cfg.export_merged)
-        acc.wait_for_everyone()
-        return folder
 
 
 class _RankDraws:

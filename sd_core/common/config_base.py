@@ -1,4 +1,5 @@
-"""Base class of every config model: unknown fields are refused, values are immutable."""
+"""The base class of every config model (`StrictModel`: unknown fields refused, values immutable) and the
+config type of a model's dtype."""
 
 from typing import Literal
 

@@ -4,7 +4,7 @@
 
 Modes, each in a fresh process on the same data directory (its caches emptied before each):
 
-- ``stage``: what the pipeline runs, ``plan_encode`` then ``run_encode_job`` for every job (``shard`` items per
+- ``stage``: what the pipeline runs, ``encode_jobs`` then ``run_encode_job`` for every job (``shard`` items per
   job, model calls of ``batch``, models shared by every job of the process);
 - ``single``: one ``encode_images`` and one ``encode_texts`` call over all the items (one load each, no
   per-job work): the bound the stage should come within 10% of;
@@ -67,7 +67,7 @@ def measure(mode: str, root: str, batch: int, shard: int, threads: int) -> dict[
 
     from sd_core.encode import encoders
     from sd_core.encode.encoders import TextEncoderConfig, VAEConfig, encode_images, encode_texts, load_vae
-    from sd_core.encode.stage import EncodeStageConfig, plan_encode, resolve, run_encode_job
+    from sd_core.encode.stage import EncodeStageConfig, encode_jobs, resolve, run_encode_job
     from sd_core.store.catalog import Catalog
     from sd_core.store.tensors import TensorStore
 
@@ -92,7 +92,7 @@ def measure(mode: str, root: str, batch: int, shard: int, threads: int) -> dict[
     seconds = {"image": 0.0, "text": 0.0}
     start, cpu_start = time.perf_counter(), time.process_time()
     if mode == "single":
-        jobs = plan_encode(cfg, cat)
+        jobs = encode_jobs(cfg, cat)
         images = [item for j in jobs if j.kind == "image" for item in j.items]
         captions = [c for j in jobs if j.kind == "text" for c in j.items]
         t = time.perf_counter()
@@ -104,7 +104,7 @@ def measure(mode: str, root: str, batch: int, shard: int, threads: int) -> dict[
     else:
         if mode == "per-batch":  # before: one job per batch, each loading its model into its own shard
             cfg = cfg.model_copy(update={"shard_size": batch})
-        jobs = plan_encode(cfg, cat)
+        jobs = encode_jobs(cfg, cat)
         images = [item for j in jobs if j.kind == "image" for item in j.items]
         captions = [c for j in jobs if j.kind == "text" for c in j.items]
         for job in jobs:

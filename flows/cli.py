@@ -249,17 +249,17 @@ def _status(cfg: PipelineConfig) -> int:
 
 
 def _gc(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from sd_core.status import gc_plan
-    from sd_core.store.gc import apply_plan, human
+    from sd_core.status import find_garbage
+    from sd_core.store.gc import remove_garbage, human
 
     keep = args.keep_runs if args.keep_runs is not None else getattr(cfg.train, "keep_runs", None) or 0
     with data_dir_lock(cfg.data_dir):
-        plan = gc_plan(cfg, keep_runs=keep)
-        print("\n".join(plan.lines()) or "nothing to remove")
+        garbage = find_garbage(cfg, keep_runs=keep)
+        print("\n".join(garbage.lines()) or "nothing to remove")
         if not args.yes:
-            print(f"would free {human(plan.bytes)} in {cfg.data_dir}; pass --yes to delete")
+            print(f"would free {human(garbage.bytes)} in {cfg.data_dir}; pass --yes to delete")
             return 0
-        print(f"freed {human(apply_plan(plan))} in {cfg.data_dir}")
+        print(f"freed {human(remove_garbage(garbage))} in {cfg.data_dir}")
     return 0
 
 

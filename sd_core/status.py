@@ -180,20 +180,20 @@ def _delisted_files(catalog: Catalog) -> list[gc.Removal]:
     return out
 
 
-def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
+def find_garbage(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.Garbage:
     """What in ``cfg.data_dir`` no current key refers to: tensor-cache entries of other encoder settings or
     of images and captions no longer in the dataset, caption logs of other caption settings, downloaded
     bytes of no ledger image, training runs other than the latest (and the current key's, and the
     ``keep_runs`` newest), and what killed writes left. A cache whose live keys cannot be worked out
-    (no dataset yet, an encoder that does not load) is left alone, and the plan says so."""
+    (no dataset yet, an encoder that does not load) is left alone, and the list says so."""
     catalog = Catalog(cfg.data_dir)
-    plan = gc.GcPlan(catalog.root)
-    plan.removals += gc.leftovers(catalog.root)
+    garbage = gc.Garbage(catalog.root)
+    garbage.removals += gc.leftovers(catalog.root)
 
     rows = read_metadata(catalog)
     enc, lbase = None, None  # the resolved encode settings and latent key, when they can be worked out
     if not rows:
-        plan.kept.append("cache/: no dataset (metadata.csv) to tell live entries from dead ones")
+        garbage.kept.append("cache/: no dataset (metadata.csv) to tell live entries from dead ones")
     else:
         from sd_core.encode.encoders import EMPTY_PROMPT, latent_key_base, text_key_base
 
@@ -201,27 +201,27 @@ def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
             enc = encode_stage.resolve(cfg.encode, catalog)
             lbase = latent_key_base(enc.vae)
         except (OSError, RuntimeError, ValueError) as e:
-            plan.kept.append(f"{catalog.latent_store.relative_to(catalog.root)}: VAE does not load: {e}")
+            garbage.kept.append(f"{catalog.latent_store.relative_to(catalog.root)}: VAE does not load: {e}")
         else:
-            _add(plan, gc.stale_shards(catalog.latent_store, encode_stage.latent_keys(lbase, rows)))
+            _add(garbage, gc.stale_shards(catalog.latent_store, encode_stage.latent_keys(lbase, rows)))
         if enc is None:
-            plan.kept.append(f"{catalog.text_store.relative_to(catalog.root)}: encode settings do not resolve")
+            garbage.kept.append(f"{catalog.text_store.relative_to(catalog.root)}: encode settings do not resolve")
         elif "prompt" not in rows[0]:
-            plan.kept.append(f"{catalog.text_store.relative_to(catalog.root)}: the dataset has no captions yet")
+            garbage.kept.append(f"{catalog.text_store.relative_to(catalog.root)}: the dataset has no captions yet")
         else:
             tbase = text_key_base(enc.text)
             captions = {*(r["prompt"] for r in rows), EMPTY_PROMPT}
-            _add(plan, gc.stale_shards(catalog.text_store,
+            _add(garbage, gc.stale_shards(catalog.text_store,
                                        [{**tbase, "caption_sha256": sha256_text(c)} for c in captions]))
 
-    plan.removals += gc.stale_caption_logs(catalog.captions_dir, cfg.caption.cache_digest())
-    plan.removals += _delisted_files(catalog)
+    garbage.removals += gc.stale_caption_logs(catalog.captions_dir, cfg.caption.cache_digest())
+    garbage.removals += _delisted_files(catalog)
 
     if catalog.ledger_db.exists():
         with Ledger(catalog.ledger_db) as ledger:
-            plan.removals += gc.stale_raw(catalog.raw_dir, ledger.fetched_md5s())
+            garbage.removals += gc.stale_raw(catalog.raw_dir, ledger.fetched_md5s())
     elif catalog.raw_dir.exists():
-        plan.kept.append(f"{catalog.raw_dir.relative_to(catalog.root)}: no ledger to check it against")
+        garbage.kept.append(f"{catalog.raw_dir.relative_to(catalog.root)}: no ledger to check it against")
 
     keep: dict[str, str] = {}  # run name -> why it stays
     if lbase is not None:
@@ -232,16 +232,16 @@ def gc_plan(cfg: PipelineConfig, *, keep_runs: int = 0) -> gc.GcPlan:
     try:  # the champion stays whatever its record says; while it cannot be told, every run does
         champ = find_champion(catalog, repair=False)
     except DamagedFileError as e:
-        plan.kept.append(f"{catalog.train_dir.relative_to(catalog.root)}: every run ({e})")
-        return plan
+        garbage.kept.append(f"{catalog.train_dir.relative_to(catalog.root)}: every run ({e})")
+        return garbage
     if champ is not None:
         keep[champ.run.name] = "the champion"
     removals, kept = gc.stale_runs(catalog, keep, keep_runs, complete=lambda run: export_complete(run / "model"))
-    plan.removals += removals
-    plan.kept += kept
-    return plan
+    garbage.removals += removals
+    garbage.kept += kept
+    return garbage
 
 
-def _add(plan: gc.GcPlan, found: tuple[list[gc.Removal], list[gc.ShardRewrite]]) -> None:
-    plan.removals += found[0]
-    plan.rewrites += found[1]
+def _add(garbage: gc.Garbage, found: tuple[list[gc.Removal], list[gc.ShardRewrite]]) -> None:
+    garbage.removals += found[0]
+    garbage.rewrites += found[1]

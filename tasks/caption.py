@@ -15,7 +15,7 @@ from sd_core.caption.stage import (
     CaptionSummary,
     caption_jobs,
     finish_captions,
-    plan_captions,
+    caption_batches,
     release_captioners,
     shared_captioner,
     stage_key,
@@ -28,7 +28,7 @@ from tasks.fanout import FanOut
 @task(name="caption-batches", cache_policy=NO_CACHE)
 def caption_batches_task(cfg: CaptionConfig, data_dir: Path, force: bool = False) -> FanOut:
     """Batches of images without a caption under this setting."""
-    fanout = FanOut(plan_captions(cfg, Catalog(data_dir), force=force))
+    fanout = FanOut(caption_batches(cfg, Catalog(data_dir), force=force))
     get_run_logger().info("%d images to caption in %d batches", fanout.items, len(fanout.batches))
     return fanout
 

@@ -14,7 +14,7 @@ from sd_core.encode.stage import (
     EncodeJob,
     EncodeStageConfig,
     merge_summaries,
-    plan_encode,
+    encode_jobs,
     resolve,
     run_encode_job,
     stage_key,
@@ -27,7 +27,7 @@ from tasks.fanout import FanOut
 @task(name="encode-jobs", cache_policy=NO_CACHE)
 def encode_jobs_task(cfg: EncodeStageConfig, data_dir: Path, force: bool = False) -> FanOut:
     """Jobs of images without latents and captions without text states (model ids resolved)."""
-    fanout = FanOut(plan_encode(resolve(cfg, Catalog(data_dir)), Catalog(data_dir), force=force))
+    fanout = FanOut(encode_jobs(resolve(cfg, Catalog(data_dir)), Catalog(data_dir), force=force))
     get_run_logger().info("%d images and captions to encode in %d jobs of up to %d", fanout.items, len(fanout.batches),
                           cfg.shard_size)
     return fanout

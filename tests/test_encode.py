@@ -291,7 +291,7 @@ def test_encode_stage_loads_each_model_once_and_fills_shards(models, images, tmp
     from safetensors import safe_open
 
     from sd_core.encode import encoders
-    from sd_core.encode.stage import EncodeStageConfig, plan_encode, run_encode_job, stage_key
+    from sd_core.encode.stage import EncodeStageConfig, encode_jobs, run_encode_job, stage_key
     from sd_core.store.catalog import Catalog
     from sd_core.store.metadata import update_metadata, write_metadata
 
@@ -310,7 +310,7 @@ def test_encode_stage_loads_each_model_once_and_fills_shards(models, images, tmp
                             shard_size=4)
     encoders.release_shared_models()
     loads = dict(encoders.MODEL_LOADS)
-    jobs = plan_encode(cfg, cat)
+    jobs = encode_jobs(cfg, cat)
     # shard_size items per job, whatever the batch size: 10 images, 10 captions + the empty prompt
     assert [(j.kind, len(j)) for j in jobs] == [("image", 4), ("image", 4), ("image", 2),
                                                 ("text", 4), ("text", 4), ("text", 3)]
@@ -323,7 +323,7 @@ def test_encode_stage_loads_each_model_once_and_fills_shards(models, images, tmp
             with safe_open(shard, framework="pt") as f:
                 sizes.append(sum(k not in ("format", "checksums") for k in f.metadata()))  # entries
         assert sizes == [4, 4, 2] if store == cat.latent_store else sizes == [4, 4, 3]
-    assert plan_encode(cfg, cat) == []
+    assert encode_jobs(cfg, cat) == []
     # the next process-wide use of the same models loads nothing
     key = stage_key(cfg, cat)
     encoders.release_shared_models()

@@ -268,7 +268,7 @@ def test_a_failed_stage_fails_the_run_and_shows_in_the_report_and_status(tmp_pat
 
 
 def test_old_damaged_and_foreign_listings_lead_to_a_full_walk(tmp_path):
-    from sd_core.ingest.crawl import plan_walk
+    from sd_core.ingest.crawl import choose_walk
 
     cat = Catalog(tmp_path)
     cfg = CrawlConfig(base_url="http://127.0.0.1:9")
@@ -278,11 +278,11 @@ def test_old_damaged_and_foreign_listings_lead_to_a_full_walk(tmp_path):
                                             "items": [["http://127.0.0.1:9/a.png", "A", 1]]}))
     old = Listing.load(cat.listing_json)
     assert old.full_walk_at is None and old.same_listing(cfg)
-    assert plan_walk(cfg, old, full=False, now=T0) == ("full", "no complete walk recorded")
+    assert choose_walk(cfg, old, full=False, now=T0) == ("full", "no complete walk recorded")
     recent = Listing("Blobs", 1, old.items, base_url=cfg.base_url, full_walk_at=T0.isoformat())
-    assert plan_walk(cfg, recent, full=False, now=T0 + timedelta(hours=3))[0] == "partial"
+    assert choose_walk(cfg, recent, full=False, now=T0 + timedelta(hours=3))[0] == "partial"
     other = cfg.model_copy(update={"tag": "Cats"})
-    assert plan_walk(other, recent, full=False, now=T0)[1].startswith("the previous listing is of another tag")
+    assert choose_walk(other, recent, full=False, now=T0)[1].startswith("the previous listing is of another tag")
     cat.listing_json.write_text('{"tag": "Blobs", "pages": 1, "items": [["trunc')
     with pytest.raises(ValueError, match=f"{cat.listing_json} is damaged"):
         Listing.load(cat.listing_json)

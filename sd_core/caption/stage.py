@@ -242,7 +242,7 @@ class CaptionJob:
     title: str
 
 
-def plan_captions(cfg: CaptionConfig, catalog: Catalog, *, force: bool = False) -> list[list[CaptionJob]]:
+def caption_batches(cfg: CaptionConfig, catalog: Catalog, *, force: bool = False) -> list[list[CaptionJob]]:
     """Batches of the dataset rows that have no caption under this setting (all of them with ``force``), but
     those whose caption a person gave (see :func:`user_captions`)."""
     digest = cfg.cache_digest()
@@ -369,7 +369,7 @@ def caption_dataset(
 ) -> CaptionSummary:
     """Caption every row of metadata.csv that has no caption under this setting yet (one process),
     saving each batch as it is done, then fill the caption columns of metadata.csv."""
-    batches = plan_captions(cfg, catalog, force=force)
+    batches = caption_batches(cfg, catalog, force=force)
     summary = CaptionSummary()
     if batches:
         captioner = captioner_factory(cfg)

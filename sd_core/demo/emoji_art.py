@@ -354,7 +354,7 @@ def _encode(art: _Art, fmt: str, seed: int, pos: int) -> tuple[bytes, str]:
     return buf.getvalue(), ext
 
 
-def _plan_formats(
+def _draw_formats(
     m: int, rng: random.Random, gif_share: float, animated_webp_share: float
 ) -> list[str]:
     """Exact format counts for ``m`` unique items, in a seeded random order."""
@@ -374,9 +374,9 @@ def _plan_formats(
         raise ValueError("format shares add up to more than the number of items")
     rest = m - len(fixed)
     webp = ["webp_lossless"] * (rest // 2) + ["webp_lossy"] * (rest - rest // 2)
-    plan = fixed + webp
-    rng.shuffle(plan)
-    return plan
+    formats = fixed + webp
+    rng.shuffle(formats)
+    return formats
 
 
 def _item_path(seed: int, idx: int, ext: str) -> str:
@@ -399,11 +399,11 @@ _EXT = {"webp_lossless": "webp", "webp_lossy": "webp", "webp_anim": "webp", "gif
         "png": "png", "jpeg": "jpg"}
 
 
-def _plan_stream(
+def _draw_stream(
     seed: int, start: int, count: int, gif_share: float, animated_webp_share: float, tag: str
 ) -> list[_Planned]:
-    plan = _plan_formats(count, _rng(seed, "formats", tag, start, count), gif_share, animated_webp_share)
-    return [_Planned(start + i, fmt, _spec(seed, start + i).title, _EXT[fmt]) for i, fmt in enumerate(plan)]
+    formats = _draw_formats(count, _rng(seed, "formats", tag, start, count), gif_share, animated_webp_share)
+    return [_Planned(start + i, fmt, _spec(seed, start + i).title, _EXT[fmt]) for i, fmt in enumerate(formats)]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -456,7 +456,7 @@ def build_demo_items(
     _check_share("animated_webp_share", animated_webp_share)
     n_re = min(round(n * reuploads), max(n - 1, 0))
     n_unique = n - n_re
-    uniques = _plan_stream(seed, 0, n_unique, gif_share, animated_webp_share, "demo")
+    uniques = _draw_stream(seed, 0, n_unique, gif_share, animated_webp_share, "demo")
 
     # Upload order (oldest first); each re-upload goes somewhere after its original. Entries are unique
     # indices (an original) or n_unique + i (the i-th copy), so finding an original is a search among ints.
@@ -489,7 +489,7 @@ def build_growth_items(k: int, *, seed: int = 0, after: int = 240, lazy: bool = 
     """
     if k < 0 or after < 0:
         raise ValueError("k and after must be >= 0")
-    planned = _plan_stream(seed, after, k, _GROWTH_GIF_SHARE, _GROWTH_AWEBP_SHARE, "growth")
+    planned = _draw_stream(seed, after, k, _GROWTH_GIF_SHARE, _GROWTH_AWEBP_SHARE, "growth")
     items = [_item(seed, after + 1 + i, p, p.title, lazy) for i, p in enumerate(planned)]
     items.reverse()
     return items

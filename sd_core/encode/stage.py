@@ -1,6 +1,6 @@
 """Encode stage: latents of every dataset image and text states of every caption, computed once.
 
-Work is planned in jobs of ``shard_size`` items (fanned out on the flow's task runner). A job encodes in
+Work is split into jobs of ``shard_size`` items (fanned out on the flow's task runner). A job encodes in
 model calls of ``batch_size`` items and writes one full shard, so shards hold ``shard_size`` entries
 however the work is split, and a killed run loses at most the jobs in flight (one shard each). Every job a
 process runs uses that process's one copy of each model (:func:`~sd_core.encode.encoders.shared_vae`).
@@ -111,7 +111,7 @@ def _dataset(catalog: Catalog) -> list[dict[str, str]]:
     return rows
 
 
-def plan_encode(cfg: EncodeStageConfig, catalog: Catalog, *, force: bool = False) -> list[EncodeJob]:
+def encode_jobs(cfg: EncodeStageConfig, catalog: Catalog, *, force: bool = False) -> list[EncodeJob]:
     """Jobs of up to ``shard_size`` images without latents, then of captions without text states (the empty
     prompt included) under these settings: each job fills one shard."""
     if force:

@@ -212,7 +212,7 @@ def list_site(
                    origins=tuple(origins), base_url=cfg.base_url, walk=Walk(kind, why, pages, ended, cut, at))
 
 
-def plan_walk(cfg: CrawlConfig, previous: Listing | None, *, full: bool, now: datetime) -> tuple[WalkKind, str]:
+def choose_walk(cfg: CrawlConfig, previous: Listing | None, *, full: bool, now: datetime) -> tuple[WalkKind, str]:
     """Which walk a refresh runs, and why. Partial (stopping at known pages) only on a newest-first site, with
     a previous listing of the same tag and site whose last complete walk is younger than ``full_walk_every``."""
     if full:
@@ -263,7 +263,7 @@ def settle_listing(cfg: CrawlConfig, walked: Listing, previous: Listing | None) 
 def refresh_listing(
     cfg: CrawlConfig, catalog: Catalog, *, full: bool = False, now: datetime | None = None, progress: bool = True
 ) -> Listing:
-    """Walk the listing (partially or fully, see :func:`plan_walk`), check it, merge it (see
+    """Walk the listing (partially or fully, see :func:`choose_walk`), check it, merge it (see
     :func:`settle_listing`) and save it as ``state/listing.json``. ``now`` stands for the current time.
     On :class:`ListingError` the saved listing is left as it was."""
     now = now or datetime.now(timezone.utc)
@@ -274,7 +274,7 @@ def refresh_listing(
             previous = Listing.load(catalog.listing_json)
         except ValueError as e:
             damaged = f" ({e})"
-    kind, why = plan_walk(cfg, previous, full=full, now=now)
+    kind, why = choose_walk(cfg, previous, full=full, now=now)
     if kind == "partial" and not catalog.ledger_db.exists():
         kind, why = "full", "no ledger to tell known URLs"
     with ExitStack() as stack:

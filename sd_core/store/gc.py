@@ -2,8 +2,8 @@
 
 This module only knows the storage layout; which keys are live (the current configuration's latent and
 text keys, the caption settings' digest, the ledger's images, the runs to keep) is worked out above it
-(:func:`sd_core.status.gc_plan`) and handed in. A :class:`GcPlan` lists every path it would remove with
-its size; :func:`apply_plan` removes them. Tensor shards that mix live and dead entries are rewritten:
+(:func:`sd_core.status.find_garbage`) and handed in. A :class:`Garbage` lists every path it would remove with
+its size; :func:`remove_garbage` removes them. Tensor shards that mix live and dead entries are rewritten:
 the live entries go to a new shard (written atomically, as every shard), then the old one is removed and
 the index is rebuilt from the shards, so a gc killed halfway leaves a store that still reads. A folder is
 removed by renaming it aside first (``.trash-<name>-<id>``, one atomic step), then deleting that: a gc killed
@@ -98,7 +98,7 @@ class ShardRewrite:
 
 
 @dataclass
-class GcPlan:
+class Garbage:
     root: Path
     removals: list[Removal] = field(default_factory=list)
     rewrites: list[ShardRewrite] = field(default_factory=list)
@@ -122,7 +122,7 @@ class GcPlan:
         return out
 
 
-# --- planning ---------------------------------------------------------------------------------
+# --- finding --------------------------------------------------------------------------------------
 
 
 def leftovers(root: Path) -> list[Removal]:
@@ -164,7 +164,7 @@ def stale_shards(store_root: Path, live_keys: Iterable[Mapping[str, object]]) ->
                    for p in sorted(damaged.iterdir())] if damaged.is_dir() else []
     if not shards_dir.is_dir():
         return moved_aside, []
-    store = TensorStore(store_root, sweep=False)  # planning removes nothing
+    store = TensorStore(store_root, sweep=False)  # finding removes nothing
     # by_stat: a shard verified before and untouched since is not read again
     where = store.keys_by_shard(list(live_keys), by_stat=True)
     removals, rewrites = moved_aside, []
@@ -278,22 +278,22 @@ def remove_aside(path: Path) -> None:
 
 
 
-def apply_plan(plan: GcPlan) -> int:
-    """Remove what ``plan`` lists and rewrite its mixed shards; returns the bytes freed (as planned)."""
+def remove_garbage(garbage: Garbage) -> int:
+    """Remove what ``garbage`` lists and rewrite its mixed shards; returns the bytes freed (as listed)."""
     from sd_core.store.tensors import TensorStore
 
-    stores = {r.store for r in plan.rewrites} | {r.path.parent.parent for r in plan.removals
+    stores = {r.store for r in garbage.rewrites} | {r.path.parent.parent for r in garbage.removals
                                                  if _SHARD_RE.match(r.path.name)}
-    for rw in plan.rewrites:
+    for rw in garbage.rewrites:
         store = TensorStore(rw.store)
         entries = store.read_many(list(rw.live_keys))
         store.put(list(zip(rw.live_keys, entries)))  # a new shard, and the index points there
         rw.shard.unlink(missing_ok=True)
-    for r in sorted(plan.removals, key=lambda r: len(r.path.parts), reverse=True):
+    for r in sorted(garbage.removals, key=lambda r: len(r.path.parts), reverse=True):
         remove_aside(r.path)
     for root in stores:
         TensorStore(root).rebuild_index()
-    return plan.bytes
+    return garbage.bytes
 
 
 def sizes(paths: Sequence[Path]) -> int:

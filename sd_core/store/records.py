@@ -118,36 +118,32 @@ def record_stage(
     return result
 
 
+def _read_stage(path: Path) -> tuple[StageResult | None, str | None]:
+    """The record at ``path`` (None when there is none) and, when the file exists but is no record, why."""
+    data, why = json_problem(path)
+    if why is not None or data is None:
+        return None, why
+    try:
+        return StageResult(**data), None
+    except TypeError:
+        return None, "not a stage record"
+
+
 def stage_record_problem(catalog: Catalog, stage: str) -> tuple[Path, str] | None:
     """The stage's record file and what is wrong with it, when it exists but does not read as a record."""
     path = catalog.stage_manifest(stage)
-    data, why = json_problem(path)
-    if why is None and data is None:
-        return None
-    if why is None:
-        try:
-            StageResult(**data)
-            return None
-        except TypeError:
-            why = "not a stage record"
-    return path, why
+    _, why = _read_stage(path)
+    return None if why is None else (path, why)
 
 
 def load_stage(catalog: Catalog, stage: str, *, warn: bool = True) -> StageResult | None:
     """What ``stage`` did last, None when it never ran. A damaged record (empty, truncated, garbled) counts as
     none, with a warning naming it; the stage's next run rewrites it."""
     path = catalog.stage_manifest(stage)
-    data, why = json_problem(path)
-    if why is None and data is None:
-        return None
-    if why is None:
-        try:
-            return StageResult(**data)
-        except TypeError:
-            why = "not a stage record"
-    if warn:
+    record, why = _read_stage(path)
+    if why is not None and warn:
         log.warning("%s is damaged (%s); ignored: the stage's next run rewrites it", path, why)
-    return None
+    return record
 
 
 class Timer:

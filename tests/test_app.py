@@ -13,6 +13,7 @@ import pytest
 import requests
 from polling import wait_for
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from served_data_dir import RUN, build_served_data_dir
@@ -77,9 +78,17 @@ def fill(driver: webdriver.Chrome, **fields: str) -> None:
         box.send_keys(value)
 
 
+def text_now(driver: webdriver.Chrome, by: str, selector: str) -> str:
+    """The element's text, or "" while the page is being replaced (a form submit or a link navigates)."""
+    try:
+        return driver.find_element(by, selector).text
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
+
+
 def message(driver: webdriver.Chrome, contains: str) -> str:
     def text() -> str:
-        m = driver.find_element(By.ID, "message").text
+        m = text_now(driver, By.ID, "message")
         return m if contains in m else ""
     return wait_for(text, 120, f"the message {contains!r}")
 
@@ -160,7 +169,7 @@ def test_dataset_view_searches_captions_and_pages(app: AppServer, browser: webdr
     pages = -(-len(rows) // 5)
     assert f"page 1 of {pages}" in browser.find_element(By.CSS_SELECTOR, ".pages").text
     browser.find_element(By.LINK_TEXT, "next →").click()
-    wait_for(lambda: f"page 2 of {pages}" in browser.find_element(By.CSS_SELECTOR, ".pages").text, 30, "page 2")
+    wait_for(lambda: f"page 2 of {pages}" in text_now(browser, By.CSS_SELECTOR, ".pages"), 30, "page 2")
     shown = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "td.caption")]
     assert shown == [r["prompt"] for r in rows[5:10]]
     assert len(wait_for(lambda: loaded_images(browser, "tr.item img"), 30, "the thumbnails")) == 5
@@ -169,7 +178,7 @@ def test_dataset_view_searches_captions_and_pages(app: AppServer, browser: webdr
     want = [r["prompt"] for r in rows if word.lower() in f"{r['prompt']} {r['image_title']}".lower()]
     fill(browser, q=word)
     browser.find_element(By.ID, "search-button").click()
-    wait_for(lambda: browser.find_element(By.ID, "hits").text.startswith(f"{len(want)} of"), 30, "the search")
+    wait_for(lambda: text_now(browser, By.ID, "hits").startswith(f"{len(want)} of"), 30, "the search")
     assert [c.text for c in browser.find_elements(By.CSS_SELECTOR, "td.caption")] == want[:5]
     assert requests.get(app.url + "images/../metadata.csv", timeout=10).status_code == 404
 

@@ -356,6 +356,9 @@ def main() -> None:
     logc.add_argument("--warmup", type=int, default=2)
     logc.add_argument("--repeats", type=int, default=2000)
     args = ap.parse_args()
+    if args.what == "store" and (args.warmup % args.log_every or args.steps % args.log_every):
+        ap.error(f"--warmup ({args.warmup}) and --steps ({args.steps}) must be multiples of --log-every "
+                 f"({args.log_every}): the trainer reports its steps only when it reads the losses")
     dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     if args.what == "store":
         for size in args.sizes:

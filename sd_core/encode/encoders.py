@@ -58,6 +58,7 @@ _MODEL_FILES = re.compile(
     r"|special_tokens_map\.json|added_tokens\.json|.*\.model)$"
 )
 
+
 @dataclass
 class EncodeSummary:
     """Counts over unique items; ``calls`` is the number of model forward passes, ``loaded`` whether it needed

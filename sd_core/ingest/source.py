@@ -14,10 +14,12 @@ from sd_core.ingest.settings import CrawlConfig
 from sd_core.ingest.source_config import SourceConfig
 from sd_core.store.catalog import Catalog
 
+
 def check_source(cfg: SourceConfig) -> None:
     """What can be told of a source before anything runs (cheaply: no image is read): the folder or file
     exists, a URL list has its URL column, a parquet file reads, the extra a kind needs is installed.
-    :class:`~sd_core.ingest.source_config.SourceError` (one line naming ``source.path``) or ``MissingDatasetsPackage`` otherwise."""
+    :class:`~sd_core.ingest.source_config.SourceError` (one line naming ``source.path``) or
+    ``MissingDatasetsPackage`` otherwise."""
     if cfg.kind == "folder":
         from sd_core.ingest.folder import check_folder
 
@@ -38,7 +40,8 @@ def ingest_source(
 ) -> tuple[Listing, DownloadSummary]:
     """Bring the ledger and the listing up to date with a folder, a dataset or a URL list (see the module):
     new and changed items are read (a URL list's new URLs downloaded, with ``crawl``'s fetcher settings), the
-    others only listed; ``force`` reads (fetches) every item again. Returns the listing saved and what was done."""
+    others only listed; ``force`` reads (fetches) every item again. Returns the listing saved and what was
+    done."""
     if cfg.kind == "site":
         raise ValueError("source.kind = 'site' is crawled by sd_core.ingest.crawl (refresh_listing, download_new)")
     name = cfg.dataset_name()
@@ -66,4 +69,5 @@ def ingest_source(
 
 def source_summary(cfg: SourceConfig, listing: Listing) -> dict[str, object]:
     """What the crawl stage's record says of the source besides the download counts."""
-    return {"source": cfg.kind, "path": str(cfg.path), "name": listing.tag, "captions_from_source": len(listing.captions)}
+    return {"source": cfg.kind, "path": str(cfg.path), "name": listing.tag,
+            "captions_from_source": len(listing.captions)}

@@ -20,6 +20,7 @@ from sd_core.store.catalog import Catalog
 from sd_core.store.files import atomic_write_json, json_problem
 from sd_core.store.records import StageResult, failure_manifest, record_failure
 
+
 def running_marker(catalog: Catalog, stage: str) -> Path:
     return catalog.stage_manifest(stage).with_suffix(".running")
 

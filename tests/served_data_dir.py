@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 from tiny_diffusion import tiny_train_config, tiny_unet_config
-from tiny_models import CLIP_HIDDEN
+from tiny_models import CLIP_HIDDEN, build_tiny_clip, build_tiny_vae
 
 from sd_core.caption.config import CaptionConfig
 from sd_core.caption.offline import OfflineCaptioner
@@ -31,6 +31,14 @@ from sd_core.store.metadata import update_metadata, write_metadata
 
 VAL_FRACTION = 0.25
 RUN = "run-tiny"
+
+
+def tiny_served_data_dir(root: Path) -> Catalog:
+    """:func:`build_served_data_dir` at ``root / "data"``, with a tiny CLIP text encoder and a tiny VAE (64 px)
+    built under ``root``."""
+    text = TextEncoderConfig(model_id=str(build_tiny_clip(root / "clip")))
+    vae = VAEConfig(model_id=str(build_tiny_vae(root / "vae", sample_size=64)))
+    return build_served_data_dir(root / "data", text, vae)
 
 
 def build_served_data_dir(root: Path, text: TextEncoderConfig, vae: VAEConfig, *, n: int = 16) -> Catalog:

@@ -5,7 +5,6 @@ them, images beside captions; the evaluation history is shown. The model is a ti
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -16,14 +15,12 @@ from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from served_data_dir import RUN, build_served_data_dir
+from served_data_dir import RUN, tiny_served_data_dir
 from tiny_diffusion import one_torch_thread
-from tiny_models import build_tiny_clip, build_tiny_vae
 
 from sd_core.app.server import AppServer, Limits
 from sd_core.diffusion.export import load_pipeline, model_digest
 from sd_core.diffusion.generate import generate
-from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
 from sd_core.ingest.browser import BASE_ARGS
 from sd_core.ingest.settings import CrawlConfig
 from sd_core.store.catalog import Catalog
@@ -42,9 +39,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     root = tmp_path_factory.mktemp("served")
-    text = TextEncoderConfig(model_id=str(build_tiny_clip(root / "clip")))
-    vae = VAEConfig(model_id=str(build_tiny_vae(root / "vae", sample_size=64)))
-    return build_served_data_dir(root / "data", text, vae)
+    return tiny_served_data_dir(root)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,12 @@ import numpy as np
 import pytest
 from huggingface_hub import DatasetCard, ModelCard
 from PIL import Image
-from served_data_dir import RUN, VAL_FRACTION, build_served_data_dir
+from served_data_dir import RUN, VAL_FRACTION, tiny_served_data_dir
 from tiny_diffusion import one_torch_thread
-from tiny_models import build_tiny_clip, build_tiny_vae
 
 from sd_core.diffusion.card import model_card, write_model_card
 from sd_core.diffusion.export import CARD, CARD_GRID, CARD_SAMPLES, MANIFEST, load_pipeline, model_digest, verify_export
 from sd_core.diffusion.generate import generate
-from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
 from sd_core.encode.pairs import split_ids
 from sd_core.sample.config import SampleConfig
 from sd_core.sample.stage import run_sampling
@@ -41,9 +39,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     root = tmp_path_factory.mktemp("served")
-    text = TextEncoderConfig(model_id=str(build_tiny_clip(root / "clip")))
-    vae = VAEConfig(model_id=str(build_tiny_vae(root / "vae", sample_size=64)))
-    return build_served_data_dir(root / "data", text, vae)
+    return tiny_served_data_dir(root)
 
 
 def card_code(text: str) -> str:

@@ -13,12 +13,10 @@ from typing import Iterator
 
 import pytest
 from huggingface_hub import DatasetCard, ModelCard
-from served_data_dir import RUN, build_served_data_dir
+from served_data_dir import RUN, tiny_served_data_dir
 from tiny_diffusion import one_torch_thread
-from tiny_models import build_tiny_clip, build_tiny_vae
 
 from sd_core.diffusion.export import CARD, MANIFEST, verify_export
-from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
 from sd_core.publish import served_model
 from sd_core.publish.hub import PushError, hub_token, staged
 from sd_core.store.catalog import Catalog
@@ -34,9 +32,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     root = tmp_path_factory.mktemp("served")
-    text = TextEncoderConfig(model_id=str(build_tiny_clip(root / "clip")))
-    vae = VAEConfig(model_id=str(build_tiny_vae(root / "vae", sample_size=64)))
-    return build_served_data_dir(root / "data", text, vae)
+    return tiny_served_data_dir(root)
 
 
 def test_what_the_model_and_dataset_repositories_would_get(served: Catalog) -> None:

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from served_data_dir import RUN, build_served_data_dir
+from served_data_dir import RUN, tiny_served_data_dir
 from tiny_diffusion import one_torch_thread
-from tiny_models import build_tiny_clip, build_tiny_vae
 
 from sd_core.diffusion.card import load_snippet
 from sd_core.diffusion.export import read_manifest
@@ -42,11 +41,7 @@ def _one_thread() -> Iterator[None]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     """A data dir with a verified champion, evaluated, and sampled on two held-out prompts."""
     root = tmp_path_factory.mktemp("report")
-    from sd_core.encode.encoders import TextEncoderConfig, VAEConfig
-
-    text = TextEncoderConfig(model_id=str(build_tiny_clip(root / "clip")))
-    vae = VAEConfig(model_id=str(build_tiny_vae(root / "vae", sample_size=64)))
-    catalog = build_served_data_dir(root / "data", text, vae)
+    catalog = tiny_served_data_dir(root)
     run_sampling(SampleConfig(steps=2, images_per_prompt=2, guidance_sweep=(), held_out_prompts=2), catalog)
     return catalog
 

@@ -308,6 +308,12 @@ class DownloadSummary:
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
 
+    def count_promoted(self, new: bool | None) -> None:
+        """Count what ``Ledger.promote`` answered: a new image, a duplicate of one, or nothing (None)."""
+        if new is not None:
+            self.new_images += int(new)
+            self.duplicates += int(not new)
+
 
 class DownloadsFailed(RuntimeError):
     """The download half did nothing useful: every URL this run tried failed, or no image is left at all.
@@ -409,10 +415,7 @@ class _Recorder:
                 if status != "ok":
                     self._next += 1
                     continue
-            new = self.ledger.promote(url)
-            if new is not None:
-                self.summary.new_images += int(new)
-                self.summary.duplicates += int(not new)
+            self.summary.count_promoted(self.ledger.promote(url))
             self._next += 1
 
 

@@ -81,7 +81,7 @@ def ingest_local(
         if rebuilt is not None:
             summary.ledger_rebuilt = rebuilt.line()
         for url in ledger.unpromoted():  # read by a run stopped before it numbered them
-            _count(summary, ledger.promote(url))
+            summary.count_promoted(ledger.promote(url))
         bar = tqdm(desc=f"reading {kind}", unit="img", disable=not progress)
         for batch in _chunks(items, _CHUNK):
             ledger.note_listed([(it.id, it.title, 0) for it in batch], tag)
@@ -109,7 +109,7 @@ def ingest_local(
                 ledger.record_fetch(it.id, "ok", attempts=1, md5=md5, size=len(data), version=it.version)
                 new = ledger.promote(it.id)
                 if st is None or st.md5 != md5:  # the same bytes read again (a file touched, put back) count as neither
-                    _count(summary, new)
+                    summary.count_promoted(new)
             bar.update(len(batch))
         bar.close()
         if not listed:
@@ -129,9 +129,3 @@ def ingest_local(
                 "each failed in an earlier run and is read again when it changes")
             raise DownloadsFailed(f"{kind} {where}: no item is a usable image ({this_run})", summary)
     return listing, summary
-
-
-def _count(summary: DownloadSummary, new: bool | None) -> None:
-    if new is not None:
-        summary.new_images += int(new)
-        summary.duplicates += int(not new)

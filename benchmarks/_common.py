@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: demo images, running a measurement in its own process (own peak RSS)."""
+"""Shared by the benchmarks: demo images, running a measurement in its own process (own peak RSS), and the
+shape of Stable Diffusion 1.4's UNet."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builders
+
+# CompVis/stable-diffusion-v1-4 unet/config.json, as UNet2DConditionModel(**SD14_UNET) builds it (860M parameters)
+SD14_UNET: dict[str, Any] = dict(
+    sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def demo_images(n: int) -> tuple[list[Image.Image], list[str]]:

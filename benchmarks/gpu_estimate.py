@@ -17,9 +17,14 @@ keeps far less again.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SD14_UNET  # noqa: E402
 
 H100_BF16 = 989e12  # dense bf16 FLOP/s, the vendor's data sheet
 GB = 1e9
@@ -37,11 +42,7 @@ def sd14_unet():
 
     from sd_core.diffusion.models import freeze_all_but_attn2
 
-    unet = UNet2DConditionModel(  # CompVis/stable-diffusion-v1-4 unet/config.json
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    unet = UNet2DConditionModel(**SD14_UNET)
     freeze_all_but_attn2(unet)
     return unet
 

@@ -1,5 +1,5 @@
 """Shared by the benchmarks: demo images, running a measurement in its own process (own peak RSS), and the
-shape of Stable Diffusion 1.4's UNet."""
+shapes of Stable Diffusion 1.4's UNet and of Qwen2.5-VL-3B-Instruct."""
 
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ SD14_UNET: dict[str, Any] = dict(
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def qwen_3b_config(config: Any) -> Any:
+    """``config`` (a ``Qwen2_5_VLConfig``: its tokens, processor and chat settings kept) with the layer shapes of
+    Qwen/Qwen2.5-VL-3B-Instruct's config.json: 3.75B parameters, the word embeddings tied to the output."""
+    layers = 36
+    config.tie_word_embeddings = True
+    config.text_config.update(dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                   num_hidden_layers=layers, layer_types=["full_attention"] * layers,
+                                   num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                                    "mrope_section": [16, 24, 24]}))
+    config.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                     out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31]))
+    return config
 
 
 def demo_images(n: int) -> tuple[list[Image.Image], list[str]]:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import demo_images  # noqa: E402
+from _common import demo_images, qwen_3b_config  # noqa: E402
 from train import build_store, in_child  # noqa: E402
 
 # dense bf16 tensor-core peak (FLOP/s) of the cards this project is lent, from the vendors' data sheets
@@ -112,13 +112,7 @@ def qwen_3b_shaped(tmp: Path, smoke: bool) -> Path:
     folder = build_tiny_qwen(tmp / "qwen")  # processor, tokenizer and chat template files
     config = build_config(build_tokenizer())
     if not smoke:
-        config.text_config.update(dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                                       tie_word_embeddings=True,
-                                       rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                                        "mrope_section": [16, 24, 24]}))
-        config.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                         out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31]))
+        config = qwen_3b_config(config)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(dev):  # random init where it runs, in bf16 on a GPU: minutes faster than 3B floats on the CPU
         model = Qwen2_5_VLForConditionalGeneration._from_config(

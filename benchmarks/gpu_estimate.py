@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SD14_UNET  # noqa: E402
+from _common import SD14_UNET, qwen_3b_config  # noqa: E402
 
 H100_BF16 = 989e12  # dense bf16 FLOP/s, the vendor's data sheet
 GB = 1e9
@@ -72,11 +72,7 @@ def per_sample(make, side: int, tokens: int, width: int) -> dict:
 def qwen_3b_params() -> int:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    cfg = Qwen2_5_VLConfig(tie_word_embeddings=True)
-    cfg.text_config.update(dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True))
-    cfg.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                  out_hidden_size=2048))
+    cfg = qwen_3b_config(Qwen2_5_VLConfig())
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
     return sum(p.numel() for p in model.parameters())

@@ -41,3 +41,21 @@ def test_gpu_benchmark_smoke_prints_every_figure() -> None:
     # the seed-size training (tiny here) and the Qwen2.5-VL captions/s, one at a time and batched
     assert re.search(rf"trainer ({NUMBER}) samples/s .* bare loop ({NUMBER}) samples/s, ratio {NUMBER}", out), out
     assert re.search(rf"one at a time ({NUMBER}) captions/s, batch 2 ({NUMBER}) captions/s", out), out
+
+
+def test_the_gpu_runs_captioner_has_qwen_3b_shapes() -> None:
+    """The full-size path --smoke skips: the captioner gpu.py times is built from the tests' tiny config (its
+    tokens and processor) grown to Qwen2.5-VL-3B-Instruct's shapes; built on meta tensors, it has the 3B model's
+    3.75B parameters (a config that kept the tiny model's per-layer settings did not build; untied output
+    embeddings would add 0.31B)."""
+    import torch
+    from tiny_qwen import build_config, build_tokenizer
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import qwen_3b_config
+
+    config = qwen_3b_config(build_config(build_tokenizer()))
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert abs(sum(p.numel() for p in model.parameters()) - 3.75e9) < 0.01e9
